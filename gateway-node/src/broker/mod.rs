@@ -1,0 +1,162 @@
+//! The backend: everything that is cluster-wide. Channels and their
+//! history, presence, bans, session ids, and the fan-out of channel events
+//! to the sessions in them.
+//!
+//! `Broker` is an enum rather than a trait object: calls are static, and
+//! async methods need no boxing. The in-memory backend runs one node on its
+//! own; the Redis backend (next) runs a cluster.
+
+pub mod memory;
+
+use crate::node::Node;
+use crate::session::Session;
+use crate::wire::{Dispatch, Reject};
+use gateway_shared::protocol::User;
+use std::sync::Arc;
+
+pub use memory::Memory;
+
+pub enum Broker {
+    Memory(Memory),
+}
+
+/// A ban as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ban {
+    pub reason: String,
+    /// Unix ms when it ends; `None` is permanent.
+    pub until: Option<u64>,
+}
+
+impl Broker {
+    pub async fn new_session_id(&self) -> Result<u64, Reject> {
+        match self {
+            Self::Memory(m) => Ok(m.new_session_id()),
+        }
+    }
+
+    /// Every channel name, sorted.
+    pub async fn channel_names(&self) -> Result<Vec<String>, Reject> {
+        match self {
+            Self::Memory(m) => Ok(m.channel_names()),
+        }
+    }
+
+    pub async fn is_banned(&self, user_id: &str) -> Result<bool, Reject> {
+        match self {
+            Self::Memory(m) => Ok(m.is_banned(user_id)),
+        }
+    }
+
+    /// Puts `session` into `channel`; the channel's others get ROOM_USER_ADD.
+    pub async fn join(&self, session: &Arc<Session>, channel: &str) -> Result<(), Reject> {
+        match self {
+            Self::Memory(m) => m.join(session, channel),
+        }
+    }
+
+    /// Takes `session` out of `channel`; the others get ROOM_USER_REMOVE.
+    pub async fn leave(&self, session: &Arc<Session>, channel: &str) -> Result<(), Reject> {
+        match self {
+            Self::Memory(m) => {
+                m.leave(session, channel);
+                Ok(())
+            }
+        }
+    }
+
+    /// CHANNEL_MOVE: leave the current channel, enter `to`, and dispatch the
+    /// CHANNEL_MOVE snapshot to the mover before any event of `to`.
+    pub async fn move_to(&self, session: &Arc<Session>, to: &str) -> Result<(), Reject> {
+        match self {
+            Self::Memory(m) => m.move_to(session, to),
+        }
+    }
+
+    /// MESSAGE_CREATE in the session's channel.
+    pub async fn publish_message(
+        &self,
+        session: &Arc<Session>,
+        content: &str,
+        nonce: Option<&str>,
+    ) -> Result<(), Reject> {
+        match self {
+            Self::Memory(m) => m.publish_message(session, content, nonce),
+        }
+    }
+
+    /// MESSAGE_DELETE in the session's channel.
+    pub async fn delete_message(&self, session: &Arc<Session>, id: u64) -> Result<(), Reject> {
+        match self {
+            Self::Memory(m) => m.delete_message(session, id),
+        }
+    }
+
+    /// START_TYPING to the channel's other sessions.
+    pub async fn typing(&self, session: &Arc<Session>) -> Result<(), Reject> {
+        match self {
+            Self::Memory(m) => {
+                m.typing(session);
+                Ok(())
+            }
+        }
+    }
+
+    /// CHANNEL_ADD: registers the channel and dispatches it cluster-wide.
+    pub async fn add_channel(
+        &self,
+        node: &Node,
+        name: &str,
+        topic: &str,
+        created_by: &User,
+    ) -> Result<(), Reject> {
+        match self {
+            Self::Memory(m) => {
+                let dispatch = m.add_channel(name, topic, created_by, node.config.max_channels)?;
+                node.deliver_to_all(&dispatch);
+                Ok(())
+            }
+        }
+    }
+
+    /// SYSTEM_BAN_ADD: stores the ban and ends the user's sessions on every
+    /// node with 4015.
+    pub async fn ban(&self, node: &Node, user_id: &str, ban: Ban) -> Result<(), Reject> {
+        match self {
+            Self::Memory(m) => {
+                m.ban(user_id, ban);
+                node.kick_user(user_id).await;
+                Ok(())
+            }
+        }
+    }
+
+    pub async fn unban(&self, user_id: &str) -> Result<(), Reject> {
+        match self {
+            Self::Memory(m) => {
+                m.unban(user_id);
+                Ok(())
+            }
+        }
+    }
+
+    /// Whether the backend is reachable (for `/readyz`).
+    pub async fn is_healthy(&self) -> bool {
+        match self {
+            Self::Memory(_) => true,
+        }
+    }
+}
+
+/// Fan-out of one dispatch to a channel's sessions, except one.
+pub(crate) fn fanout<'a>(
+    members: impl Iterator<Item = &'a Arc<Session>>,
+    dispatch: &Arc<Dispatch>,
+    except: Option<u64>,
+) {
+    for session in members {
+        if Some(session.id) != except {
+            session.deliver(dispatch);
+        }
+    }
+}

@@ -1,0 +1,325 @@
+//! The node's configuration: one struct, parsed from flags and `GATEWAY_…`
+//! environment variables, validated once at start, then passed down.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// The secret `--dev` uses. Refused outside `--dev`.
+pub const DEV_SECRET: &str = "gateway-development-secret-not-for-production";
+/// Shortest JWT secret accepted, in bytes.
+pub const MIN_SECRET_LEN: usize = 32;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "gateway-node",
+    version,
+    about = "A Discord-style real-time WebSocket gateway node"
+)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// `serve` is what runs without a subcommand.
+    #[command(flatten)]
+    pub serve: Config,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a gateway node (the default).
+    Serve(Config),
+    /// Print a signed token for connecting to a node.
+    Token(TokenArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TokenArgs {
+    /// The cluster's JWT secret.
+    #[arg(long, env = "GATEWAY_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: String,
+    /// User id (`sub` claim), 1-64 characters.
+    #[arg(long)]
+    pub sub: String,
+    /// Display name (`name` claim), 1-32 characters.
+    #[arg(long)]
+    pub name: String,
+    /// Make the user an admin.
+    #[arg(long)]
+    pub admin: bool,
+    /// Lifetime of the token in seconds.
+    #[arg(long, default_value_t = 3600)]
+    pub ttl_s: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Every setting of a node. Flags and environment variables carry the same
+/// names (`--hb-int-ms` / `GATEWAY_HB_INT_MS`).
+#[derive(Debug, Clone, Args)]
+pub struct Config {
+    /// Address to listen on (WebSocket, health and metrics share it).
+    #[arg(long, env = "GATEWAY_LISTEN", default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+    /// Redis URL for a cluster of nodes; absent, the node runs alone in memory.
+    #[arg(long, env = "GATEWAY_REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// Use Redis Cluster (sharded pub/sub).
+    #[arg(long, env = "GATEWAY_REDIS_CLUSTER", default_value_t = false)]
+    pub redis_cluster: bool,
+    /// HS256 secret of the cluster's tokens, at least 32 bytes.
+    #[arg(long, env = "GATEWAY_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// File holding the JWT secret (trailing newline ignored).
+    #[arg(long, env = "GATEWAY_JWT_SECRET_FILE", conflicts_with = "jwt_secret")]
+    pub jwt_secret_file: Option<PathBuf>,
+    /// This node's id in the cluster; default: the host name or a random one.
+    #[arg(long, env = "GATEWAY_NODE_ID")]
+    pub node_id: Option<String>,
+    /// Heartbeat interval announced in HELLO, in ms.
+    #[arg(long, env = "GATEWAY_HB_INT_MS", default_value_t = 20_000)]
+    pub hb_int_ms: u64,
+    /// How long a disconnected session stays resumable, in seconds.
+    #[arg(long, env = "GATEWAY_RESUME_WINDOW_S", default_value_t = 60)]
+    pub resume_window_s: u64,
+    /// Dispatches a session holds for replay on resume.
+    #[arg(long, env = "GATEWAY_REPLAY_BUFFER", default_value_t = 1000)]
+    pub replay_buffer: usize,
+    /// Executes (code 130) a session may send per window (the burst).
+    #[arg(long, env = "GATEWAY_RATE_LIMIT_COUNT", default_value_t = 120)]
+    pub rate_limit_count: u32,
+    /// The rate-limit window in seconds; tokens refill at count/window per s.
+    #[arg(long, env = "GATEWAY_RATE_LIMIT_WINDOW_S", default_value_t = 60)]
+    pub rate_limit_window_s: u32,
+    /// Dispatches queued unsent before a client is a slow consumer (4016).
+    #[arg(long, env = "GATEWAY_OUTBOUND_LIMIT", default_value_t = 1024)]
+    pub outbound_limit: usize,
+    /// WebSocket connections this node admits at once.
+    #[arg(long, env = "GATEWAY_MAX_CONNECTIONS", default_value_t = 100_000)]
+    pub max_connections: usize,
+    /// How long a draining node waits for its clients to go, in seconds.
+    #[arg(long, env = "GATEWAY_DRAIN_GRACE_S", default_value_t = 10)]
+    pub drain_grace_s: u64,
+    /// The channel new sessions start in (always exists).
+    #[arg(long, env = "GATEWAY_DEFAULT_CHANNEL", default_value = "general")]
+    pub default_channel: String,
+    /// ROOM_USER_ADD/REMOVE go out only while a channel has at most this many members.
+    #[arg(long, env = "GATEWAY_PRESENCE_THRESHOLD", default_value_t = 1000)]
+    pub presence_threshold: usize,
+    /// Channels the cluster holds at most (CHANNEL_ADD beyond it gets 4012).
+    #[arg(long, env = "GATEWAY_MAX_CHANNELS", default_value_t = 10_000)]
+    pub max_channels: usize,
+    /// Messages a channel keeps for history and MESSAGE_DELETE.
+    #[arg(long, env = "GATEWAY_HISTORY_RETAIN", default_value_t = 1000)]
+    pub history_retain: usize,
+    /// Log format.
+    #[arg(long, env = "GATEWAY_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+    /// Development mode: allows the built-in development secret.
+    #[arg(long, env = "GATEWAY_DEV", default_value_t = false)]
+    pub dev: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:0".parse().expect("valid address"),
+            redis_url: None,
+            redis_cluster: false,
+            jwt_secret: None,
+            jwt_secret_file: None,
+            node_id: None,
+            hb_int_ms: 20_000,
+            resume_window_s: 60,
+            replay_buffer: 1000,
+            rate_limit_count: 120,
+            rate_limit_window_s: 60,
+            outbound_limit: 1024,
+            max_connections: 100_000,
+            drain_grace_s: 10,
+            default_channel: "general".into(),
+            presence_threshold: 1000,
+            max_channels: 10_000,
+            history_retain: 1000,
+            log_format: LogFormat::Text,
+            dev: false,
+        }
+    }
+}
+
+/// Why a configuration was refused; the node prints it and exits.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn invalid(msg: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid(msg.into())
+}
+
+impl Config {
+    pub fn hb_int(&self) -> Duration {
+        Duration::from_millis(self.hb_int_ms)
+    }
+
+    pub fn resume_window(&self) -> Duration {
+        Duration::from_secs(self.resume_window_s)
+    }
+
+    pub fn drain_grace(&self) -> Duration {
+        Duration::from_secs(self.drain_grace_s)
+    }
+
+    /// The secret from `--jwt-secret` or `--jwt-secret-file`, if any.
+    pub fn secret(&self) -> Result<Option<String>, ConfigError> {
+        if let Some(secret) = &self.jwt_secret {
+            return Ok(Some(secret.clone()));
+        }
+        match &self.jwt_secret_file {
+            None => Ok(None),
+            Some(path) => std::fs::read_to_string(path)
+                .map(|s| Some(s.trim_end_matches(['\n', '\r']).to_owned()))
+                .map_err(|e| {
+                    invalid(format!(
+                        "cannot read --jwt-secret-file {}: {e}",
+                        path.display()
+                    ))
+                }),
+        }
+    }
+
+    /// Checks every value; the secret itself is checked by [`Config::secret`]
+    /// callers through [`check_secret`].
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !(100..=600_000).contains(&self.hb_int_ms) {
+            return Err(invalid("--hb-int-ms must be between 100 and 600000"));
+        }
+        if !(1..=86_400).contains(&self.resume_window_s) {
+            return Err(invalid("--resume-window-s must be between 1 and 86400"));
+        }
+        if !(1..=100_000).contains(&self.replay_buffer) {
+            return Err(invalid("--replay-buffer must be between 1 and 100000"));
+        }
+        if self.rate_limit_count == 0 || self.rate_limit_window_s == 0 {
+            return Err(invalid(
+                "--rate-limit-count and --rate-limit-window-s must be positive",
+            ));
+        }
+        if !(1..=100_000).contains(&self.outbound_limit) {
+            return Err(invalid("--outbound-limit must be between 1 and 100000"));
+        }
+        if self.max_connections == 0 || self.max_connections > (u32::MAX >> 3) as usize {
+            return Err(invalid("--max-connections must be positive"));
+        }
+        if !gateway_shared::protocol::is_valid_channel_name(&self.default_channel) {
+            return Err(invalid(
+                "--default-channel must match ^[a-z0-9][a-z0-9_-]{0,31}$",
+            ));
+        }
+        if self.max_channels == 0 {
+            return Err(invalid("--max-channels must be positive"));
+        }
+        if !(gateway_shared::protocol::MOVE_HISTORY_LIMIT..=100_000).contains(&self.history_retain)
+        {
+            return Err(invalid("--history-retain must be between 50 and 100000"));
+        }
+        if let Some(url) = &self.redis_url {
+            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                return Err(invalid("--redis-url must start with redis:// or rediss://"));
+            }
+        }
+        if let Some(id) = &self.node_id {
+            if id.is_empty() || id.len() > 128 || id.contains(['{', '}', ' ']) {
+                return Err(invalid(
+                    "--node-id must be 1-128 characters without spaces or braces",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The host name (the pod name in Kubernetes), or a random id.
+pub fn default_node_id() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty() && h.len() <= 128 && !h.contains(['{', '}', ' ']))
+        .unwrap_or_else(|| format!("node-{:08x}", rand::random::<u32>()))
+}
+
+/// Refuses secrets that are too short, and the development secret outside
+/// `--dev`.
+pub fn check_secret(secret: &str, dev: bool) -> Result<(), ConfigError> {
+    if secret.len() < MIN_SECRET_LEN {
+        return Err(invalid(format!(
+            "the JWT secret must be at least {MIN_SECRET_LEN} bytes (got {})",
+            secret.len()
+        )));
+    }
+    if secret == DEV_SECRET && !dev {
+        return Err(invalid(
+            "the built-in development secret is only allowed with --dev",
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, clap::Error> {
+        let cli = Cli::try_parse_from(std::iter::once("gateway-node").chain(args.iter().copied()))?;
+        Ok(match cli.command {
+            Some(Command::Serve(c)) => c,
+            _ => cli.serve,
+        })
+    }
+
+    #[test]
+    fn defaults_match_the_protocol() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.hb_int_ms, 20_000);
+        assert_eq!(c.resume_window_s, 60);
+        assert_eq!(c.listen.to_string(), "0.0.0.0:8080");
+        assert_eq!(c.default_channel, "general");
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn serve_subcommand_and_bare_flags_are_the_same() {
+        let a = parse(&["serve", "--hb-int-ms", "3000"]).unwrap();
+        let b = parse(&["--hb-int-ms", "3000"]).unwrap();
+        assert_eq!(a.hb_int_ms, 3000);
+        assert_eq!(b.hb_int_ms, 3000);
+    }
+
+    #[test]
+    fn invalid_values_are_refused_with_a_message() {
+        assert!(parse(&["--hb-int-ms", "abc"]).is_err());
+        let c = parse(&["--hb-int-ms", "5"]).unwrap();
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("--hb-int-ms"));
+        let c = parse(&["--default-channel", "Bad Name"]).unwrap();
+        assert!(c.validate().is_err());
+        let c = parse(&["--redis-url", "http://x"]).unwrap();
+        assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn short_and_development_secrets_are_refused() {
+        assert!(check_secret("short", false).is_err());
+        assert!(check_secret(DEV_SECRET, false).is_err());
+        assert!(check_secret(DEV_SECRET, true).is_ok());
+        assert!(check_secret(&"k".repeat(32), false).is_ok());
+    }
+}

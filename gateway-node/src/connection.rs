@@ -1,0 +1,564 @@
+//! One WebSocket connection: three tasks around a shared [`Conn`].
+//!
+//! # Implementation flow
+//!
+//! 1. `serve` splits the socket. The **reader** task only reads frames,
+//!    reassembles fragments (refusing anything over 4096 bytes before
+//!    buffering it), and runs each message through the [`Handler`]: the
+//!    session state machine HELLO → PRESENTED → LIVE.
+//! 2. The **writer** task owns the write half. Woken through `Conn::wake`,
+//!    it takes the attached session's unsent dispatches and the queued
+//!    control frames, encodes them into one buffer and writes it with one
+//!    syscall.
+//! 3. The **supervisor** (the task running `serve`) enforces the PRESENT
+//!    deadline and the heartbeat timeout, waits for either side to finish,
+//!    and then detaches or ends the session.
+//!
+//! fastwebsockets' `read_frame` is not cancel-safe, so it is never raced in
+//! a `select!`: the reader runs alone and is only aborted once the
+//! connection is over.
+
+use crate::node::Node;
+use crate::session::Session;
+use crate::wire::{self, Envelope, Reject};
+use bytes::{Bytes, BytesMut};
+use fastwebsockets::{OpCode, Role, WebSocketError, WebSocketRead};
+use gateway_shared::protocol::{ErrorCode, FunctionCode, MAX_PAYLOAD};
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use parking_lot::Mutex;
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::sync::Notify;
+use tracing::{debug, Instrument};
+
+type Io = TokioIo<Upgraded>;
+
+/// Control frames (replies, errors, pongs) queued at most; a client that
+/// lets more pile up is not reading and is closed as a slow consumer.
+const CONTROL_LIMIT: usize = 64;
+/// Bytes of dispatches the writer takes per batch.
+const WRITE_BATCH: usize = 64 * 1024;
+/// How long the writer may take to flush its last frames at close.
+const CLOSE_FLUSH: Duration = Duration::from_secs(5);
+
+/// How the connection is to end.
+#[derive(Debug, Clone)]
+struct CloseRequest {
+    /// Error and close frames to write last (empty when the peer is gone).
+    frames: Bytes,
+    /// Write the unsent dispatches first (drain, protocol errors), or
+    /// discard them (slow consumer: they stay in the ring for a resume).
+    flush: bool,
+    /// The client closed with 1000: the session ends.
+    ends_session: bool,
+}
+
+struct ConnInner {
+    control: VecDeque<Bytes>,
+    close: Option<CloseRequest>,
+    session: Option<Arc<Session>>,
+}
+
+/// What the reader, the writer, the supervisor and the sessions share about
+/// one connection.
+pub struct Conn {
+    pub id: u64,
+    /// Wakes the writer.
+    wake: Notify,
+    /// Wakes the supervisor when a close is requested.
+    closing: Notify,
+    /// Milliseconds after `started` of the last heartbeat.
+    last_beat_ms: AtomicU64,
+    presented: AtomicBool,
+    started: Instant,
+    inner: Mutex<ConnInner>,
+}
+
+impl Conn {
+    fn new(id: u64) -> Self {
+        Self {
+            id,
+            wake: Notify::new(),
+            closing: Notify::new(),
+            last_beat_ms: AtomicU64::new(0),
+            presented: AtomicBool::new(false),
+            started: Instant::now(),
+            inner: Mutex::new(ConnInner {
+                control: VecDeque::new(),
+                close: None,
+                session: None,
+            }),
+        }
+    }
+
+    /// Wakes the writer (new dispatches or control frames).
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    /// Queues a control frame. A full queue means the client is not reading:
+    /// it is closed as a slow consumer.
+    pub fn send(&self, frame: Bytes) {
+        let mut inner = self.inner.lock();
+        if inner.close.is_some() {
+            return;
+        }
+        if inner.control.len() >= CONTROL_LIMIT {
+            drop(inner);
+            self.close_fatal(ErrorCode::SlowConsumer, "outbound queue overflowed", false);
+            return;
+        }
+        inner.control.push_back(frame);
+        drop(inner);
+        self.wake();
+    }
+
+    fn request_close(&self, req: CloseRequest) {
+        let mut inner = self.inner.lock();
+        if inner.close.is_none() {
+            inner.close = Some(req);
+        }
+        drop(inner);
+        self.wake();
+        self.closing.notify_one();
+    }
+
+    /// Sends a fatal error (150 with `d: true`) and closes with its code.
+    pub fn close_fatal(&self, code: ErrorCode, message: &'static str, flush: bool) {
+        self.close_rejected(&Reject::new(code, message), None, None, flush);
+    }
+
+    /// Sends the fatal `reject` (echoing the request's `s` and `t`) and
+    /// closes with its code.
+    pub fn close_rejected(&self, reject: &Reject, s: Option<i64>, t: Option<&str>, flush: bool) {
+        let mut frames = BytesMut::new();
+        frames.extend_from_slice(&wire::error_frame(reject, s, t));
+        frames.extend_from_slice(&wire::close_frame(reject.code.code(), &reject.message));
+        self.request_close(CloseRequest {
+            frames: frames.freeze(),
+            flush,
+            ends_session: false,
+        });
+    }
+
+    /// Closes with a plain close frame (1012 on drain, the echo of the
+    /// client's close).
+    pub fn close_with(&self, code: u16, reason: &str, ends_session: bool) {
+        self.request_close(CloseRequest {
+            frames: wire::close_frame(code, reason),
+            flush: true,
+            ends_session,
+        });
+    }
+
+    /// The peer is gone: stop without writing anything.
+    fn close_quiet(&self) {
+        self.request_close(CloseRequest {
+            frames: Bytes::new(),
+            flush: false,
+            ends_session: false,
+        });
+    }
+
+    fn close_request(&self) -> Option<CloseRequest> {
+        self.inner.lock().close.clone()
+    }
+
+    pub fn set_session(&self, session: Arc<Session>) {
+        self.inner.lock().session = Some(session);
+        self.presented.store(true, Ordering::Release);
+    }
+
+    fn session(&self) -> Option<Arc<Session>> {
+        self.inner.lock().session.clone()
+    }
+
+    fn beat(&self) {
+        let ms = self.started.elapsed().as_millis() as u64;
+        self.last_beat_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// When the connection times out: `hb_int` after connecting without a
+    /// PRESENT, 1.5 × `hb_int` after the last heartbeat once presented.
+    fn deadline(&self, hb_int: Duration) -> (Instant, ErrorCode) {
+        if self.presented.load(Ordering::Acquire) {
+            let last = Duration::from_millis(self.last_beat_ms.load(Ordering::Relaxed));
+            (
+                self.started + last + hb_int * 3 / 2,
+                ErrorCode::SessionTimedOut,
+            )
+        } else {
+            (self.started + hb_int, ErrorCode::NotPresented)
+        }
+    }
+}
+
+/// Serves one upgraded WebSocket until it closes.
+pub async fn serve(node: Arc<Node>, io: Io) {
+    let conn = Arc::new(Conn::new(node.next_conn_id()));
+    let span = tracing::info_span!("conn", node = %node.node_id, conn = conn.id, session = tracing::field::Empty, user = tracing::field::Empty);
+    serve_inner(node, conn, io).instrument(span).await
+}
+
+async fn serve_inner(node: Arc<Node>, conn: Arc<Conn>, io: Io) {
+    node.metrics.connections.inc();
+    let (read, write) = tokio::io::split(io);
+    let (mut ws, _) = fastwebsockets::after_handshake_split(read, tokio::io::sink(), Role::Server);
+    // We answer pings and closes ourselves through the writer (one writer
+    // per socket); the size check makes a frame over the limit fail before
+    // its payload is read.
+    ws.set_auto_close(false);
+    ws.set_auto_pong(false);
+    ws.set_max_message_size(MAX_PAYLOAD + 1);
+    conn.beat();
+    conn.send(node.hello_frame.clone());
+
+    let writer =
+        tokio::spawn(write_loop(Arc::clone(&node), Arc::clone(&conn), write).in_current_span());
+    let mut reader = tokio::spawn(
+        read_loop(Handler::new(Arc::clone(&node), Arc::clone(&conn)), ws).in_current_span(),
+    );
+
+    let hb_int = node.config.hb_int();
+    loop {
+        let (deadline, code) = conn.deadline(hb_int);
+        tokio::select! {
+            _ = &mut reader => break,
+            _ = conn.closing.notified() => break,
+            _ = tokio::time::sleep_until(deadline.into()) => {
+                if conn.deadline(hb_int).0 <= Instant::now() {
+                    let m = if code == ErrorCode::NotPresented { "no PRESENT in time" } else { "heartbeat missed" };
+                    node.metrics.error_sent(code);
+                    conn.close_fatal(code, m, false);
+                    break;
+                }
+            }
+        }
+    }
+    reader.abort();
+    // The reader ended on its own without asking to close: the peer is gone.
+    conn.close_quiet();
+    let mut writer = writer;
+    if tokio::time::timeout(CLOSE_FLUSH, &mut writer)
+        .await
+        .is_err()
+    {
+        writer.abort();
+    }
+
+    if let Some(session) = conn.session() {
+        let ends = conn.close_request().is_some_and(|c| c.ends_session);
+        if ends {
+            node.end_session(&session).await;
+        } else if session.detach(conn.id) {
+            debug!(session = session.id, "detached; resumable");
+        }
+    }
+    node.metrics.connections.dec();
+}
+
+async fn write_loop(node: Arc<Node>, conn: Arc<Conn>, mut io: WriteHalf<Io>) {
+    let mut buf = BytesMut::with_capacity(4096);
+    let mut control = BytesMut::new();
+    loop {
+        conn.wake.notified().await;
+        loop {
+            let close = conn.close_request();
+            let discard = close.as_ref().is_some_and(|c| !c.flush);
+            let mut more = false;
+            // Dispatches are taken before control frames: a READY queued
+            // before its session attached is then always written first.
+            if !discard {
+                if let Some(session) = conn.session() {
+                    more = session.write_unsent(conn.id, &mut buf, WRITE_BATCH).1;
+                }
+            }
+            {
+                let mut inner = conn.inner.lock();
+                if !discard {
+                    for frame in inner.control.drain(..) {
+                        control.extend_from_slice(&frame);
+                    }
+                } else {
+                    inner.control.clear();
+                }
+            }
+            if !control.is_empty() {
+                control.extend_from_slice(&buf);
+                std::mem::swap(&mut control, &mut buf);
+                control.clear();
+            }
+            if !buf.is_empty() {
+                if io.write_all(&buf).await.is_err() {
+                    conn.close_quiet();
+                    return;
+                }
+                buf.clear();
+                // Do not keep a large buffer around after a burst.
+                if buf.capacity() > 4 * WRITE_BATCH {
+                    buf = BytesMut::with_capacity(4096);
+                }
+            }
+            if more {
+                continue;
+            }
+            if let Some(close) = close {
+                if !close.frames.is_empty() {
+                    let _ = io.write_all(&close.frames).await;
+                }
+                let _ = io.shutdown().await;
+                let _ = node;
+                return;
+            }
+            break;
+        }
+    }
+}
+
+/// A frame the reader got, reduced to what the handler needs.
+enum Incoming {
+    Message(BytesMut),
+    Ping(Bytes),
+    Close(Option<u16>),
+}
+
+async fn read_frame(
+    ws: &mut WebSocketRead<ReadHalf<Io>>,
+    partial: &mut Option<(OpCode, BytesMut)>,
+) -> Result<Option<Incoming>, Reject> {
+    // Auto-pong and auto-close are off, so fastwebsockets never sends.
+    let mut no_send = |_| -> Pin<Box<dyn Future<Output = Result<(), std::io::Error>> + Send>> {
+        Box::pin(async { Ok(()) })
+    };
+    let frame = match ws.read_frame(&mut no_send).await {
+        Ok(frame) => frame,
+        Err(WebSocketError::FrameTooLarge) => {
+            return Err(Reject::new(
+                ErrorCode::PayloadTooLarge,
+                "message over 4096 bytes",
+            ))
+        }
+        Err(WebSocketError::InvalidUTF8) => {
+            return Err(Reject::new(
+                ErrorCode::DecodeError,
+                "text is not valid UTF-8",
+            ))
+        }
+        Err(
+            WebSocketError::UnexpectedEOF
+            | WebSocketError::IoError(_)
+            | WebSocketError::ConnectionClosed,
+        ) => return Ok(Some(Incoming::Close(None))),
+        Err(_) => {
+            return Err(Reject::new(
+                ErrorCode::DecodeError,
+                "invalid WebSocket frame",
+            ))
+        }
+    };
+    let payload = frame.payload;
+    match frame.opcode {
+        OpCode::Text | OpCode::Binary if partial.is_none() => {
+            if frame.fin {
+                if frame.opcode == OpCode::Binary {
+                    return Err(Reject::new(
+                        ErrorCode::DecodeError,
+                        "binary frames are not accepted",
+                    ));
+                }
+                return Ok(Some(Incoming::Message(BytesMut::from(&payload[..]))));
+            }
+            *partial = Some((frame.opcode, BytesMut::from(&payload[..])));
+            Ok(None)
+        }
+        OpCode::Continuation => {
+            let Some((opcode, buf)) = partial.as_mut() else {
+                return Err(Reject::new(
+                    ErrorCode::DecodeError,
+                    "continuation without a start",
+                ));
+            };
+            // Checked before appending: never buffer past the limit.
+            if buf.len() + payload.len() > MAX_PAYLOAD {
+                return Err(Reject::new(
+                    ErrorCode::PayloadTooLarge,
+                    "message over 4096 bytes",
+                ));
+            }
+            buf.extend_from_slice(&payload);
+            if !frame.fin {
+                return Ok(None);
+            }
+            let opcode = *opcode;
+            let (_, buf) = partial.take().expect("checked above");
+            if opcode == OpCode::Binary {
+                return Err(Reject::new(
+                    ErrorCode::DecodeError,
+                    "binary frames are not accepted",
+                ));
+            }
+            if std::str::from_utf8(&buf).is_err() {
+                return Err(Reject::new(
+                    ErrorCode::DecodeError,
+                    "text is not valid UTF-8",
+                ));
+            }
+            Ok(Some(Incoming::Message(buf)))
+        }
+        OpCode::Text | OpCode::Binary => Err(Reject::new(
+            ErrorCode::DecodeError,
+            "new message before the previous one ended",
+        )),
+        OpCode::Close => {
+            let code = (payload.len() >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]]));
+            Ok(Some(Incoming::Close(code)))
+        }
+        OpCode::Ping => Ok(Some(Incoming::Ping(Bytes::copy_from_slice(&payload)))),
+        OpCode::Pong => Ok(None),
+    }
+}
+
+async fn read_loop(mut handler: Handler, mut ws: WebSocketRead<ReadHalf<Io>>) {
+    let mut partial = None;
+    loop {
+        match read_frame(&mut ws, &mut partial).await {
+            Ok(None) => {}
+            Ok(Some(Incoming::Message(mut buf))) => {
+                if handler.handle(&mut buf).await.is_break() {
+                    return;
+                }
+            }
+            Ok(Some(Incoming::Ping(payload))) => {
+                handler.conn.send(wire::frame(wire::OP_PONG, &payload));
+            }
+            Ok(Some(Incoming::Close(code))) => {
+                // Echo the close (RFC 6455 5.5.1); 1000 ends the session.
+                let echo = code.filter(|c| matches!(c, 1000..=1003 | 1007..=1014 | 3000..=4999));
+                handler
+                    .conn
+                    .close_with(echo.unwrap_or(1000), "", code == Some(1000));
+                return;
+            }
+            Err(reject) => {
+                handler.node.metrics.frame_received(None);
+                handler.fatal(&reject, None, None);
+                return;
+            }
+        }
+    }
+}
+
+use std::ops::ControlFlow;
+
+/// The session state machine of one connection: what a client message does.
+pub struct Handler {
+    pub node: Arc<Node>,
+    pub conn: Arc<Conn>,
+    session: Option<Arc<Session>>,
+}
+
+impl Handler {
+    fn new(node: Arc<Node>, conn: Arc<Conn>) -> Self {
+        Self {
+            node,
+            conn,
+            session: None,
+        }
+    }
+
+    fn fatal(&self, reject: &Reject, s: Option<i64>, t: Option<&str>) {
+        self.node.metrics.error_sent(reject.code);
+        self.conn.close_rejected(reject, s, t, true);
+    }
+
+    /// Sends `reject`; a fatal one also closes the connection.
+    fn reply_error(&self, reject: &Reject, s: Option<i64>, t: Option<&str>) -> ControlFlow<()> {
+        if reject.code.is_fatal() {
+            self.fatal(reject, s, t);
+            ControlFlow::Break(())
+        } else {
+            self.node.metrics.error_sent(reject.code);
+            self.conn.send(wire::error_frame(reject, s, t));
+            ControlFlow::Continue(())
+        }
+    }
+
+    async fn handle(&mut self, buf: &mut [u8]) -> ControlFlow<()> {
+        let Ok(value) = simd_json::to_borrowed_value(buf) else {
+            self.node.metrics.frame_received(None);
+            return self.reply_error(
+                &Reject::new(ErrorCode::DecodeError, "payload is not valid JSON"),
+                None,
+                None,
+            );
+        };
+        let env = match wire::decode_envelope(&value) {
+            Ok(env) => env,
+            Err(reject) => {
+                self.node.metrics.frame_received(None);
+                return self.reply_error(&reject, None, None);
+            }
+        };
+        self.node.metrics.frame_received(Some(env.f));
+        match env.f {
+            FunctionCode::Heartbeat => {
+                self.conn.beat();
+                self.conn.send(wire::heartbeat_frame());
+                ControlFlow::Continue(())
+            }
+            FunctionCode::Present => match self.present(&env).await {
+                Ok(()) => ControlFlow::Continue(()),
+                Err(reject) => self.reply_error(&reject, None, None),
+            },
+            FunctionCode::Dispatch => self.execute(&env).await,
+            _ => self.reply_error(
+                &Reject::new(ErrorCode::UnknownFunction, "unknown function code"),
+                None,
+                None,
+            ),
+        }
+    }
+
+    async fn present(&mut self, env: &Envelope<'_>) -> Result<(), Reject> {
+        if self.session.is_some() {
+            return Err(Reject::new(
+                ErrorCode::AlreadyPresented,
+                "already presented",
+            ));
+        }
+        let request = crate::node::PresentRequest::decode(env.cnf)?;
+        let session = self.node.present(&self.conn, request).await?;
+        let span = tracing::Span::current();
+        span.record("session", session.id);
+        span.record("user", session.user.id.as_str());
+        self.session = Some(session);
+        Ok(())
+    }
+
+    async fn execute(&mut self, env: &Envelope<'_>) -> ControlFlow<()> {
+        let Some(session) = self.session.clone() else {
+            return self.reply_error(
+                &Reject::new(ErrorCode::NotPresented, "PRESENT (110) first"),
+                env.s,
+                env.t,
+            );
+        };
+        if !session.take_rate_token(Instant::now()) {
+            return self.reply_error(
+                &Reject::new(ErrorCode::RateLimited, "rate limited; request dropped"),
+                env.s,
+                env.t,
+            );
+        }
+        match crate::events::execute(&self.node, &session, env).await {
+            Ok(()) => ControlFlow::Continue(()),
+            Err(reject) => self.reply_error(&reject, env.s, env.t),
+        }
+    }
+}

@@ -1,0 +1,239 @@
+//! Client-executable events (130): validation of each `cnf`, then the
+//! backend call. Every rejection here is non-fatal (section 4).
+
+use crate::broker::memory::unix_ms;
+use crate::broker::Ban;
+use crate::node::Node;
+use crate::session::Session;
+use crate::wire::{as_int, Dispatch, Envelope, Reject};
+use gateway_shared::protocol::{
+    is_valid_channel_name, BanAdd, BanRemove, ErrorCode, Event, MAX_CONTENT_CHARS, MAX_NONCE_LEN,
+    MAX_TOPIC_CHARS, MAX_USER_ID_CHARS,
+};
+use simd_json::{BorrowedValue as Value, StaticNode};
+use std::sync::Arc;
+use std::time::Instant;
+
+fn invalid(m: &'static str) -> Reject {
+    Reject::new(ErrorCode::InvalidEventData, m)
+}
+
+/// The fields of an event's `cnf`. An absent `cnf` reads as `{}`; one that
+/// is not an object has no fields (so required ones are missing).
+struct Fields<'v> {
+    obj: Option<&'v simd_json::borrowed::Object<'v>>,
+    is_object: bool,
+}
+
+impl<'v> Fields<'v> {
+    fn new(cnf: Option<&'v Value<'v>>) -> Self {
+        match cnf {
+            None => Self {
+                obj: None,
+                is_object: true,
+            },
+            Some(Value::Object(obj)) => Self {
+                obj: Some(obj),
+                is_object: true,
+            },
+            Some(_) => Self {
+                obj: None,
+                is_object: false,
+            },
+        }
+    }
+
+    fn require_object(&self) -> Result<(), Reject> {
+        if self.is_object {
+            Ok(())
+        } else {
+            Err(invalid("cnf must be an object"))
+        }
+    }
+
+    fn get(&self, key: &str) -> Option<&'v Value<'v>> {
+        self.obj
+            .and_then(|o| o.get(key))
+            .filter(|v| !matches!(v, Value::Static(StaticNode::Null)))
+    }
+
+    fn str(&self, key: &str, wrong_type: &'static str) -> Result<Option<&'v str>, Reject> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.as_ref())),
+            Some(_) => Err(invalid(wrong_type)),
+        }
+    }
+}
+
+/// Runs one execute. The caller has checked the session and the rate limit.
+pub async fn execute(
+    node: &Node,
+    session: &Arc<Session>,
+    env: &Envelope<'_>,
+) -> Result<(), Reject> {
+    let Some(t) = env.t else {
+        return Err(Reject::new(ErrorCode::UnknownEvent, "t is missing"));
+    };
+    let event = Event::from_name(t)
+        .filter(|e| e.client_executable())
+        .ok_or_else(|| Reject::new(ErrorCode::UnknownEvent, "unknown event"))?;
+    node.metrics.event_executed(event);
+    let fields = Fields::new(env.cnf);
+    fields.require_object()?;
+    match event {
+        Event::MessageCreate => message_create(node, session, &fields).await,
+        Event::MessageDelete => message_delete(node, session, &fields).await,
+        Event::StartTyping => {
+            if session.typing_due(Instant::now()) {
+                node.broker.typing(session).await?;
+            }
+            Ok(())
+        }
+        Event::ChannelAdd => channel_add(node, session, &fields).await,
+        Event::ChannelMove => {
+            let channel = fields
+                .str("channel", "channel must be a string")?
+                .ok_or_else(|| invalid("channel is missing"))?;
+            node.broker.move_to(session, channel).await
+        }
+        Event::SystemBanAdd => ban_add(node, session, &fields).await,
+        Event::SystemBanRemove => ban_remove(node, session, &fields).await,
+        Event::RoomUserAdd | Event::RoomUserRemove | Event::GatewayDown => {
+            unreachable!("dispatch-only events are filtered above")
+        }
+    }
+}
+
+async fn message_create(
+    node: &Node,
+    session: &Arc<Session>,
+    fields: &Fields<'_>,
+) -> Result<(), Reject> {
+    let content = fields
+        .str("content", "content must be a string")?
+        .ok_or_else(|| invalid("content is missing"))?;
+    let chars = content.chars().count();
+    if chars == 0 || chars > MAX_CONTENT_CHARS {
+        return Err(invalid("content must be 1-2000 characters"));
+    }
+    let nonce = fields.str("nonce", "nonce must be a string")?;
+    if nonce.is_some_and(|n| n.len() > MAX_NONCE_LEN) {
+        return Err(invalid("nonce must be at most 64 bytes"));
+    }
+    node.broker.publish_message(session, content, nonce).await
+}
+
+async fn message_delete(
+    node: &Node,
+    session: &Arc<Session>,
+    fields: &Fields<'_>,
+) -> Result<(), Reject> {
+    let id = fields
+        .str("id", "id must be a decimal string")?
+        .ok_or_else(|| invalid("id is missing"))?;
+    let id: u64 = id
+        .parse()
+        .ok()
+        .filter(|_| id.bytes().all(|b| b.is_ascii_digit()))
+        .ok_or_else(|| invalid("id must be a decimal string"))?;
+    node.broker.delete_message(session, id).await
+}
+
+async fn channel_add(
+    node: &Node,
+    session: &Arc<Session>,
+    fields: &Fields<'_>,
+) -> Result<(), Reject> {
+    let name = fields
+        .str("name", "name must be a string")?
+        .ok_or_else(|| invalid("name is missing"))?;
+    if !is_valid_channel_name(name) {
+        return Err(invalid("name must match ^[a-z0-9][a-z0-9_-]{0,31}$"));
+    }
+    let topic = fields.str("topic", "topic must be a string")?.unwrap_or("");
+    if topic.chars().count() > MAX_TOPIC_CHARS {
+        return Err(invalid("topic must be at most 256 characters"));
+    }
+    node.broker
+        .add_channel(node, name, topic, &session.user)
+        .await
+}
+
+fn require_admin(session: &Session) -> Result<(), Reject> {
+    if session.identity.admin {
+        Ok(())
+    } else {
+        Err(Reject::new(ErrorCode::PermissionDenied, "admin only"))
+    }
+}
+
+fn user_id<'v>(fields: &Fields<'v>) -> Result<&'v str, Reject> {
+    let user_id = fields
+        .str("user_id", "user_id must be a string")?
+        .ok_or_else(|| invalid("user_id is missing"))?;
+    let len = user_id.chars().count();
+    if len == 0 || len > MAX_USER_ID_CHARS {
+        return Err(invalid("user_id must be 1-64 characters"));
+    }
+    Ok(user_id)
+}
+
+async fn ban_add(node: &Node, session: &Arc<Session>, fields: &Fields<'_>) -> Result<(), Reject> {
+    require_admin(session)?;
+    let user_id = user_id(fields)?;
+    if user_id == session.user.id {
+        return Err(invalid("you cannot ban yourself"));
+    }
+    let reason = fields
+        .str("reason", "reason must be a string")?
+        .unwrap_or("");
+    if reason.chars().count() > MAX_TOPIC_CHARS {
+        return Err(invalid("reason must be at most 256 characters"));
+    }
+    let until = match fields.get("duration_s") {
+        None => None,
+        Some(v) => {
+            let secs = as_int(v)
+                .filter(|s| (1..=(100 * 365 * 86_400)).contains(s))
+                .ok_or_else(|| invalid("duration_s must be a positive integer"))?;
+            Some(unix_ms() + secs as u64 * 1000)
+        }
+    };
+    node.broker
+        .ban(
+            node,
+            user_id,
+            Ban {
+                reason: reason.to_owned(),
+                until,
+            },
+        )
+        .await?;
+    session.deliver(&Dispatch::new(
+        Event::SystemBanAdd,
+        &BanAdd {
+            user_id: user_id.to_owned(),
+            reason: reason.to_owned(),
+            until,
+        },
+    ));
+    Ok(())
+}
+
+async fn ban_remove(
+    node: &Node,
+    session: &Arc<Session>,
+    fields: &Fields<'_>,
+) -> Result<(), Reject> {
+    require_admin(session)?;
+    let user_id = user_id(fields)?;
+    node.broker.unban(user_id).await?;
+    session.deliver(&Dispatch::new(
+        Event::SystemBanRemove,
+        &BanRemove {
+            user_id: user_id.to_owned(),
+        },
+    ));
+    Ok(())
+}

@@ -1,0 +1,84 @@
+//! # gateway-node
+//!
+//! A node of the gateway: terminates WebSockets and speaks the protocol of
+//! `docs/PROTOCOL.md`. Tests and `main` start it with [`run`] on a listener
+//! they bound themselves.
+//!
+//! # Layout
+//!
+//! - [`config`]: every setting, parsed and validated once.
+//! - [`server`]: accept loop, HTTP routes (`/gateway`, `/healthz`,
+//!   `/readyz`, `/metrics`), admission cap, drain.
+//! - [`connection`]: one WebSocket: reader, writer and supervisor tasks;
+//!   the heartbeat and PRESENT deadlines; the per-connection state machine.
+//! - [`node`]: the session registry and lifecycle: PRESENT, resume, end,
+//!   expiry, GATEWAY_DOWN.
+//! - [`session`]: sequence numbers, the replay ring (also the outbound
+//!   queue), the slow-consumer rule, rate limit, typing coalescing.
+//! - [`events`]: validation and execution of client events.
+//! - [`broker`]: cluster-wide state and channel fan-out; [`broker::memory`]
+//!   for a single node.
+//! - [`wire`]: frames and encodings; the shared dispatch body.
+//! - [`auth`]: HS256 token verification.
+//! - [`metrics`]: the Prometheus registry.
+
+pub mod auth;
+pub mod broker;
+pub mod config;
+pub mod connection;
+pub mod events;
+pub mod metrics;
+pub mod node;
+pub mod server;
+pub mod session;
+pub mod wire;
+
+use broker::{Broker, Memory};
+use config::Config;
+use metrics::Metrics;
+use node::Node;
+use std::future::Future;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("invalid configuration: {0}")]
+    Config(#[from] config::ConfigError),
+    #[error("a JWT secret is required (--jwt-secret or GATEWAY_JWT_SECRET)")]
+    NoSecret,
+    #[error("the Redis backend is not available in this build yet")]
+    RedisUnsupported,
+}
+
+/// A node ready to serve, built from a validated configuration.
+pub fn build(config: Config, secret: &str) -> Result<Arc<Node>, StartError> {
+    config.validate()?;
+    config::check_secret(secret, config.dev)?;
+    if config.redis_url.is_some() {
+        return Err(StartError::RedisUnsupported);
+    }
+    let node_id = config
+        .node_id
+        .clone()
+        .unwrap_or_else(config::default_node_id);
+    let metrics = Arc::new(Metrics::new(&node_id));
+    let broker = Broker::Memory(Memory::new(
+        &config.default_channel,
+        config.presence_threshold,
+        config.history_retain,
+    ));
+    Ok(Arc::new(Node::new(
+        config,
+        node_id,
+        secret.as_bytes(),
+        broker,
+        metrics,
+    )))
+}
+
+/// Serves `listener` until `shutdown` resolves, then drains and returns.
+pub async fn run(listener: TcpListener, node: Arc<Node>, shutdown: impl Future<Output = ()>) {
+    server::serve(node, listener, shutdown).await
+}

@@ -1,0 +1,227 @@
+//! Prometheus metrics of one node (its own registry, so several nodes can
+//! run in one process). Label sets are bounded: function codes, event
+//! names, error codes and a few fixed words; never user or session ids.
+
+use crate::wire::Dispatch;
+use gateway_shared::protocol::{ErrorCode, Event, FunctionCode};
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+use std::time::Instant;
+
+pub struct Metrics {
+    /// This node's `gateway_*` metrics.
+    registry: Registry,
+    /// The `process_*` metrics, unprefixed as Prometheus expects them.
+    process: Registry,
+    pub connections: IntGauge,
+    sessions_live: IntGauge,
+    sessions_detached: IntGauge,
+    frames_received: IntCounterVec,
+    events_executed: IntCounterVec,
+    /// Resolved per event once: the writer counts every frame, and a label
+    /// lookup per frame would hash strings on the hot path.
+    dispatches_sent: Vec<IntCounter>,
+    errors_sent: IntCounterVec,
+    fanout_delay: Histogram,
+    resumes: IntCounterVec,
+    pub slow_consumers: IntCounter,
+    pub broker_errors: IntCounter,
+    pub broker_publish: Histogram,
+}
+
+/// Outcome label of `gateway_resumes_total`.
+#[derive(Debug, Clone, Copy)]
+pub enum ResumeResult {
+    Local,
+    Remote,
+    Parked,
+    Failed,
+}
+
+impl Metrics {
+    pub fn new(node_id: &str) -> Self {
+        let registry = Registry::new_custom(
+            Some("gateway".into()),
+            Some([("node".to_owned(), node_id.to_owned())].into()),
+        )
+        .expect("valid registry");
+        let connections = IntGauge::new("connections", "Open WebSocket connections").unwrap();
+        let sessions = IntGaugeVec::new(
+            Opts::new("sessions", "Sessions on this node by state"),
+            &["state"],
+        )
+        .unwrap();
+        let frames_received = IntCounterVec::new(
+            Opts::new(
+                "frames_received_total",
+                "Client messages received by function code",
+            ),
+            &["f"],
+        )
+        .unwrap();
+        let events_executed = IntCounterVec::new(
+            Opts::new("events_executed_total", "Client executes by event"),
+            &["t"],
+        )
+        .unwrap();
+        let dispatches = IntCounterVec::new(
+            Opts::new(
+                "dispatches_sent_total",
+                "Dispatches written to sockets by event",
+            ),
+            &["t"],
+        )
+        .unwrap();
+        let errors_sent = IntCounterVec::new(
+            Opts::new("errors_sent_total", "Errors sent to clients by code"),
+            &["code"],
+        )
+        .unwrap();
+        let fanout_delay = Histogram::with_opts(
+            HistogramOpts::new(
+                "fanout_delay_seconds",
+                "Time from an event's publication to its frame being written to a socket",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+            ]),
+        )
+        .unwrap();
+        let resumes = IntCounterVec::new(
+            Opts::new("resumes_total", "Resume attempts by result"),
+            &["result"],
+        )
+        .unwrap();
+        let slow_consumers = IntCounter::new(
+            "slow_consumers_total",
+            "Connections closed with 4016 because the client read too slowly",
+        )
+        .unwrap();
+        let broker_errors =
+            IntCounter::new("broker_errors_total", "Failed backend operations").unwrap();
+        let broker_publish = Histogram::with_opts(
+            HistogramOpts::new("broker_publish_seconds", "Time to publish one event").buckets(
+                vec![
+                    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                ],
+            ),
+        )
+        .unwrap();
+        for c in [
+            Box::new(connections.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(sessions.clone()),
+            Box::new(frames_received.clone()),
+            Box::new(events_executed.clone()),
+            Box::new(dispatches.clone()),
+            Box::new(errors_sent.clone()),
+            Box::new(fanout_delay.clone()),
+            Box::new(resumes.clone()),
+            Box::new(slow_consumers.clone()),
+            Box::new(broker_errors.clone()),
+            Box::new(broker_publish.clone()),
+        ] {
+            registry.register(c).expect("unique metric names");
+        }
+        // Process metrics (RSS, CPU, open files) without the `gateway_` prefix.
+        let process = Registry::new();
+        #[cfg(target_os = "linux")]
+        process
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
+            .expect("process collector registers once");
+        let dispatches_sent = Event::ALL
+            .iter()
+            .map(|e| dispatches.with_label_values(&[e.name()]))
+            .collect();
+        Self {
+            connections,
+            sessions_live: sessions.with_label_values(&["live"]),
+            sessions_detached: sessions.with_label_values(&["detached"]),
+            frames_received,
+            events_executed,
+            dispatches_sent,
+            errors_sent,
+            fanout_delay,
+            resumes,
+            slow_consumers,
+            broker_errors,
+            broker_publish,
+            registry,
+            process,
+        }
+    }
+
+    /// Moves one session between the `live` and `detached` gauges (`None`:
+    /// created or ended).
+    pub fn session_state(&self, from_live: Option<bool>, to_live: Option<bool>) {
+        match from_live {
+            Some(true) => self.sessions_live.dec(),
+            Some(false) => self.sessions_detached.dec(),
+            None => {}
+        }
+        match to_live {
+            Some(true) => self.sessions_live.inc(),
+            Some(false) => self.sessions_detached.inc(),
+            None => {}
+        }
+    }
+
+    pub fn frame_received(&self, f: Option<FunctionCode>) {
+        let label = match f {
+            Some(FunctionCode::Hello) => "100",
+            Some(FunctionCode::Present) => "110",
+            Some(FunctionCode::Heartbeat) => "120",
+            Some(FunctionCode::Dispatch) => "130",
+            Some(FunctionCode::Ready) => "140",
+            Some(FunctionCode::Error) => "150",
+            None => "invalid",
+        };
+        self.frames_received.with_label_values(&[label]).inc();
+    }
+
+    pub fn event_executed(&self, event: Event) {
+        self.events_executed
+            .with_label_values(&[event.name()])
+            .inc();
+    }
+
+    pub fn error_sent(&self, code: ErrorCode) {
+        let mut digits = itoa::Buffer::new();
+        self.errors_sent
+            .with_label_values(&[digits.format(code.code())])
+            .inc();
+    }
+
+    pub fn resume(&self, result: ResumeResult) {
+        let label = match result {
+            ResumeResult::Local => "local",
+            ResumeResult::Remote => "remote",
+            ResumeResult::Parked => "parked",
+            ResumeResult::Failed => "failed",
+        };
+        self.resumes.with_label_values(&[label]).inc();
+    }
+
+    /// Counts one written dispatch and its fan-out delay.
+    pub fn dispatch_sent(&self, dispatch: &Dispatch, now: Instant) {
+        self.dispatches_sent[dispatch.event as usize].inc();
+        self.fanout_delay.observe(
+            now.saturating_duration_since(dispatch.created)
+                .as_secs_f64(),
+        );
+    }
+
+    /// The Prometheus text exposition of this node's metrics and the process's.
+    pub fn render(&self) -> Vec<u8> {
+        let mut families = self.registry.gather();
+        families.extend(self.process.gather());
+        let mut out = Vec::with_capacity(8192);
+        TextEncoder::new()
+            .encode(&families, &mut out)
+            .expect("text encoding to a Vec cannot fail");
+        out
+    }
+}

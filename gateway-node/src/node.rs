@@ -1,0 +1,340 @@
+//! The node: configuration, the local session registry, the backend, and
+//! the session lifecycle (PRESENT, resume, end, expiry, drain).
+
+use crate::auth::{Identity, Verifier};
+use crate::broker::Broker;
+use crate::config::Config;
+use crate::connection::Conn;
+use crate::metrics::{Metrics, ResumeResult};
+use crate::session::{AttachError, Limits, Session};
+use crate::wire::{self, as_int, Dispatch, Reject};
+use base64::Engine;
+use bytes::Bytes;
+use gateway_shared::protocol::{
+    ErrorCode, Event, FunctionCode, GatewayDown, Ready, ReadyUser, PROTOCOL_VERSION,
+};
+use parking_lot::Mutex;
+use simd_json::BorrowedValue as Value;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+use tracing::info;
+
+/// Largest session id: ids stay exact in JavaScript.
+pub const MAX_SESSION_ID: u64 = (1 << 53) - 1;
+
+pub struct Node {
+    pub config: Config,
+    pub node_id: String,
+    pub verifier: Verifier,
+    pub metrics: Arc<Metrics>,
+    pub broker: Broker,
+    /// Pre-encoded HELLO, the same for every connection.
+    pub hello_frame: Bytes,
+    pub limits: Limits,
+    /// Sessions owned by this node, connected or within their resume window.
+    sessions: Mutex<HashMap<u64, Arc<Session>>>,
+    /// Set when the node starts draining: `/readyz` fails, no new sockets.
+    pub draining: AtomicBool,
+    conn_ids: AtomicU64,
+}
+
+/// A decoded PRESENT (110) `cnf`.
+#[derive(Debug)]
+pub struct PresentRequest {
+    pub token: String,
+    pub resume: Option<(u64, u64)>,
+}
+
+impl PresentRequest {
+    /// Wrong types are decode errors (4002): 110 is not an event, so its
+    /// `cnf` is checked at the payload level. A missing token fails
+    /// authentication (4004).
+    pub fn decode(cnf: Option<&Value<'_>>) -> Result<Self, Reject> {
+        let decode = |m: &'static str| Reject::new(ErrorCode::DecodeError, m);
+        let Some(Value::Object(cnf)) = cnf else {
+            return Err(decode("cnf of 110 must be an object"));
+        };
+        let token = match cnf.get("token") {
+            None => {
+                return Err(Reject::new(
+                    ErrorCode::AuthenticationFailed,
+                    "token missing",
+                ))
+            }
+            Some(Value::String(t)) => t.to_string(),
+            Some(_) => return Err(decode("token must be a string")),
+        };
+        let int =
+            |key: &str, min: i128, max: i128, m: &'static str| -> Result<Option<u64>, Reject> {
+                match cnf.get(key) {
+                    None | Some(Value::Static(simd_json::StaticNode::Null)) => Ok(None),
+                    Some(v) => as_int(v)
+                        .filter(|i| (min..=max).contains(i))
+                        .map(|i| Some(i as u64))
+                        .ok_or_else(|| decode(m)),
+                }
+            };
+        let session_id = int(
+            "session_id",
+            1,
+            MAX_SESSION_ID as i128,
+            "session_id must be a positive integer below 2^53",
+        )?;
+        let s = int("s", 0, u64::MAX as i128, "s must be a non-negative integer")?;
+        Ok(Self {
+            token,
+            resume: session_id.map(|id| (id, s.unwrap_or(0))),
+        })
+    }
+}
+
+/// 32 random bytes, base64url without padding.
+fn new_enc_key() -> String {
+    let bytes: [u8; 32] = rand::random();
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+impl Node {
+    pub fn new(
+        config: Config,
+        node_id: String,
+        secret: &[u8],
+        broker: Broker,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let limits = Limits {
+            ring: config.replay_buffer.max(config.outbound_limit),
+            outbound_limit: config.outbound_limit,
+            rate_burst: config.rate_limit_count as f64,
+            rate_per_s: config.rate_limit_count as f64 / config.rate_limit_window_s as f64,
+        };
+        Self {
+            hello_frame: wire::hello_frame(config.hb_int_ms),
+            verifier: Verifier::new(secret),
+            limits,
+            config,
+            node_id,
+            metrics,
+            broker,
+            sessions: Mutex::new(HashMap::new()),
+            draining: AtomicBool::new(false),
+            conn_ids: AtomicU64::new(1),
+        }
+    }
+
+    pub fn next_conn_id(&self) -> u64 {
+        self.conn_ids.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    fn session(&self, id: u64) -> Option<Arc<Session>> {
+        self.sessions.lock().get(&id).cloned()
+    }
+
+    /// Every session of this node.
+    pub fn local_sessions(&self) -> Vec<Arc<Session>> {
+        self.sessions.lock().values().cloned().collect()
+    }
+
+    /// Delivers `dispatch` to every session of this node (cluster-wide
+    /// events).
+    pub fn deliver_to_all(&self, dispatch: &Arc<Dispatch>) {
+        for session in self.local_sessions() {
+            session.deliver(dispatch);
+        }
+    }
+
+    fn ready_frame(
+        &self,
+        session: &Session,
+        channel: &str,
+        channels: &[String],
+        resumed: bool,
+    ) -> Bytes {
+        wire::message_frame(
+            FunctionCode::Ready,
+            &Ready {
+                v: PROTOCOL_VERSION,
+                session_id: session.id,
+                enc_key: session.enc_key.clone(),
+                resumed,
+                user: ReadyUser {
+                    id: session.identity.id.clone(),
+                    name: session.identity.name.clone(),
+                    admin: session.identity.admin,
+                },
+                channel: channel.to_owned(),
+                channels: channels.to_vec(),
+            },
+        )
+    }
+
+    /// PRESENT: authenticates, then resumes the asked-for session or starts
+    /// a new one, and sends READY (and the replay) on `conn`.
+    pub async fn present(
+        &self,
+        conn: &Arc<Conn>,
+        request: PresentRequest,
+    ) -> Result<Arc<Session>, Reject> {
+        let identity = self
+            .verifier
+            .verify(&request.token)
+            .map_err(|m| Reject::new(ErrorCode::AuthenticationFailed, m))?;
+        if self.broker.is_banned(&identity.id).await? {
+            return Err(Reject::new(ErrorCode::Banned, "user is banned"));
+        }
+        let channels = self.broker.channel_names().await?;
+        if let Some((session_id, s)) = request.resume {
+            if let Some(session) = self
+                .try_resume(conn, &identity, session_id, s, &channels)
+                .await?
+            {
+                return Ok(session);
+            }
+        }
+        self.new_session(conn, identity, &channels).await
+    }
+
+    async fn try_resume(
+        &self,
+        conn: &Arc<Conn>,
+        identity: &Identity,
+        session_id: u64,
+        s: u64,
+        channels: &[String],
+    ) -> Result<Option<Arc<Session>>, Reject> {
+        let Some(session) = self.session(session_id) else {
+            self.metrics.resume(ResumeResult::Failed);
+            return Ok(None);
+        };
+        if session.identity.id != identity.id {
+            return Err(Reject::new(
+                ErrorCode::AuthenticationFailed,
+                "session belongs to another user",
+            ));
+        }
+        conn.set_session(Arc::clone(&session));
+        // READY is queued under the session lock, before the session
+        // attaches: it precedes the replay on the wire.
+        let attached = session.attach(conn, s, |channel| {
+            conn.send(self.ready_frame(&session, channel, channels, true));
+        });
+        match attached {
+            Ok(replaced) => {
+                if let Some(old) = replaced {
+                    self.metrics.error_sent(ErrorCode::SessionReplaced);
+                    old.close_fatal(
+                        ErrorCode::SessionReplaced,
+                        "session resumed on another connection",
+                        false,
+                    );
+                }
+                self.metrics.resume(ResumeResult::Local);
+                Ok(Some(session))
+            }
+            Err(err) => {
+                self.metrics.resume(ResumeResult::Failed);
+                // A detached session whose missed dispatches are gone is of
+                // no use to anyone: end it now rather than at expiry.
+                if err == AttachError::Gap && session.conn().is_none() {
+                    self.end_session(&session).await;
+                }
+                Ok(None)
+            }
+        }
+    }
+
+    async fn new_session(
+        &self,
+        conn: &Arc<Conn>,
+        identity: Identity,
+        channels: &[String],
+    ) -> Result<Arc<Session>, Reject> {
+        let id = self.broker.new_session_id().await?;
+        let channel: Arc<str> = Arc::from(self.config.default_channel.as_str());
+        let session = Session::new(
+            id,
+            identity,
+            new_enc_key(),
+            Arc::clone(&channel),
+            self.limits,
+            Arc::clone(&self.metrics),
+        );
+        self.sessions.lock().insert(id, Arc::clone(&session));
+        conn.set_session(Arc::clone(&session));
+        session
+            .attach(conn, 0, |channel| {
+                conn.send(self.ready_frame(&session, channel, channels, false));
+            })
+            .expect("a new session attaches");
+        self.broker.join(&session, &channel).await?;
+        info!(session = id, user = %session.user.id, "session started");
+        Ok(session)
+    }
+
+    /// Ends a session: it leaves its channel (ROOM_USER_REMOVE) and cannot
+    /// be resumed. Returns its connection, if one was attached.
+    pub async fn end_session(&self, session: &Arc<Session>) -> Option<Arc<Conn>> {
+        let conn = session.end()?;
+        self.sessions.lock().remove(&session.id);
+        let channel = session.channel();
+        if let Err(e) = self.broker.leave(session, &channel).await {
+            tracing::warn!(session = session.id, error = %e.message, "leaving channel failed");
+        }
+        info!(session = session.id, user = %session.user.id, "session ended");
+        conn
+    }
+
+    /// Ends every session of `user_id` on this node with 4015.
+    pub async fn kick_user(&self, user_id: &str) {
+        let sessions: Vec<_> = self
+            .local_sessions()
+            .into_iter()
+            .filter(|s| s.identity.id == user_id)
+            .collect();
+        for session in sessions {
+            if let Some(conn) = self.end_session(&session).await {
+                self.metrics.error_sent(ErrorCode::Banned);
+                conn.close_fatal(ErrorCode::Banned, "user is banned", false);
+            }
+        }
+    }
+
+    /// Ends the sessions whose resume window has run out.
+    pub async fn sweep_expired(&self) {
+        let now = Instant::now();
+        let window = self.config.resume_window();
+        let expired: Vec<_> = self
+            .local_sessions()
+            .into_iter()
+            .filter(|s| s.expired(now, window))
+            .collect();
+        for session in expired {
+            self.end_session(&session).await;
+        }
+    }
+
+    /// Drain: GATEWAY_DOWN to every session, then close with 1012 once it
+    /// is written. Sessions stay resumable.
+    pub fn announce_shutdown(&self) {
+        self.draining.store(true, Ordering::Release);
+        let dispatch = Dispatch::new(
+            Event::GatewayDown,
+            &GatewayDown {
+                reason: "node shutting down".into(),
+                reconnect: true,
+            },
+        );
+        for session in self.local_sessions() {
+            if let Some(conn) = session.conn() {
+                session.deliver(&dispatch);
+                conn.close_with(1012, "service restart", false);
+            }
+        }
+    }
+}

@@ -1,0 +1,349 @@
+//! A session: who it is, its sequence counter and replay ring, and the
+//! connection it is attached to, if any.
+//!
+//! The ring is also the outbound queue. Delivering a dispatch numbers it and
+//! appends it to the ring; the attached connection's writer copies every
+//! entry after `sent` into its socket buffer. A resume only moves `sent`
+//! back to the client's `s`. So there is one bounded buffer per session,
+//! the slow-consumer rule is `seq - sent > outbound_limit`, and a replay is
+//! the ordinary write path.
+//!
+//! Locking: the session lock is a leaf. Code holding it takes no other
+//! lock; channel fan-out takes a channel lock and then each member's
+//! session lock, never the other way round. Nothing here is held across an
+//! `.await`.
+
+use crate::auth::Identity;
+use crate::connection::Conn;
+use crate::metrics::Metrics;
+use crate::wire::Dispatch;
+use bytes::BytesMut;
+use gateway_shared::protocol::{User, TYPING_COALESCE_MS};
+use parking_lot::Mutex;
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Per-session limits, copied from the configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Dispatches held for replay (never fewer than `outbound_limit`).
+    pub ring: usize,
+    /// Unsent dispatches before a client is a slow consumer.
+    pub outbound_limit: usize,
+    /// Token bucket size.
+    pub rate_burst: f64,
+    /// Tokens added per second.
+    pub rate_per_s: f64,
+}
+
+/// A token bucket: `burst` tokens, refilled continuously.
+#[derive(Debug)]
+pub struct TokenBucket {
+    tokens: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    pub fn full(burst: f64, now: Instant) -> Self {
+        Self {
+            tokens: burst,
+            last: now,
+        }
+    }
+
+    /// Takes one token if there is one.
+    pub fn take(&mut self, burst: f64, per_s: f64, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * per_s).min(burst);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Why a connection cannot attach.
+#[derive(Debug, PartialEq, Eq)]
+pub enum AttachError {
+    /// The session ended (closed with 1000, banned, expired).
+    Ended,
+    /// Dispatches after the client's `s` are no longer held, or `s` is
+    /// ahead of what was ever sent.
+    Gap,
+}
+
+struct State {
+    /// Sequence number of the latest dispatch.
+    seq: u64,
+    /// `(seq, dispatch)` for the latest dispatches, contiguous.
+    ring: VecDeque<(u64, Arc<Dispatch>)>,
+    /// The connection receiving this session's dispatches.
+    conn: Option<Arc<Conn>>,
+    /// Highest sequence number handed to `conn`'s writer.
+    sent: u64,
+    /// The channel the session is in.
+    channel: Arc<str>,
+    /// When the connection went away, while detached.
+    detached_at: Option<Instant>,
+    /// Ended sessions take no dispatches and cannot be resumed.
+    ended: bool,
+    bucket: TokenBucket,
+    last_typing: Option<Instant>,
+}
+
+pub struct Session {
+    pub id: u64,
+    pub identity: Identity,
+    /// The user as dispatched (`{"id","name"}`).
+    pub user: User,
+    /// Reserved for end-to-end encryption; fixed for the session's life.
+    pub enc_key: String,
+    limits: Limits,
+    metrics: Arc<Metrics>,
+    state: Mutex<State>,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("id", &self.id)
+            .field("user", &self.user.id)
+            .finish()
+    }
+}
+
+impl Session {
+    pub fn new(
+        id: u64,
+        identity: Identity,
+        enc_key: String,
+        channel: Arc<str>,
+        limits: Limits,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
+        let now = Instant::now();
+        metrics.session_state(None, Some(false));
+        Arc::new(Self {
+            id,
+            user: User {
+                id: identity.id.clone(),
+                name: identity.name.clone(),
+            },
+            identity,
+            enc_key,
+            limits,
+            metrics,
+            state: Mutex::new(State {
+                seq: 0,
+                ring: VecDeque::new(),
+                conn: None,
+                sent: 0,
+                channel,
+                detached_at: Some(now),
+                ended: false,
+                bucket: TokenBucket::full(limits.rate_burst, now),
+                last_typing: None,
+            }),
+        })
+    }
+
+    /// Numbers `dispatch` for this session, keeps it for replay, and wakes
+    /// the writer. A client more than `outbound_limit` behind is detached
+    /// and its connection closed with 4016.
+    pub fn deliver(&self, dispatch: &Arc<Dispatch>) {
+        let mut st = self.state.lock();
+        if st.ended {
+            return;
+        }
+        st.seq += 1;
+        let seq = st.seq;
+        st.ring.push_back((seq, Arc::clone(dispatch)));
+        if st.ring.len() > self.limits.ring {
+            st.ring.pop_front();
+        }
+        let Some(conn) = &st.conn else { return };
+        if seq - st.sent > self.limits.outbound_limit as u64 {
+            let conn = st.conn.take().expect("checked above");
+            st.detached_at = Some(Instant::now());
+            drop(st);
+            self.metrics.session_state(Some(true), Some(false));
+            self.metrics.slow_consumers.inc();
+            conn.close_fatal(
+                gateway_shared::ErrorCode::SlowConsumer,
+                "outbound queue overflowed",
+                false,
+            );
+        } else {
+            conn.wake();
+        }
+    }
+
+    /// Attaches `conn`, replaying everything after `from_seq`. `on_attach`
+    /// runs under the lock with the session's channel, before any dispatch
+    /// can reach `conn` (it queues READY). Returns the connection it
+    /// replaces, which the caller closes with 4017.
+    pub fn attach(
+        &self,
+        conn: &Arc<Conn>,
+        from_seq: u64,
+        on_attach: impl FnOnce(&str),
+    ) -> Result<Option<Arc<Conn>>, AttachError> {
+        let mut st = self.state.lock();
+        if st.ended {
+            return Err(AttachError::Ended);
+        }
+        let first_held = st.ring.front().map_or(st.seq + 1, |e| e.0);
+        if from_seq > st.seq || from_seq + 1 < first_held {
+            return Err(AttachError::Gap);
+        }
+        on_attach(&st.channel);
+        let old = st.conn.replace(Arc::clone(conn));
+        let was_live = old.is_some();
+        st.sent = from_seq;
+        st.detached_at = None;
+        drop(st);
+        self.metrics.session_state(Some(was_live), Some(true));
+        conn.wake();
+        Ok(old)
+    }
+
+    /// Detaches `conn` if it is still the attached one; the session stays
+    /// resumable for the window.
+    pub fn detach(&self, conn_id: u64) -> bool {
+        let mut st = self.state.lock();
+        if st.conn.as_ref().is_some_and(|c| c.id == conn_id) {
+            st.conn = None;
+            st.detached_at = Some(Instant::now());
+            drop(st);
+            self.metrics.session_state(Some(true), Some(false));
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Ends the session: no more dispatches, no resume. Returns the attached
+    /// connection (for the caller to close), or `None` if already ended.
+    pub fn end(&self) -> Option<Option<Arc<Conn>>> {
+        let mut st = self.state.lock();
+        if st.ended {
+            return None;
+        }
+        st.ended = true;
+        st.ring.clear();
+        let conn = st.conn.take();
+        drop(st);
+        self.metrics.session_state(Some(conn.is_some()), None);
+        Some(conn)
+    }
+
+    pub fn is_ended(&self) -> bool {
+        self.state.lock().ended
+    }
+
+    /// Whether the session has been detached for longer than `window`.
+    pub fn expired(&self, now: Instant, window: Duration) -> bool {
+        let st = self.state.lock();
+        !st.ended
+            && st
+                .detached_at
+                .is_some_and(|t| now.saturating_duration_since(t) >= window)
+    }
+
+    /// The attached connection, if any.
+    pub fn conn(&self) -> Option<Arc<Conn>> {
+        self.state.lock().conn.clone()
+    }
+
+    pub fn channel(&self) -> Arc<str> {
+        Arc::clone(&self.state.lock().channel)
+    }
+
+    pub fn set_channel(&self, channel: Arc<str>) {
+        self.state.lock().channel = channel;
+    }
+
+    /// The latest sequence number.
+    pub fn seq(&self) -> u64 {
+        self.state.lock().seq
+    }
+
+    /// Takes a rate-limit token for one execute.
+    pub fn take_rate_token(&self, now: Instant) -> bool {
+        let limits = self.limits;
+        self.state
+            .lock()
+            .bucket
+            .take(limits.rate_burst, limits.rate_per_s, now)
+    }
+
+    /// Whether a START_TYPING from this session should be dispatched now
+    /// (at most one per session per 3 s).
+    pub fn typing_due(&self, now: Instant) -> bool {
+        let mut st = self.state.lock();
+        let due = st.last_typing.is_none_or(|t| {
+            now.saturating_duration_since(t) >= Duration::from_millis(TYPING_COALESCE_MS)
+        });
+        if due {
+            st.last_typing = Some(now);
+        }
+        due
+    }
+
+    /// Encodes the dispatches `conn_id` has not been sent yet into `buf`,
+    /// up to about `budget` bytes. Returns how many were written and
+    /// whether more are waiting.
+    ///
+    /// Hot path: frames are built under the lock straight from the shared
+    /// bodies, with no clone of the dispatches and no per-frame allocation.
+    pub fn write_unsent(&self, conn_id: u64, buf: &mut BytesMut, budget: usize) -> (usize, bool) {
+        let mut st = self.state.lock();
+        if st.conn.as_ref().is_none_or(|c| c.id != conn_id) {
+            return (0, false);
+        }
+        let Some(&(first, _)) = st.ring.front() else {
+            return (0, false);
+        };
+        let start = (st.sent + 1).saturating_sub(first) as usize;
+        let start_len = buf.len();
+        let mut written = 0;
+        let now = Instant::now();
+        for (seq, dispatch) in st.ring.iter().skip(start) {
+            if buf.len() - start_len >= budget {
+                break;
+            }
+            dispatch.encode(*seq, buf);
+            self.metrics.dispatch_sent(dispatch, now);
+            written += 1;
+        }
+        st.sent += written as u64;
+        (written, st.sent < st.seq)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_bucket_allows_a_burst_then_refills() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::full(3.0, t0);
+        assert!(b.take(3.0, 1.0, t0));
+        assert!(b.take(3.0, 1.0, t0));
+        assert!(b.take(3.0, 1.0, t0));
+        assert!(!b.take(3.0, 1.0, t0));
+        assert!(!b.take(3.0, 1.0, t0 + Duration::from_millis(500)));
+        assert!(b.take(3.0, 1.0, t0 + Duration::from_millis(1000)));
+        // Never more than the burst, however long it waited.
+        let later = t0 + Duration::from_secs(100);
+        for _ in 0..3 {
+            assert!(b.take(3.0, 1.0, later));
+        }
+        assert!(!b.take(3.0, 1.0, later));
+    }
+}

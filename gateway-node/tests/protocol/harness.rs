@@ -1,0 +1,226 @@
+#![allow(dead_code)]
+//! Real nodes on port 0 and real clients, for the protocol tests.
+
+use gateway_node::config::Config;
+use gateway_shared::protocol::{ErrorBody, Event, FunctionCode, Ready};
+use gateway_shared::token;
+use gateway_shared::{Client, ClientError, ServerMessage};
+use serde_json::{json, Value};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub const SECRET: &str = "test-secret-test-secret-test-secret!";
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// A node running in this process until dropped or shut down.
+pub struct TestNode {
+    pub addr: SocketAddr,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl TestNode {
+    pub async fn start() -> Self {
+        Self::with(|_| {}).await
+    }
+
+    pub async fn with(tune: impl FnOnce(&mut Config)) -> Self {
+        let mut config = Config::default();
+        tune(&mut config);
+        let node = gateway_node::build(config, SECRET).expect("valid test config");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = oneshot::channel();
+        let task = tokio::spawn(gateway_node::run(listener, node, async {
+            let _ = rx.await;
+        }));
+        Self {
+            addr,
+            shutdown: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("ws://{}/gateway", self.addr)
+    }
+
+    pub fn http(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Starts the drain and waits for `run` to return.
+    pub async fn shutdown(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(WAIT, task)
+                .await
+                .expect("drain ends")
+                .unwrap();
+        }
+    }
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+static USERS: AtomicU64 = AtomicU64::new(1);
+
+/// A token for a fresh user id.
+pub fn user_token(name: &str) -> (String, String) {
+    let id = format!("{name}-{}", USERS.fetch_add(1, Ordering::Relaxed));
+    (token_for(&id, name, false), id)
+}
+
+pub fn token_for(id: &str, name: &str, admin: bool) -> String {
+    token::mint(SECRET.as_bytes(), &token::claims(id, name, admin, 3600))
+}
+
+/// A presented client that checks that its dispatches are numbered
+/// 1, 2, 3, … with no gap and no duplicate.
+pub struct Peer {
+    pub client: Client,
+    pub ready: Ready,
+    pub token: String,
+    pub user_id: String,
+    /// The last dispatch sequence number received.
+    pub last_s: u64,
+}
+
+impl Peer {
+    pub async fn join(node: &TestNode, name: &str) -> Self {
+        let (token, user_id) = user_token(name);
+        Self::present(&node.url(), token, user_id).await
+    }
+
+    pub async fn admin(node: &TestNode, name: &str) -> Self {
+        let user_id = format!("{name}-{}", USERS.fetch_add(1, Ordering::Relaxed));
+        let token = token_for(&user_id, name, true);
+        Self::present(&node.url(), token, user_id).await
+    }
+
+    pub async fn present(url: &str, token: String, user_id: String) -> Self {
+        let (client, ready) = Client::connect_present(url, &token).await.expect("present");
+        Self {
+            client,
+            ready,
+            token,
+            user_id,
+            last_s: 0,
+        }
+    }
+
+    pub fn session_id(&self) -> u64 {
+        self.ready.session_id
+    }
+
+    /// The next message, checking dispatch numbering.
+    pub async fn next(&mut self) -> Result<ServerMessage, ClientError> {
+        let msg = self.client.next_message(WAIT).await?;
+        if msg.f == FunctionCode::Dispatch.code() {
+            let s = msg.s.expect("dispatch carries s");
+            assert_eq!(s, self.last_s + 1, "gap or duplicate before {}", msg.text);
+            self.last_s = s;
+        }
+        Ok(msg)
+    }
+
+    /// Skips messages (checking numbering) until `pred` holds.
+    pub async fn wait_for(
+        &mut self,
+        mut pred: impl FnMut(&ServerMessage) -> bool,
+    ) -> ServerMessage {
+        loop {
+            let msg = self.next().await.expect("message before timeout");
+            if pred(&msg) {
+                return msg;
+            }
+        }
+    }
+
+    /// Waits for the dispatch of `event` and returns it.
+    pub async fn dispatch(&mut self, event: Event) -> ServerMessage {
+        self.wait_for(|m| m.is_dispatch(event)).await
+    }
+
+    /// Waits for an error (150) and returns its body.
+    pub async fn error(&mut self) -> ErrorBody {
+        self.wait_for(|m| m.f == FunctionCode::Error.code())
+            .await
+            .error()
+            .unwrap()
+    }
+
+    pub async fn execute(&mut self, event: &str, cnf: Value) {
+        self.client.execute(event, cnf, None).await.expect("send");
+    }
+
+    pub async fn execute_s(&mut self, event: &str, cnf: Value, s: u64) {
+        self.client
+            .execute(event, cnf, Some(s))
+            .await
+            .expect("send");
+    }
+
+    /// Creates a channel and moves into it; returns the CHANNEL_MOVE cnf.
+    pub async fn create_and_move(&mut self, channel: &str) -> Value {
+        self.execute("CHANNEL_ADD", json!({"name": channel})).await;
+        self.wait_for(|m| m.is_dispatch(Event::ChannelAdd) && m.cnf["name"] == channel)
+            .await;
+        self.move_to(channel).await
+    }
+
+    pub async fn move_to(&mut self, channel: &str) -> Value {
+        self.execute("CHANNEL_MOVE", json!({"channel": channel}))
+            .await;
+        self.dispatch(Event::ChannelMove).await.cnf
+    }
+
+    pub async fn say(&mut self, content: &str) -> Value {
+        self.execute("MESSAGE_CREATE", json!({"content": content}))
+            .await;
+        self.wait_for(|m| m.is_dispatch(Event::MessageCreate) && m.cnf["content"] == content)
+            .await
+            .cnf
+    }
+
+    /// Waits for the node to close the connection; returns the close code.
+    pub async fn closed(&mut self) -> Option<u16> {
+        self.client.closed().await.expect("closed in time")
+    }
+}
+
+static CHANNELS: AtomicU64 = AtomicU64::new(1);
+
+/// A channel name no other test uses.
+pub fn fresh_channel(prefix: &str) -> String {
+    format!("{prefix}-{}", CHANNELS.fetch_add(1, Ordering::Relaxed))
+}
+
+/// A plain HTTP GET; returns the status and the body.
+pub async fn http_get(url: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url.strip_prefix("http://").unwrap();
+    let (host, path) = rest.split_at(rest.find('/').unwrap());
+    let mut stream = tokio::net::TcpStream::connect(host).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let status = response[9..12].parse().unwrap();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|x| x.1.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}

@@ -1,0 +1,6 @@
+//! The protocol of docs/PROTOCOL.md, end to end: real nodes on port 0,
+//! the real client from `gateway-shared`.
+
+mod harness;
+
+mod connect;
