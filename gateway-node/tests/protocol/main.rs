@@ -4,3 +4,7 @@
 mod harness;
 
 mod connect;
+mod errors;
+mod events;
+mod lifecycle;
+mod resume;

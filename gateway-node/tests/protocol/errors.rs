@@ -1,0 +1,400 @@
+//! Every rejection path of PROTOCOL.md sections 3-5: the code, the `d`
+//! flag, the echoed `s`/`t`, and the close code when fatal.
+
+use crate::harness::*;
+use fastwebsockets::OpCode;
+use gateway_shared::protocol::{ErrorBody, FunctionCode};
+use gateway_shared::Client;
+use serde_json::json;
+
+/// Sends `text` on a fresh connection (presented or not) and returns the
+/// error and, when fatal, the close code.
+async fn reject_raw(node: &TestNode, presented: bool, text: &str) -> (ErrorBody, Option<u16>) {
+    let (mut client, _) = Client::connect_hello(&node.url()).await.unwrap();
+    if presented {
+        client.present(&user_token("e").0, None).await.unwrap();
+    }
+    client.send_text(text).await.unwrap();
+    let err = client
+        .expect_f(FunctionCode::Error)
+        .await
+        .unwrap()
+        .error()
+        .unwrap();
+    let close = if err.d {
+        client.closed().await.unwrap()
+    } else {
+        None
+    };
+    (err, close)
+}
+
+async fn assert_fatal(node: &TestNode, presented: bool, text: &str, code: u16) {
+    let (err, close) = reject_raw(node, presented, text).await;
+    assert_eq!(
+        (err.c, err.d, close),
+        (code, true, Some(code)),
+        "{text}: {err:?}"
+    );
+    assert!(err.m.is_some_and(|m| !m.is_empty()));
+}
+
+#[tokio::test]
+async fn unknown_and_server_only_function_codes_are_fatal_4001() {
+    let node = TestNode::start().await;
+    for text in [
+        r#"{"f":100}"#,
+        r#"{"f":140}"#,
+        r#"{"f":150}"#,
+        r#"{"f":7}"#,
+        r#"{"f":131}"#,
+    ] {
+        assert_fatal(&node, false, text, 4001).await;
+        assert_fatal(&node, true, text, 4001).await;
+    }
+}
+
+#[tokio::test]
+async fn malformed_payloads_are_fatal_4002() {
+    let node = TestNode::start().await;
+    for text in [
+        "not json",
+        "[1,2]",
+        "42",
+        "{}",
+        r#"{"f":"120"}"#,
+        r#"{"f":120.0}"#,
+        r#"{"f":130,"t":5,"cnf":{}}"#,
+        r#"{"f":130,"t":"MESSAGE_CREATE","s":"1","cnf":{}}"#,
+        r#"{"f":130,"t":"MESSAGE_CREATE","cnf":[1]}"#,
+        r#"{"f":110,"cnf":"token"}"#,
+        r#"{"f":110,"cnf":{"token":5}}"#,
+        r#"{"f":110,"cnf":{"token":"x","session_id":"1"}}"#,
+        r#"{"f":110,"cnf":{"token":"x","session_id":1,"s":-1}}"#,
+    ] {
+        assert_fatal(&node, false, text, 4002).await;
+    }
+    // The same with a session where it matters.
+    assert_fatal(&node, true, r#"{"f":130,"t":["x"]}"#, 4002).await;
+}
+
+#[tokio::test]
+async fn binary_frames_are_fatal_4002() {
+    let node = TestNode::start().await;
+    let (mut client, _) = Client::connect_hello(&node.url()).await.unwrap();
+    client
+        .send_frame(true, OpCode::Binary, br#"{"f":120}"#)
+        .await
+        .unwrap();
+    let err = client
+        .expect_f(FunctionCode::Error)
+        .await
+        .unwrap()
+        .error()
+        .unwrap();
+    assert_eq!((err.c, err.d), (4002, true));
+    assert_eq!(client.closed().await.unwrap(), Some(4002));
+}
+
+#[tokio::test]
+async fn execute_before_present_is_fatal_4003_with_the_request_echoed() {
+    let node = TestNode::start().await;
+    let (err, close) = reject_raw(
+        &node,
+        false,
+        r#"{"f":130,"t":"MESSAGE_CREATE","s":9,"cnf":{"content":"x"}}"#,
+    )
+    .await;
+    assert_eq!((err.c, err.d, close), (4003, true, Some(4003)));
+    assert_eq!((err.s, err.t.as_deref()), (Some(9), Some("MESSAGE_CREATE")));
+}
+
+#[tokio::test]
+async fn bad_tokens_are_fatal_4004() {
+    let node = TestNode::start().await;
+    let expired = {
+        let mut c = gateway_shared::token::claims("u", "n", false, 0);
+        c.exp -= 10;
+        gateway_shared::token::mint(SECRET.as_bytes(), &c)
+    };
+    let wrong_key = gateway_shared::token::mint(
+        b"another-secret-another-secret-xx",
+        &gateway_shared::token::claims("u", "n", false, 60),
+    );
+    let alg_none = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJzdWIiOiJ1MSIsIm5hbWUiOiJhIiwiZXhwIjo0MTAyNDQ0ODAwfQ.";
+    for token in [
+        expired.as_str(),
+        wrong_key.as_str(),
+        alg_none,
+        "garbage",
+        "",
+    ] {
+        let text = json!({"f": 110, "cnf": {"token": token}}).to_string();
+        assert_fatal(&node, false, &text, 4004).await;
+    }
+    assert_fatal(&node, false, r#"{"f":110,"cnf":{}}"#, 4004).await;
+}
+
+#[tokio::test]
+async fn resuming_another_users_session_is_fatal_4004() {
+    let node = TestNode::start().await;
+    let alice = Peer::join(&node, "alice").await;
+    let (mut mallory, _) = Client::connect_hello(&node.url()).await.unwrap();
+    let err = mallory
+        .present(&user_token("mallory").0, Some((alice.session_id(), None)))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, gateway_shared::ClientError::Gateway(ref e) if e.c == 4004 && e.d),
+        "{err:?}"
+    );
+    assert_eq!(mallory.closed().await.unwrap(), Some(4004));
+}
+
+#[tokio::test]
+async fn a_second_present_is_fatal_4005() {
+    let node = TestNode::start().await;
+    let mut peer = Peer::join(&node, "twice").await;
+    peer.client
+        .send_json(&json!({"f": 110, "cnf": {"token": peer.token}}))
+        .await
+        .unwrap();
+    let err = peer.error().await;
+    assert_eq!((err.c, err.d), (4005, true));
+    assert_eq!(peer.closed().await, Some(4005));
+}
+
+/// `{"f":120,"p":"xxx…"}` of exactly `len` bytes.
+fn heartbeat_of_len(len: usize) -> String {
+    let base = r#"{"f":120,"p":""}"#.len();
+    format!(r#"{{"f":120,"p":"{}"}}"#, "x".repeat(len - base))
+}
+
+#[tokio::test]
+async fn the_payload_limit_is_4096_bytes() {
+    let node = TestNode::start().await;
+    let (mut client, _) = Client::connect_hello(&node.url()).await.unwrap();
+    let exact = heartbeat_of_len(4096);
+    assert_eq!(exact.len(), 4096);
+    client.send_text(&exact).await.unwrap();
+    client.expect_f(FunctionCode::Heartbeat).await.unwrap();
+
+    let over = heartbeat_of_len(4097);
+    client.send_text(&over).await.unwrap();
+    let err = client
+        .expect_f(FunctionCode::Error)
+        .await
+        .unwrap()
+        .error()
+        .unwrap();
+    assert_eq!((err.c, err.d), (4006, true));
+    assert_eq!(client.closed().await.unwrap(), Some(4006));
+}
+
+#[tokio::test]
+async fn the_payload_limit_applies_to_fragmented_messages() {
+    let node = TestNode::start().await;
+    let (mut client, _) = Client::connect_hello(&node.url()).await.unwrap();
+    // 4096 bytes in three fragments: accepted.
+    let exact = heartbeat_of_len(4096);
+    let (a, rest) = exact.as_bytes().split_at(1000);
+    let (b, c) = rest.split_at(2000);
+    client.send_frame(false, OpCode::Text, a).await.unwrap();
+    client
+        .send_frame(false, OpCode::Continuation, b)
+        .await
+        .unwrap();
+    client
+        .send_frame(true, OpCode::Continuation, c)
+        .await
+        .unwrap();
+    client.expect_f(FunctionCode::Heartbeat).await.unwrap();
+    // 4097 bytes, fragments of 1000: refused once the total passes 4096,
+    // before the last fragment is even sent.
+    let over = heartbeat_of_len(4097);
+    let chunks: Vec<_> = over.as_bytes().chunks(1000).collect();
+    for chunk in &chunks[..chunks.len() - 1] {
+        client
+            .send_frame(
+                false,
+                if std::ptr::eq(*chunk, chunks[0]) {
+                    OpCode::Text
+                } else {
+                    OpCode::Continuation
+                },
+                chunk,
+            )
+            .await
+            .unwrap();
+    }
+    let _ = client
+        .send_frame(true, OpCode::Continuation, chunks[chunks.len() - 1])
+        .await;
+    let err = client
+        .expect_f(FunctionCode::Error)
+        .await
+        .unwrap()
+        .error()
+        .unwrap();
+    assert_eq!((err.c, err.d), (4006, true));
+    assert_eq!(client.closed().await.unwrap(), Some(4006));
+}
+
+#[tokio::test]
+async fn unknown_and_dispatch_only_events_get_4010() {
+    let node = TestNode::start().await;
+    let mut peer = Peer::join(&node, "events").await;
+    for (i, t) in [
+        "NOPE",
+        "ROOM_USER_ADD",
+        "ROOM_USER_REMOVE",
+        "GATEWAY_DOWN",
+        "message_create",
+    ]
+    .iter()
+    .enumerate()
+    {
+        peer.execute_s(t, json!({}), i as u64).await;
+        let err = peer.error().await;
+        assert_eq!(
+            (err.c, err.d, err.s, err.t.as_deref()),
+            (4010, false, Some(i as i64), Some(*t))
+        );
+    }
+    peer.client
+        .send_text(r#"{"f":130,"cnf":{}}"#)
+        .await
+        .unwrap();
+    let err = peer.error().await;
+    assert_eq!((err.c, err.d, err.t), (4010, false, None));
+    // `e` is accepted in place of `t`.
+    peer.client
+        .send_text(r#"{"f":130,"e":"CHANNEL_MOVE","cnf":{"channel":"general"}}"#)
+        .await
+        .unwrap();
+    peer.dispatch(gateway_shared::Event::ChannelMove).await;
+}
+
+#[tokio::test]
+async fn invalid_event_data_gets_4011_and_keeps_the_connection() {
+    let node = TestNode::start().await;
+    let mut admin = Peer::admin(&node, "root").await;
+    let long = "x".repeat(2001);
+    let cases = [
+        ("MESSAGE_CREATE", json!({})),
+        ("MESSAGE_CREATE", json!({"content": ""})),
+        ("MESSAGE_CREATE", json!({"content": long})),
+        ("MESSAGE_CREATE", json!({"content": 5})),
+        (
+            "MESSAGE_CREATE",
+            json!({"content": "x", "nonce": "n".repeat(65)}),
+        ),
+        ("MESSAGE_CREATE", json!({"content": "x", "nonce": 1})),
+        ("MESSAGE_CREATE", json!("just a string")),
+        ("MESSAGE_DELETE", json!({})),
+        ("MESSAGE_DELETE", json!({"id": 12})),
+        ("MESSAGE_DELETE", json!({"id": "12a"})),
+        ("CHANNEL_ADD", json!({"name": "Bad Name"})),
+        ("CHANNEL_ADD", json!({"name": "-x"})),
+        ("CHANNEL_ADD", json!({"name": "x".repeat(33)})),
+        (
+            "CHANNEL_ADD",
+            json!({"name": "ok", "topic": "t".repeat(257)}),
+        ),
+        ("CHANNEL_ADD", json!({})),
+        ("CHANNEL_MOVE", json!({})),
+        ("CHANNEL_MOVE", json!({"channel": 1})),
+        ("SYSTEM_BAN_ADD", json!({})),
+        ("SYSTEM_BAN_ADD", json!({"user_id": admin.user_id})),
+        ("SYSTEM_BAN_ADD", json!({"user_id": "u", "duration_s": 0})),
+        ("SYSTEM_BAN_ADD", json!({"user_id": "u", "duration_s": 1.5})),
+        (
+            "SYSTEM_BAN_ADD",
+            json!({"user_id": "u", "reason": "r".repeat(257)}),
+        ),
+        ("SYSTEM_BAN_REMOVE", json!({})),
+    ];
+    for (i, (t, cnf)) in cases.into_iter().enumerate() {
+        admin.execute_s(t, cnf.clone(), i as u64).await;
+        let err = admin.error().await;
+        assert_eq!(
+            (err.c, err.d, err.s, err.t.as_deref()),
+            (4011, false, Some(i as i64), Some(t)),
+            "{t} {cnf}"
+        );
+    }
+    admin.say("still connected").await;
+}
+
+#[tokio::test]
+async fn permission_not_found_and_exists_errors_are_not_fatal() {
+    let node = TestNode::start().await;
+    let mut peer = Peer::join(&node, "user").await;
+    let room = fresh_channel("dup");
+    peer.execute_s("SYSTEM_BAN_ADD", json!({"user_id": "x"}), 1)
+        .await;
+    assert_eq!(peer.error().await.c, 4012);
+    peer.execute_s("SYSTEM_BAN_REMOVE", json!({"user_id": "x"}), 2)
+        .await;
+    assert_eq!(peer.error().await.c, 4012);
+    for name in ["nope-nope", "Not Valid"] {
+        peer.execute_s("CHANNEL_MOVE", json!({"channel": name}), 3)
+            .await;
+        let err = peer.error().await;
+        assert_eq!((err.c, err.d, err.s), (4013, false, Some(3)));
+    }
+    peer.execute("MESSAGE_DELETE", json!({"id": "123"})).await;
+    assert_eq!(peer.error().await.c, 4013);
+    let id = peer.say("here").await["id"].clone();
+    peer.create_and_move(&room).await;
+    peer.execute("MESSAGE_DELETE", json!({"id": id})).await;
+    assert_eq!(peer.error().await.c, 4013, "an id of another channel");
+    peer.execute("CHANNEL_ADD", json!({"name": room})).await;
+    let err = peer.error().await;
+    assert_eq!((err.c, err.d), (4014, false));
+    peer.say("still here").await;
+}
+
+#[tokio::test]
+async fn the_channel_limit_is_enforced() {
+    let node = TestNode::with(|c| c.max_channels = 2).await;
+    let mut peer = Peer::join(&node, "user").await;
+    peer.execute("CHANNEL_ADD", json!({"name": fresh_channel("one")}))
+        .await;
+    peer.dispatch(gateway_shared::Event::ChannelAdd).await;
+    peer.execute("CHANNEL_ADD", json!({"name": fresh_channel("two")}))
+        .await;
+    assert_eq!(peer.error().await.c, 4012);
+}
+
+#[tokio::test]
+async fn executes_over_the_budget_get_4008_and_are_dropped() {
+    let node = TestNode::with(|c| {
+        c.rate_limit_count = 5;
+        c.rate_limit_window_s = 3600;
+    })
+    .await;
+    let mut peer = Peer::join(&node, "spammer").await;
+    peer.create_and_move(&fresh_channel("spam")).await; // takes 2 tokens
+    for i in 0..4 {
+        peer.execute_s("MESSAGE_CREATE", json!({"content": format!("m{i}")}), i)
+            .await;
+    }
+    // 3 tokens were left: m0..m2 pass, m3 is refused.
+    let mut delivered = 0;
+    loop {
+        let msg = peer.next().await.unwrap();
+        if let Some(err) = msg.error() {
+            assert_eq!(
+                (err.c, err.d, err.s, err.t.as_deref()),
+                (4008, false, Some(3), Some("MESSAGE_CREATE"))
+            );
+            break;
+        }
+        delivered += 1;
+    }
+    assert!(delivered <= 3);
+    // Heartbeats take no token and the connection stays open.
+    peer.client.heartbeat().await.unwrap();
+    peer.wait_for(|m| m.f == 120).await;
+}

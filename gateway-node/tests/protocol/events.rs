@@ -1,0 +1,334 @@
+//! Every client event and the dispatches it causes.
+
+use crate::harness::*;
+use gateway_shared::protocol::Event;
+use serde_json::json;
+
+#[tokio::test]
+async fn message_to_channel_reaches_every_member_and_acknowledges_the_sender() {
+    let node = TestNode::start().await;
+    let channel = fresh_channel("msg");
+    let mut alice = Peer::join(&node, "alice").await;
+    let mut bob = Peer::join(&node, "bob").await;
+    alice.create_and_move(&channel).await;
+    bob.move_to(&channel).await;
+
+    alice
+        .execute_s(
+            "MESSAGE_CREATE",
+            json!({"content": "hello", "nonce": "n1"}),
+            7,
+        )
+        .await;
+    let ack = alice.dispatch(Event::MessageCreate).await.cnf;
+    let got = bob.dispatch(Event::MessageCreate).await.cnf;
+    assert_eq!(ack, got);
+    assert_eq!(got["channel"], channel.as_str());
+    assert_eq!(got["author"], json!({"id": alice.user_id, "name": "alice"}));
+    assert_eq!(got["content"], "hello");
+    assert_eq!(got["nonce"], "n1");
+    assert!(got["ts"].as_u64().unwrap() > 1_700_000_000_000);
+    let first: u64 = got["id"].as_str().unwrap().parse().unwrap();
+
+    let second = bob.say("again").await;
+    let second: u64 = second["id"].as_str().unwrap().parse().unwrap();
+    assert!(second > first, "a later message has a larger id");
+    assert!(alice
+        .dispatch(Event::MessageCreate)
+        .await
+        .cnf
+        .get("nonce")
+        .is_none());
+}
+
+#[tokio::test]
+async fn content_is_counted_in_code_points() {
+    let node = TestNode::start().await;
+    let mut alice = Peer::join(&node, "alice").await;
+    alice.create_and_move(&fresh_channel("emoji")).await;
+    let content = "😀".repeat(1000); // 1000 code points, 4000 bytes
+    assert_eq!(alice.say(&content).await["content"], content.as_str());
+}
+
+#[tokio::test]
+async fn messages_are_deleted_by_their_author_or_an_admin() {
+    let node = TestNode::start().await;
+    let channel = fresh_channel("del");
+    let mut alice = Peer::join(&node, "alice").await;
+    let mut bob = Peer::join(&node, "bob").await;
+    let mut admin = Peer::admin(&node, "root").await;
+    alice.create_and_move(&channel).await;
+    bob.move_to(&channel).await;
+    admin.move_to(&channel).await;
+
+    let id = alice.say("one").await["id"].clone();
+    bob.execute_s("MESSAGE_DELETE", json!({"id": id}), 3).await;
+    let err = bob.error().await;
+    assert_eq!(
+        (err.c, err.d, err.s, err.t.as_deref()),
+        (4012, false, Some(3), Some("MESSAGE_DELETE"))
+    );
+
+    alice.execute("MESSAGE_DELETE", json!({"id": id})).await;
+    let deleted = bob.dispatch(Event::MessageDelete).await.cnf;
+    assert_eq!(deleted, json!({"id": id, "channel": channel}));
+
+    let id2 = alice.say("two").await["id"].clone();
+    admin.execute("MESSAGE_DELETE", json!({"id": id2})).await;
+    assert_eq!(alice.dispatch(Event::MessageDelete).await.cnf["id"], id2);
+
+    // Deleted messages are left out of the history.
+    let moved = bob.move_to(&channel).await;
+    assert_eq!(moved["history"], json!([]));
+}
+
+#[tokio::test]
+async fn typing_reaches_the_others_once_per_three_seconds() {
+    let node = TestNode::start().await;
+    let channel = fresh_channel("typing");
+    let mut alice = Peer::join(&node, "alice").await;
+    let mut bob = Peer::join(&node, "bob").await;
+    alice.create_and_move(&channel).await;
+    bob.move_to(&channel).await;
+
+    alice.execute("START_TYPING", json!({})).await;
+    alice.execute("START_TYPING", json!({})).await;
+    alice
+        .execute("MESSAGE_CREATE", json!({"content": "marker"}))
+        .await;
+    // The sender never gets its own typing.
+    let own = alice
+        .wait_for(|m| m.is_dispatch(Event::MessageCreate) || m.is_dispatch(Event::StartTyping))
+        .await;
+    assert!(own.is_dispatch(Event::MessageCreate), "{}", own.text);
+    let typing = bob
+        .wait_for(|m| m.t.as_deref() != Some("ROOM_USER_ADD"))
+        .await;
+    assert!(typing.is_dispatch(Event::StartTyping), "{}", typing.text);
+    assert_eq!(typing.cnf["channel"], channel.as_str());
+    assert_eq!(typing.cnf["user"]["id"], alice.user_id.as_str());
+    // The second START_TYPING was coalesced: the marker comes next.
+    let next = bob.next().await.unwrap();
+    assert!(next.is_dispatch(Event::MessageCreate), "{}", next.text);
+}
+
+#[tokio::test]
+async fn channel_add_is_dispatched_to_every_session() {
+    let node = TestNode::start().await;
+    let mut alice = Peer::join(&node, "alice").await;
+    let mut bob = Peer::join(&node, "bob").await;
+    bob.create_and_move(&fresh_channel("elsewhere")).await;
+    let name = fresh_channel("new");
+    alice.execute("CHANNEL_ADD", json!({"name": name})).await;
+    let creator = alice.user_id.clone();
+    for peer in [&mut alice, &mut bob] {
+        let add = peer
+            .wait_for(|m| m.is_dispatch(Event::ChannelAdd) && m.cnf["name"] == name.as_str())
+            .await;
+        assert_eq!(add.cnf["topic"], "");
+        assert_eq!(add.cnf["created_by"]["id"], creator.as_str());
+    }
+    let (_c, ready) = gateway_shared::Client::connect_present(&node.url(), &user_token("late").0)
+        .await
+        .unwrap();
+    assert!(ready.channels.contains(&name));
+}
+
+#[tokio::test]
+async fn channel_move_reports_members_history_and_presence() {
+    let node = TestNode::start().await;
+    let room = fresh_channel("room");
+    let mut alice = Peer::join(&node, "alice").await;
+    let mut bob = Peer::join(&node, "bob").await;
+    alice
+        .execute("CHANNEL_ADD", json!({"name": room, "topic": "t"}))
+        .await;
+    assert_eq!(alice.dispatch(Event::ChannelAdd).await.cnf["topic"], "t");
+    let moved = alice.move_to(&room).await;
+    assert_eq!(moved["channel"], room.as_str());
+    assert_eq!(moved["from"], "general");
+    assert_eq!(moved["member_count"], 1);
+    for i in 0..55 {
+        alice.say(&format!("m{i}")).await;
+    }
+
+    bob.execute("CHANNEL_MOVE", json!({"channel": room})).await;
+    let moved = bob.dispatch(Event::ChannelMove).await.cnf;
+    assert_eq!(moved["member_count"], 2);
+    let members: Vec<_> = moved["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(members, [alice.user_id.clone(), bob.user_id.clone()]);
+    let history = moved["history"].as_array().unwrap();
+    assert_eq!(history.len(), 50);
+    assert_eq!(history[0]["content"], "m5");
+    assert_eq!(history[49]["content"], "m54");
+
+    let add = alice.dispatch(Event::RoomUserAdd).await.cnf;
+    assert_eq!(add["channel"], room.as_str());
+    assert_eq!(add["user"]["id"], bob.user_id.as_str());
+    assert_eq!(add["session_id"], bob.session_id());
+
+    // Moving to the current channel still answers, with no presence change.
+    let again = bob.move_to(&room).await;
+    assert_eq!(
+        (again["channel"].clone(), again["from"].clone()),
+        (json!(room), json!(room))
+    );
+
+    bob.move_to("general").await;
+    let remove = alice.dispatch(Event::RoomUserRemove).await.cnf;
+    assert_eq!(remove["user"]["id"], bob.user_id.as_str());
+    assert_eq!(remove["session_id"], bob.session_id());
+}
+
+#[tokio::test]
+async fn presence_is_not_dispatched_in_channels_over_the_threshold() {
+    let node = TestNode::with(|c| c.presence_threshold = 2).await;
+    let room = fresh_channel("big");
+    let mut a = Peer::join(&node, "a").await;
+    let mut b = Peer::join(&node, "b").await;
+    let mut c = Peer::join(&node, "c").await;
+    a.create_and_move(&room).await;
+    b.move_to(&room).await;
+    assert_eq!(
+        a.dispatch(Event::RoomUserAdd).await.cnf["user"]["id"],
+        b.user_id.as_str()
+    );
+    let moved = c.move_to(&room).await;
+    assert_eq!(moved["member_count"], 3);
+    a.say("after").await;
+    // a saw no ROOM_USER_ADD for c: the next dispatch after b's join is its own message.
+    b.wait_for(|m| m.is_dispatch(Event::MessageCreate)).await;
+}
+
+#[tokio::test]
+async fn the_movers_channel_move_comes_before_any_event_of_the_new_channel() {
+    let node = TestNode::with(|c| c.rate_limit_count = 100_000).await;
+    let room = fresh_channel("order");
+    let mut talker = Peer::join(&node, "talker").await;
+    talker.create_and_move(&room).await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let chatter = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                talker
+                    .execute("MESSAGE_CREATE", json!({"content": format!("c{i}")}))
+                    .await;
+                i += 1;
+                tokio::task::yield_now().await;
+            }
+        })
+    };
+    let mut mover = Peer::join(&node, "mover").await;
+    mover
+        .execute("CHANNEL_MOVE", json!({"channel": room}))
+        .await;
+    let first = mover
+        .wait_for(|m| m.cnf.get("channel").and_then(|c| c.as_str()) == Some(room.as_str()))
+        .await;
+    assert!(first.is_dispatch(Event::ChannelMove), "{}", first.text);
+    let newest = |history: &serde_json::Value| {
+        history
+            .as_array()
+            .unwrap()
+            .last()
+            .map(|m| m["id"].as_str().unwrap().parse::<u64>().unwrap())
+    };
+    let last_in_history = newest(&first.cnf["history"]);
+    // The first message after the snapshot is newer than all of its history.
+    let next = mover.dispatch(Event::MessageCreate).await.cnf;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let next_id: u64 = next["id"].as_str().unwrap().parse().unwrap();
+    assert!(last_in_history.is_none_or(|h| next_id > h));
+    chatter.await.unwrap();
+}
+
+#[tokio::test]
+async fn bans_close_the_users_sessions_and_refuse_present_until_removed() {
+    let node = TestNode::start().await;
+    let mut admin = Peer::admin(&node, "root").await;
+    let mut target = Peer::join(&node, "troll").await;
+    let mut watcher = Peer::join(&node, "watcher").await;
+
+    admin
+        .execute(
+            "SYSTEM_BAN_ADD",
+            json!({"user_id": target.user_id, "reason": "spam"}),
+        )
+        .await;
+    let ack = admin.dispatch(Event::SystemBanAdd).await.cnf;
+    assert_eq!(
+        ack,
+        json!({"user_id": target.user_id, "reason": "spam", "until": null})
+    );
+    let err = target.error().await;
+    assert_eq!((err.c, err.d), (4015, true));
+    assert_eq!(target.closed().await, Some(4015));
+    let left = watcher.dispatch(Event::RoomUserRemove).await.cnf;
+    assert_eq!(left["user"]["id"], target.user_id.as_str());
+
+    let mut again = gateway_shared::Client::connect_hello(&node.url())
+        .await
+        .unwrap()
+        .0;
+    let err = again.present(&target.token, None).await.unwrap_err();
+    assert!(
+        matches!(err, gateway_shared::ClientError::Gateway(ref e) if e.c == 4015 && e.d),
+        "{err:?}"
+    );
+    assert_eq!(again.closed().await.unwrap(), Some(4015));
+
+    admin
+        .execute("SYSTEM_BAN_REMOVE", json!({"user_id": target.user_id}))
+        .await;
+    assert_eq!(
+        admin.dispatch(Event::SystemBanRemove).await.cnf,
+        json!({"user_id": target.user_id})
+    );
+    Peer::present(&node.url(), target.token.clone(), target.user_id.clone()).await;
+
+    // Removing a ban that does not exist is acknowledged all the same.
+    admin
+        .execute("SYSTEM_BAN_REMOVE", json!({"user_id": "nobody"}))
+        .await;
+    assert_eq!(
+        admin.dispatch(Event::SystemBanRemove).await.cnf["user_id"],
+        "nobody"
+    );
+}
+
+#[tokio::test]
+async fn a_timed_ban_reports_its_end() {
+    let node = TestNode::start().await;
+    let mut admin = Peer::admin(&node, "root").await;
+    admin
+        .execute(
+            "SYSTEM_BAN_ADD",
+            json!({"user_id": "someone", "duration_s": 60}),
+        )
+        .await;
+    let ack = admin.dispatch(Event::SystemBanAdd).await.cnf;
+    let until = ack["until"].as_u64().unwrap();
+    let now = gateway_shared::token::unix_now_s() * 1000;
+    assert!(until > now && until <= now + 61_000, "{ack}");
+    assert_eq!(ack["reason"], "");
+}
+
+#[tokio::test]
+async fn a_normal_close_ends_the_session_for_the_others() {
+    let node = TestNode::start().await;
+    let room = fresh_channel("bye");
+    let mut alice = Peer::join(&node, "alice").await;
+    let mut bob = Peer::join(&node, "bob").await;
+    alice.create_and_move(&room).await;
+    bob.move_to(&room).await;
+    bob.client.close(1000).await.unwrap();
+    let left = alice.dispatch(Event::RoomUserRemove).await.cnf;
+    assert_eq!(left["session_id"], bob.session_id());
+}

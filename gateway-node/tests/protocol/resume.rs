@@ -1,0 +1,187 @@
+//! Resumption on the same node (section 6).
+
+use crate::harness::*;
+use gateway_shared::protocol::Event;
+use gateway_shared::Client;
+use serde_json::json;
+
+/// Drops `peer`'s TCP connection and waits until the node has noticed.
+async fn drop_connection(node: &TestNode, peer: Peer) -> (String, String, u64, u64) {
+    let info = (
+        peer.token.clone(),
+        peer.user_id.clone(),
+        peer.session_id(),
+        peer.last_s,
+    );
+    peer.client.abort();
+    // The node counts the session as detached once it noticed the drop.
+    loop {
+        let (_, metrics) = http_get(&node.http("/metrics")).await;
+        if metrics.lines().any(|l| {
+            l.starts_with("gateway_sessions{") && l.contains("detached") && !l.ends_with(" 0")
+        }) {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    info
+}
+
+#[tokio::test]
+async fn resume_replays_exactly_the_missed_dispatches_in_order() {
+    let node = TestNode::start().await;
+    let room = fresh_channel("resume");
+    let mut alice = Peer::join(&node, "alice").await;
+    let mut bob = Peer::join(&node, "bob").await;
+    alice.create_and_move(&room).await;
+    bob.move_to(&room).await;
+    alice.say("before").await;
+    bob.dispatch(Event::MessageCreate).await;
+
+    let (token, user_id, session_id, last_s) = drop_connection(&node, bob).await;
+    for i in 0..5 {
+        alice.say(&format!("missed {i}")).await;
+    }
+
+    let (mut client, _) = Client::connect_hello(&node.url()).await.unwrap();
+    let ready = client
+        .present(&token, Some((session_id, Some(last_s))))
+        .await
+        .unwrap();
+    assert!(ready.resumed);
+    assert_eq!(ready.session_id, session_id);
+    assert_eq!(ready.channel, room);
+    let mut bob = Peer {
+        client,
+        ready,
+        token,
+        user_id,
+        last_s,
+    };
+    for i in 0..5 {
+        let msg = bob.next().await.unwrap();
+        assert!(msg.is_dispatch(Event::MessageCreate), "{}", msg.text);
+        assert_eq!(msg.cnf["content"], format!("missed {i}"));
+    }
+    // Live traffic continues the numbering.
+    alice.say("live").await;
+    assert_eq!(
+        bob.dispatch(Event::MessageCreate).await.cnf["content"],
+        "live"
+    );
+}
+
+#[tokio::test]
+async fn resume_without_s_replays_everything_held() {
+    let node = TestNode::start().await;
+    let peer = Peer::join(&node, "carol").await;
+    let mut other = Peer::join(&node, "dave").await;
+    other.say("one").await;
+    let (token, _, session_id, _) = drop_connection(&node, peer).await;
+    let (mut client, _) = Client::connect_hello(&node.url()).await.unwrap();
+    assert!(
+        client
+            .present(&token, Some((session_id, None)))
+            .await
+            .unwrap()
+            .resumed
+    );
+    let first = client.next_message(WAIT).await.unwrap();
+    assert_eq!(first.s, Some(1), "{}", first.text);
+}
+
+#[tokio::test]
+async fn resume_of_an_unknown_or_ended_session_starts_a_new_one() {
+    let node = TestNode::start().await;
+    let (token, _) = user_token("erin");
+    let (mut client, _) = Client::connect_hello(&node.url()).await.unwrap();
+    let ready = client
+        .present(&token, Some((987_654_321, Some(3))))
+        .await
+        .unwrap();
+    assert!(!ready.resumed);
+    assert_ne!(ready.session_id, 987_654_321);
+
+    // A normal close (1000) ends the session: no resume.
+    let old = ready.session_id;
+    client.close(1000).await.unwrap();
+    assert_eq!(client.closed().await.unwrap(), Some(1000));
+    let (mut client, _) = Client::connect_hello(&node.url()).await.unwrap();
+    let ready = client.present(&token, Some((old, Some(0)))).await.unwrap();
+    assert!(!ready.resumed);
+    assert_ne!(ready.session_id, old);
+}
+
+#[tokio::test]
+async fn resume_past_the_replay_buffer_starts_a_new_session() {
+    let node = TestNode::with(|c| {
+        c.replay_buffer = 5;
+        c.outbound_limit = 5;
+    })
+    .await;
+    let room = fresh_channel("lost");
+    let mut alice = Peer::join(&node, "alice").await;
+    let mut bob = Peer::join(&node, "bob").await;
+    alice.create_and_move(&room).await;
+    bob.move_to(&room).await;
+    let (token, _, session_id, last_s) = drop_connection(&node, bob).await;
+    for i in 0..8 {
+        alice.say(&format!("m{i}")).await;
+    }
+    let (mut client, _) = Client::connect_hello(&node.url()).await.unwrap();
+    let ready = client
+        .present(&token, Some((session_id, Some(last_s))))
+        .await
+        .unwrap();
+    assert!(!ready.resumed, "events past the replay window were lost");
+    assert_ne!(ready.session_id, session_id);
+    // The old session was ended: it left the room.
+    let left = alice.dispatch(Event::RoomUserRemove).await.cnf;
+    assert_eq!(left["session_id"], session_id);
+}
+
+#[tokio::test]
+async fn resume_while_the_old_connection_is_open_closes_it_with_4017() {
+    let node = TestNode::start().await;
+    let mut old = Peer::join(&node, "frank").await;
+    let (mut client, _) = Client::connect_hello(&node.url()).await.unwrap();
+    let ready = client
+        .present(&old.token, Some((old.session_id(), Some(0))))
+        .await
+        .unwrap();
+    assert!(ready.resumed);
+    let err = old.error().await;
+    assert_eq!((err.c, err.d), (4017, true));
+    assert_eq!(old.closed().await, Some(4017));
+    // The new connection carries on with the session.
+    client
+        .execute("CHANNEL_MOVE", json!({"channel": "general"}), None)
+        .await
+        .unwrap();
+    client
+        .wait_for(|m| m.is_dispatch(Event::ChannelMove))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_session_expires_after_the_resume_window() {
+    let node = TestNode::with(|c| c.resume_window_s = 1).await;
+    let room = fresh_channel("expire");
+    let mut alice = Peer::join(&node, "alice").await;
+    let mut bob = Peer::join(&node, "bob").await;
+    alice.create_and_move(&room).await;
+    bob.move_to(&room).await;
+    let (token, _, session_id, last_s) = drop_connection(&node, bob).await;
+    // The window runs out: the session ends and its channel is told.
+    let left = alice.dispatch(Event::RoomUserRemove).await.cnf;
+    assert_eq!(left["session_id"], session_id);
+    let (mut client, _) = Client::connect_hello(&node.url()).await.unwrap();
+    assert!(
+        !client
+            .present(&token, Some((session_id, Some(last_s))))
+            .await
+            .unwrap()
+            .resumed
+    );
+}
