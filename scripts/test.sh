@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Runs every test of the project: the Rust workspace (unit, protocol and
+# Redis tests), the black-box conformance suite against a real node, and the
+# Helm chart checks. Installs what the tests need when it is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+# Redis tests start their own redis-server processes on free ports.
+if ! command -v redis-server >/dev/null 2>&1; then
+  step "installing redis-server (Debian package)"
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+  else
+    echo "redis-server is missing: install it (e.g. 'sudo apt-get install redis-server')" >&2
+    exit 1
+  fi
+fi
+
+step "cargo test --workspace"
+cargo test --workspace --locked
+
+step "conformance suite (independent Python client) against a single node"
+cargo build --locked -p gateway-node
+bash conformance/run.sh
+
+step "Helm chart: lint, render, strict schema validation"
+bash scripts/check-chart.sh
