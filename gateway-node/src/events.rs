@@ -156,7 +156,7 @@ async fn channel_add(
         return Err(invalid("topic must be at most 256 characters"));
     }
     node.broker
-        .add_channel(node, name, topic, &session.user)
+        .add_channel(name, topic, &session.user, node.config.max_channels)
         .await
 }
 

@@ -16,6 +16,8 @@
 //! - [`session`]: sequence numbers, the replay ring (also the outbound
 //!   queue), the slow-consumer rule, rate limit, typing coalescing.
 //! - [`events`]: validation and execution of client events.
+//! - [`hub`]: local fan-out, channel → sessions, in the order of each
+//!   channel's event log.
 //! - [`broker`]: cluster-wide state and channel fan-out; [`broker::memory`]
 //!   for a single node.
 //! - [`wire`]: frames and encodings; the shared dispatch body.
@@ -27,6 +29,7 @@ pub mod broker;
 pub mod config;
 pub mod connection;
 pub mod events;
+pub mod hub;
 pub mod metrics;
 pub mod node;
 pub mod server;
@@ -64,7 +67,9 @@ pub fn build(config: Config, secret: &str) -> Result<Arc<Node>, StartError> {
         .clone()
         .unwrap_or_else(config::default_node_id);
     let metrics = Arc::new(Metrics::new(&node_id));
+    let hub = Arc::new(hub::Hub::new());
     let broker = Broker::Memory(Memory::new(
+        Arc::clone(&hub),
         &config.default_channel,
         config.presence_threshold,
         config.history_retain,
@@ -73,6 +78,7 @@ pub fn build(config: Config, secret: &str) -> Result<Arc<Node>, StartError> {
         config,
         node_id,
         secret.as_bytes(),
+        hub,
         broker,
         metrics,
     )))

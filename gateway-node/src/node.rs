@@ -5,6 +5,7 @@ use crate::auth::{Identity, Verifier};
 use crate::broker::Broker;
 use crate::config::Config;
 use crate::connection::Conn;
+use crate::hub::Hub;
 use crate::metrics::{Metrics, ResumeResult};
 use crate::session::{AttachError, Limits, Session};
 use crate::wire::{self, as_int, Dispatch, Reject};
@@ -30,6 +31,8 @@ pub struct Node {
     pub verifier: Verifier,
     pub metrics: Arc<Metrics>,
     pub broker: Broker,
+    /// Local fan-out: channel → this node's sessions.
+    pub hub: Arc<Hub>,
     /// Pre-encoded HELLO, the same for every connection.
     pub hello_frame: Bytes,
     pub limits: Limits,
@@ -101,6 +104,7 @@ impl Node {
         config: Config,
         node_id: String,
         secret: &[u8],
+        hub: Arc<Hub>,
         broker: Broker,
         metrics: Arc<Metrics>,
     ) -> Self {
@@ -118,6 +122,7 @@ impl Node {
             node_id,
             metrics,
             broker,
+            hub,
             sessions: Mutex::new(HashMap::new()),
             draining: AtomicBool::new(false),
             conn_ids: AtomicU64::new(1),
@@ -139,14 +144,6 @@ impl Node {
     /// Every session of this node.
     pub fn local_sessions(&self) -> Vec<Arc<Session>> {
         self.sessions.lock().values().cloned().collect()
-    }
-
-    /// Delivers `dispatch` to every session of this node (cluster-wide
-    /// events).
-    pub fn deliver_to_all(&self, dispatch: &Arc<Dispatch>) {
-        for session in self.local_sessions() {
-            session.deliver(dispatch);
-        }
     }
 
     fn ready_frame(
@@ -272,7 +269,7 @@ impl Node {
                 conn.send(self.ready_frame(&session, channel, channels, false));
             })
             .expect("a new session attaches");
-        self.broker.join(&session, &channel).await?;
+        self.broker.start_session(&session).await?;
         info!(session = id, user = %session.user.id, "session started");
         Ok(session)
     }
@@ -282,9 +279,8 @@ impl Node {
     pub async fn end_session(&self, session: &Arc<Session>) -> Option<Arc<Conn>> {
         let conn = session.end()?;
         self.sessions.lock().remove(&session.id);
-        let channel = session.channel();
-        if let Err(e) = self.broker.leave(session, &channel).await {
-            tracing::warn!(session = session.id, error = %e.message, "leaving channel failed");
+        if let Err(e) = self.broker.end_session(&self.hub, session).await {
+            tracing::warn!(session = session.id, error = %e.message, "ending the session in the backend failed");
         }
         info!(session = session.id, user = %session.user.id, "session ended");
         conn

@@ -326,6 +326,41 @@ impl Session {
 }
 
 #[cfg(test)]
+impl Session {
+    /// The bodies held in the ring, oldest first.
+    pub(crate) fn held_bodies(&self) -> Vec<String> {
+        let st = self.state.lock();
+        st.ring
+            .iter()
+            .map(|(_, d)| String::from_utf8_lossy(d.body()).into_owned())
+            .collect()
+    }
+
+    /// A session for unit tests.
+    pub(crate) fn for_test(id: u64) -> Arc<Self> {
+        let identity = Identity {
+            id: format!("u{id}"),
+            name: "t".into(),
+            admin: false,
+        };
+        let limits = Limits {
+            ring: 100,
+            outbound_limit: 100,
+            rate_burst: 1.0,
+            rate_per_s: 1.0,
+        };
+        Self::new(
+            id,
+            identity,
+            String::new(),
+            Arc::from("c"),
+            limits,
+            Arc::new(Metrics::new("t")),
+        )
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

@@ -6,7 +6,8 @@
 //! holding that mutex, so every session sees a channel's events in one
 //! order and a message id is larger than every id before it in the channel.
 
-use super::{fanout, Ban};
+use super::Ban;
+use crate::hub::Hub;
 use crate::session::Session;
 use crate::wire::{Dispatch, Reject};
 use gateway_shared::protocol::{
@@ -76,8 +77,12 @@ struct Presence {
     order: u64,
 }
 
-struct ChannelInner {
-    members: HashMap<u64, Arc<Session>>,
+/// A channel's state: its log position, presence and history.
+struct ChannelState {
+    /// `n` of the channel's latest event.
+    n: u64,
+    /// Session id → user id, for every session in the channel.
+    sessions: HashMap<u64, String>,
     users: HashMap<String, Presence>,
     by_order: BTreeMap<u64, String>,
     next_order: u64,
@@ -87,15 +92,16 @@ struct ChannelInner {
 
 struct Channel {
     name: Arc<str>,
-    inner: Mutex<ChannelInner>,
+    state: Mutex<ChannelState>,
 }
 
 impl Channel {
     fn new(name: &str) -> Arc<Self> {
         Arc::new(Self {
             name: Arc::from(name),
-            inner: Mutex::new(ChannelInner {
-                members: HashMap::new(),
+            state: Mutex::new(ChannelState {
+                n: 0,
+                sessions: HashMap::new(),
                 users: HashMap::new(),
                 by_order: BTreeMap::new(),
                 next_order: 0,
@@ -106,7 +112,10 @@ impl Channel {
 }
 
 pub struct Memory {
+    hub: Arc<Hub>,
     channels: RwLock<BTreeMap<String, Arc<Channel>>>,
+    /// `n` of the latest cluster-wide event.
+    global_n: Mutex<u64>,
     bans: Mutex<HashMap<String, Ban>>,
     next_session: AtomicU64,
     ids: IdGenerator,
@@ -115,11 +124,18 @@ pub struct Memory {
 }
 
 impl Memory {
-    pub fn new(default_channel: &str, presence_threshold: usize, history_retain: usize) -> Self {
+    pub fn new(
+        hub: Arc<Hub>,
+        default_channel: &str,
+        presence_threshold: usize,
+        history_retain: usize,
+    ) -> Self {
         let mut channels = BTreeMap::new();
         channels.insert(default_channel.to_owned(), Channel::new(default_channel));
         Self {
+            hub,
             channels: RwLock::new(channels),
+            global_n: Mutex::new(0),
             bans: Mutex::new(HashMap::new()),
             next_session: AtomicU64::new(1),
             ids: IdGenerator::new(),
@@ -160,12 +176,25 @@ impl Memory {
         self.bans.lock().remove(user_id);
     }
 
-    /// Adds `session` to the channel under its lock; presence goes to the
-    /// others while the channel is small enough.
-    fn enter(&self, channel: &Channel, inner: &mut ChannelInner, session: &Arc<Session>) {
-        inner.members.insert(session.id, Arc::clone(session));
-        let order = inner.next_order;
-        let entry = inner
+    /// Appends an event to the channel's log and hands it to the hub, under
+    /// the channel lock: the hub sees the log's order.
+    fn publish(&self, channel: &Channel, state: &mut ChannelState, dispatch: Arc<Dispatch>) {
+        state.n += 1;
+        if let Some(local) = self.hub.get(&channel.name) {
+            local.on_event(state.n, dispatch);
+        }
+    }
+
+    /// Puts a new session into the cluster-wide event stream.
+    pub fn attach_global(&self, session: &Arc<Session>) {
+        let n = self.global_n.lock();
+        let _ = self.hub.global.attach(session, *n, None);
+    }
+
+    fn enter(&self, channel: &Channel, state: &mut ChannelState, session: &Arc<Session>) {
+        state.sessions.insert(session.id, session.user.id.clone());
+        let order = state.next_order;
+        let entry = state
             .users
             .entry(session.user.id.clone())
             .or_insert_with(|| Presence {
@@ -175,10 +204,10 @@ impl Memory {
             });
         entry.sessions += 1;
         if entry.sessions == 1 {
-            inner.by_order.insert(order, session.user.id.clone());
-            inner.next_order += 1;
+            state.by_order.insert(order, session.user.id.clone());
+            state.next_order += 1;
         }
-        if inner.users.len() <= self.presence_threshold {
+        if state.users.len() <= self.presence_threshold {
             let dispatch = Dispatch::new(
                 Event::RoomUserAdd,
                 &RoomUser {
@@ -187,33 +216,51 @@ impl Memory {
                     session_id: session.id,
                 },
             );
-            fanout(inner.members.values(), &dispatch, Some(session.id));
+            self.publish(channel, state, dispatch);
         }
     }
 
-    pub fn join(&self, session: &Arc<Session>, name: &str) -> Result<(), Reject> {
+    /// Enters `name`: presence to the others, then (for a move) the
+    /// CHANNEL_MOVE snapshot to the session before any event of the channel.
+    pub fn join(
+        &self,
+        session: &Arc<Session>,
+        name: &str,
+        moved_from: Option<&str>,
+    ) -> Result<(), Reject> {
         let channel = self
             .channel(name)
             .ok_or_else(|| Reject::new(ErrorCode::NotFound, "unknown channel"))?;
-        let mut inner = channel.inner.lock();
+        let local = self.hub.pin(name);
+        let mut state = channel.state.lock();
         // A session ended meanwhile (banned) must not come back as a ghost.
-        if !session.is_ended() {
-            self.enter(&channel, &mut inner, session);
+        if session.is_ended() {
+            local.unpin();
+            return Ok(());
         }
-        Ok(())
+        self.enter(&channel, &mut state, session);
+        let first = moved_from.map(|from| {
+            Dispatch::from_body(Event::ChannelMove, &move_body(&channel, &state, from))
+        });
+        local
+            .attach(session, state.n, first.as_ref())
+            .map_err(|_| Reject::new(ErrorCode::UnknownError, "channel fan-out fell behind"))
     }
 
     pub fn leave(&self, session: &Arc<Session>, name: &str) {
         let Some(channel) = self.channel(name) else {
             return;
         };
-        let mut inner = channel.inner.lock();
-        if inner.members.remove(&session.id).is_none() {
+        let mut state = channel.state.lock();
+        if state.sessions.remove(&session.id).is_none() {
             return;
+        }
+        if let Some(local) = self.hub.get(name) {
+            local.detach(session.id);
         }
         // Presence is announced while the channel, with the leaver, is small
         // enough: whoever got the ADD also gets the REMOVE.
-        if inner.users.len() <= self.presence_threshold {
+        if state.users.len() <= self.presence_threshold {
             let dispatch = Dispatch::new(
                 Event::RoomUserRemove,
                 &RoomUser {
@@ -222,46 +269,16 @@ impl Memory {
                     session_id: session.id,
                 },
             );
-            fanout(inner.members.values(), &dispatch, None);
+            self.publish(&channel, &mut state, dispatch);
         }
-        if let Some(entry) = inner.users.get_mut(&session.user.id) {
+        if let Some(entry) = state.users.get_mut(&session.user.id) {
             entry.sessions -= 1;
             if entry.sessions == 0 {
                 let order = entry.order;
-                inner.users.remove(&session.user.id);
-                inner.by_order.remove(&order);
+                state.users.remove(&session.user.id);
+                state.by_order.remove(&order);
             }
         }
-    }
-
-    /// The CHANNEL_MOVE body: written by hand around the stored history
-    /// bodies, which are not serialized again.
-    fn move_body(channel: &Channel, inner: &ChannelInner, from: &str) -> Vec<u8> {
-        let mut out = Vec::with_capacity(256);
-        out.extend_from_slice(br#"{"channel":"#);
-        serde_json::to_writer(&mut out, &*channel.name).expect("string serializes");
-        out.extend_from_slice(br#","from":"#);
-        serde_json::to_writer(&mut out, from).expect("string serializes");
-        out.extend_from_slice(br#","members":"#);
-        let members: Vec<&User> = inner
-            .by_order
-            .values()
-            .take(MOVE_MEMBER_LIMIT)
-            .filter_map(|id| inner.users.get(id).map(|p| &p.user))
-            .collect();
-        serde_json::to_writer(&mut out, &members).expect("users serialize");
-        out.extend_from_slice(br#","member_count":"#);
-        out.extend_from_slice(itoa::Buffer::new().format(inner.users.len()).as_bytes());
-        out.extend_from_slice(br#","history":["#);
-        let skip = inner.history.len().saturating_sub(MOVE_HISTORY_LIMIT);
-        for (i, message) in inner.history.iter().skip(skip).enumerate() {
-            if i > 0 {
-                out.push(b',');
-            }
-            out.extend_from_slice(message.dispatch.body());
-        }
-        out.extend_from_slice(b"]}");
-        out
     }
 
     pub fn move_to(&self, session: &Arc<Session>, to: &str) -> Result<(), Reject> {
@@ -270,10 +287,10 @@ impl Memory {
             .ok_or_else(|| Reject::new(ErrorCode::NotFound, "unknown channel"))?;
         let from = session.channel();
         if &*from == to {
-            let inner = target.inner.lock();
+            let state = target.state.lock();
             session.deliver(&Dispatch::from_body(
                 Event::ChannelMove,
-                &Self::move_body(&target, &inner, &from),
+                &move_body(&target, &state, &from),
             ));
             return Ok(());
         }
@@ -281,17 +298,7 @@ impl Memory {
         // move then leaves the right one (see `join`).
         session.set_channel(Arc::clone(&target.name));
         self.leave(session, &from);
-        let mut inner = target.inner.lock();
-        if session.is_ended() {
-            return Ok(());
-        }
-        self.enter(&target, &mut inner, session);
-        // Under the channel lock: nothing of the new channel can come first.
-        session.deliver(&Dispatch::from_body(
-            Event::ChannelMove,
-            &Self::move_body(&target, &inner, &from),
-        ));
-        Ok(())
+        self.join(session, to, Some(&from))
     }
 
     pub fn publish_message(
@@ -303,7 +310,7 @@ impl Memory {
         let channel = self
             .channel(&session.channel())
             .ok_or_else(|| Reject::new(ErrorCode::NotFound, "unknown channel"))?;
-        let mut inner = channel.inner.lock();
+        let mut state = channel.state.lock();
         let id = self.ids.next();
         let dispatch = Dispatch::new(
             Event::MessageCreate,
@@ -316,33 +323,33 @@ impl Memory {
                 nonce: nonce.map(str::to_owned),
             },
         );
-        fanout(inner.members.values(), &dispatch, None);
-        inner.history.push_back(StoredMessage {
+        state.history.push_back(StoredMessage {
             id,
             author_id: session.user.id.clone(),
-            dispatch,
+            dispatch: Arc::clone(&dispatch),
         });
-        if inner.history.len() > self.history_retain {
-            inner.history.pop_front();
+        if state.history.len() > self.history_retain {
+            state.history.pop_front();
         }
+        self.publish(&channel, &mut state, dispatch);
         Ok(())
     }
 
     pub fn delete_message(&self, session: &Arc<Session>, id: u64) -> Result<(), Reject> {
         let not_found = || Reject::new(ErrorCode::NotFound, "unknown message");
         let channel = self.channel(&session.channel()).ok_or_else(not_found)?;
-        let mut inner = channel.inner.lock();
-        let index = inner
+        let mut state = channel.state.lock();
+        let index = state
             .history
             .binary_search_by_key(&id, |m| m.id)
             .map_err(|_| not_found())?;
-        if inner.history[index].author_id != session.user.id && !session.identity.admin {
+        if state.history[index].author_id != session.user.id && !session.identity.admin {
             return Err(Reject::new(
                 ErrorCode::PermissionDenied,
                 "only the author or an admin may delete a message",
             ));
         }
-        inner.history.remove(index);
+        state.history.remove(index);
         let dispatch = Dispatch::new(
             Event::MessageDelete,
             &MessageDelete {
@@ -350,15 +357,16 @@ impl Memory {
                 channel: channel.name.to_string(),
             },
         );
-        fanout(inner.members.values(), &dispatch, None);
+        self.publish(&channel, &mut state, dispatch);
         Ok(())
     }
 
+    /// START_TYPING goes to the others only; it is not part of the log, so
+    /// it is delivered directly to the local members.
     pub fn typing(&self, session: &Arc<Session>) {
         let Some(channel) = self.channel(&session.channel()) else {
             return;
         };
-        let inner = channel.inner.lock();
         let dispatch = Dispatch::new(
             Event::StartTyping,
             &StartTyping {
@@ -367,17 +375,21 @@ impl Memory {
                 ts: unix_ms(),
             },
         );
-        fanout(inner.members.values(), &dispatch, Some(session.id));
+        let mut state = channel.state.lock();
+        let _ = &mut state;
+        if let Some(local) = self.hub.get(&channel.name) {
+            local.deliver_except(&dispatch, session.id);
+        }
     }
 
-    /// Registers a channel; returns the CHANNEL_ADD dispatch for everyone.
+    /// Registers a channel and dispatches CHANNEL_ADD to every session.
     pub fn add_channel(
         &self,
         name: &str,
         topic: &str,
         created_by: &User,
         max_channels: usize,
-    ) -> Result<Arc<Dispatch>, Reject> {
+    ) -> Result<(), Reject> {
         let mut channels = self.channels.write();
         if channels.contains_key(name) {
             return Err(Reject::new(
@@ -392,15 +404,34 @@ impl Memory {
             ));
         }
         channels.insert(name.to_owned(), Channel::new(name));
-        Ok(Dispatch::new(
+        drop(channels);
+        let dispatch = Dispatch::new(
             Event::ChannelAdd,
             &ChannelAdd {
                 name: name.to_owned(),
                 topic: topic.to_owned(),
                 created_by: created_by.clone(),
             },
-        ))
+        );
+        let mut n = self.global_n.lock();
+        *n += 1;
+        self.hub.global.on_event(*n, dispatch);
+        Ok(())
     }
+}
+
+/// The CHANNEL_MOVE body: written by hand around the stored history
+/// bodies, which are not serialized again.
+fn move_body(channel: &Channel, state: &ChannelState, from: &str) -> Vec<u8> {
+    let members: Vec<&User> = state
+        .by_order
+        .values()
+        .take(MOVE_MEMBER_LIMIT)
+        .filter_map(|id| state.users.get(id).map(|p| &p.user))
+        .collect();
+    let skip = state.history.len().saturating_sub(MOVE_HISTORY_LIMIT);
+    let history = state.history.iter().skip(skip).map(|m| m.dispatch.body());
+    super::move_body(&channel.name, from, &members, state.users.len(), history)
 }
 
 #[cfg(test)]

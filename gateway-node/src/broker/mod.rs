@@ -8,9 +8,10 @@
 
 pub mod memory;
 
+use crate::hub::Hub;
 use crate::node::Node;
 use crate::session::Session;
-use crate::wire::{Dispatch, Reject};
+use crate::wire::Reject;
 use gateway_shared::protocol::User;
 use std::sync::Arc;
 
@@ -48,18 +49,24 @@ impl Broker {
         }
     }
 
-    /// Puts `session` into `channel`; the channel's others get ROOM_USER_ADD.
-    pub async fn join(&self, session: &Arc<Session>, channel: &str) -> Result<(), Reject> {
+    /// A new session enters the cluster-wide event stream and its first
+    /// channel (whose others get ROOM_USER_ADD).
+    pub async fn start_session(&self, session: &Arc<Session>) -> Result<(), Reject> {
         match self {
-            Self::Memory(m) => m.join(session, channel),
+            Self::Memory(m) => {
+                m.attach_global(session);
+                m.join(session, &session.channel(), None)
+            }
         }
     }
 
-    /// Takes `session` out of `channel`; the others get ROOM_USER_REMOVE.
-    pub async fn leave(&self, session: &Arc<Session>, channel: &str) -> Result<(), Reject> {
+    /// An ended session leaves its channel (ROOM_USER_REMOVE) and the
+    /// cluster-wide stream.
+    pub async fn end_session(&self, hub: &Hub, session: &Arc<Session>) -> Result<(), Reject> {
+        hub.global.detach(session.id);
         match self {
             Self::Memory(m) => {
-                m.leave(session, channel);
+                m.leave(session, &session.channel());
                 Ok(())
             }
         }
@@ -105,17 +112,13 @@ impl Broker {
     /// CHANNEL_ADD: registers the channel and dispatches it cluster-wide.
     pub async fn add_channel(
         &self,
-        node: &Node,
         name: &str,
         topic: &str,
         created_by: &User,
+        max_channels: usize,
     ) -> Result<(), Reject> {
         match self {
-            Self::Memory(m) => {
-                let dispatch = m.add_channel(name, topic, created_by, node.config.max_channels)?;
-                node.deliver_to_all(&dispatch);
-                Ok(())
-            }
+            Self::Memory(m) => m.add_channel(name, topic, created_by, max_channels),
         }
     }
 
@@ -148,15 +151,31 @@ impl Broker {
     }
 }
 
-/// Fan-out of one dispatch to a channel's sessions, except one.
-pub(crate) fn fanout<'a>(
-    members: impl Iterator<Item = &'a Arc<Session>>,
-    dispatch: &Arc<Dispatch>,
-    except: Option<u64>,
-) {
-    for session in members {
-        if Some(session.id) != except {
-            session.deliver(dispatch);
+/// The CHANNEL_MOVE body, written by hand around the history bodies,
+/// which are already serialized and are not serialized again.
+pub(crate) fn move_body<'a>(
+    channel: &str,
+    from: &str,
+    members: &[&User],
+    member_count: usize,
+    history: impl Iterator<Item = &'a [u8]>,
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256);
+    out.extend_from_slice(br#"{"channel":"#);
+    serde_json::to_writer(&mut out, channel).expect("string serializes");
+    out.extend_from_slice(br#","from":"#);
+    serde_json::to_writer(&mut out, from).expect("string serializes");
+    out.extend_from_slice(br#","members":"#);
+    serde_json::to_writer(&mut out, members).expect("users serialize");
+    out.extend_from_slice(br#","member_count":"#);
+    out.extend_from_slice(itoa::Buffer::new().format(member_count).as_bytes());
+    out.extend_from_slice(br#","history":["#);
+    for (i, body) in history.enumerate() {
+        if i > 0 {
+            out.push(b',');
         }
+        out.extend_from_slice(body);
     }
+    out.extend_from_slice(b"]}");
+    out
 }
