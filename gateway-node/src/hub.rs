@@ -236,6 +236,37 @@ impl LocalChannel {
         }
     }
 
+    /// Removes `session` and returns its cursor (see [`Self::cursor`]),
+    /// in one step: no event can fall between the two.
+    pub fn detach_with_cursor(&self, session_id: u64) -> Option<u64> {
+        let mut inner = self.inner.lock();
+        let cursor = inner.delivered.map(|d| {
+            inner
+                .skip_until
+                .get(&session_id)
+                .copied()
+                .unwrap_or(0)
+                .max(d)
+        });
+        inner.members.remove(&session_id);
+        inner.skip_until.remove(&session_id);
+        cursor
+    }
+
+    /// The `n` of the last delivered event, if the position is known.
+    pub fn position(&self) -> Option<u64> {
+        self.inner.lock().delivered
+    }
+
+    /// Fixes the position in the log when it is not known yet.
+    pub fn init_position(&self, n: u64) {
+        let mut inner = self.inner.lock();
+        if inner.delivered.is_none() {
+            inner.delivered = Some(n);
+            Self::drain_pending(&mut inner);
+        }
+    }
+
     /// Removes `session`; returns how many members remain.
     pub fn detach(&self, session_id: u64) -> usize {
         let mut inner = self.inner.lock();

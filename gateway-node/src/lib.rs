@@ -18,8 +18,8 @@
 //! - [`events`]: validation and execution of client events.
 //! - [`hub`]: local fan-out, channel → sessions, in the order of each
 //!   channel's event log.
-//! - [`broker`]: cluster-wide state and channel fan-out; [`broker::memory`]
-//!   for a single node.
+//! - [`broker`]: cluster-wide state; [`broker::memory`] for a single
+//!   node, [`broker::redis`] for a cluster (layout, resume across nodes).
 //! - [`wire`]: frames and encodings; the shared dispatch body.
 //! - [`auth`]: HS256 token verification.
 //! - [`metrics`]: the Prometheus registry.
@@ -36,7 +36,7 @@ pub mod server;
 pub mod session;
 pub mod wire;
 
-use broker::{Broker, Memory};
+use broker::{Broker, Memory, RedisBroker};
 use config::Config;
 use metrics::Metrics;
 use node::Node;
@@ -49,39 +49,60 @@ use tokio::net::TcpListener;
 pub enum StartError {
     #[error("invalid configuration: {0}")]
     Config(#[from] config::ConfigError),
-    #[error("a JWT secret is required (--jwt-secret or GATEWAY_JWT_SECRET)")]
-    NoSecret,
-    #[error("the Redis backend is not available in this build yet")]
-    RedisUnsupported,
+    #[error("redis: {0}")]
+    Redis(String),
 }
 
-/// A node ready to serve, built from a validated configuration.
-pub fn build(config: Config, secret: &str) -> Result<Arc<Node>, StartError> {
+/// A node ready to serve, built from a validated configuration: connects
+/// to Redis when one is configured, else runs on the in-memory backend.
+pub async fn build(config: Config, secret: &str) -> Result<Arc<Node>, StartError> {
     config.validate()?;
     config::check_secret(secret, config.dev)?;
-    if config.redis_url.is_some() {
-        return Err(StartError::RedisUnsupported);
-    }
     let node_id = config
         .node_id
         .clone()
         .unwrap_or_else(config::default_node_id);
     let metrics = Arc::new(Metrics::new(&node_id));
     let hub = Arc::new(hub::Hub::new());
-    let broker = Broker::Memory(Memory::new(
-        Arc::clone(&hub),
-        &config.default_channel,
-        config.presence_threshold,
-        config.history_retain,
-    ));
-    Ok(Arc::new(Node::new(
+    let broker = match &config.redis_url {
+        None => Broker::Memory(Memory::new(
+            Arc::clone(&hub),
+            &config.default_channel,
+            config.presence_threshold,
+            config.history_retain,
+        )),
+        Some(url) => {
+            if config.redis_cluster {
+                return Err(StartError::Redis(
+                    "--redis-cluster is not supported yet; use a single Redis".into(),
+                ));
+            }
+            let settings = broker::redis::Settings {
+                url: url.clone(),
+                node_id: node_id.clone(),
+                default_channel: config.default_channel.clone(),
+                presence_threshold: config.presence_threshold,
+                history_retain: config.history_retain,
+                max_channels: config.max_channels,
+                resume_window: config.resume_window(),
+            };
+            Broker::Redis(Box::new(
+                RedisBroker::connect(settings, Arc::clone(&hub), Arc::clone(&metrics))
+                    .await
+                    .map_err(StartError::Redis)?,
+            ))
+        }
+    };
+    let node = Arc::new(Node::new(
         config,
         node_id,
         secret.as_bytes(),
         hub,
         broker,
         metrics,
-    )))
+    ));
+    node.broker.start(&node);
+    Ok(node)
 }
 
 /// Serves `listener` until `shutdown` resolves, then drains and returns.

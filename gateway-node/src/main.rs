@@ -75,19 +75,19 @@ fn serve(config: Config) -> anyhow::Result<()> {
     };
     let generated = config.jwt_secret.is_none() && config.jwt_secret_file.is_none();
     let listen = config.listen;
-    let node = gateway_node::build(config, &secret)?;
-    if generated {
-        let admin = token::mint(
-            secret.as_bytes(),
-            &token::claims("admin", "admin", true, 24 * 3600),
-        );
-        info!(token = %admin, "development admin token (valid 24 h): present it with {{\"f\":110,\"cnf\":{{\"token\":\"…\"}}}}");
-    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the runtime")?;
     runtime.block_on(async move {
+        let node = gateway_node::build(config, &secret).await?;
+        if generated {
+            let admin = token::mint(
+                secret.as_bytes(),
+                &token::claims("admin", "admin", true, 24 * 3600),
+            );
+            info!(token = %admin, "development admin token (valid 24 h)");
+        }
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .with_context(|| format!("binding {listen}"))?;

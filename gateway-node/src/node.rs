@@ -205,9 +205,20 @@ impl Node {
         s: u64,
         channels: &[String],
     ) -> Result<Option<Arc<Session>>, Reject> {
-        let Some(session) = self.session(session_id) else {
-            self.metrics.resume(ResumeResult::Failed);
-            return Ok(None);
+        let (session, how) = match self.session(session_id) {
+            Some(session) => (session, ResumeResult::Local),
+            None => match self.broker.take_over(self, identity, session_id).await? {
+                Some(session) => {
+                    self.sessions
+                        .lock()
+                        .insert(session.id, Arc::clone(&session));
+                    (session, ResumeResult::Remote)
+                }
+                None => {
+                    self.metrics.resume(ResumeResult::Failed);
+                    return Ok(None);
+                }
+            },
         };
         if session.identity.id != identity.id {
             return Err(Reject::new(
@@ -231,7 +242,7 @@ impl Node {
                         false,
                     );
                 }
-                self.metrics.resume(ResumeResult::Local);
+                self.metrics.resume(how);
                 Ok(Some(session))
             }
             Err(err) => {
@@ -284,6 +295,54 @@ impl Node {
         }
         info!(session = session.id, user = %session.user.id, "session ended");
         conn
+    }
+
+    pub fn has_session(&self, id: u64) -> bool {
+        self.sessions.lock().contains_key(&id)
+    }
+
+    /// Parks session `id` for the node that claims it: its connection is
+    /// closed with 4017. False when this node does not hold it.
+    pub async fn park_for_claim(&self, id: u64) -> bool {
+        let Some(session) = self.session(id) else {
+            return false;
+        };
+        let conn = session.conn();
+        match self.broker.park(&session).await {
+            Ok(true) => {
+                self.sessions.lock().remove(&id);
+                if let Some(conn) = conn {
+                    self.metrics.error_sent(ErrorCode::SessionReplaced);
+                    conn.close_fatal(
+                        ErrorCode::SessionReplaced,
+                        "session resumed on another node",
+                        false,
+                    );
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Parks every session of this node (the end of a drain), so that they
+    /// resume elsewhere with nothing lost.
+    pub async fn park_all(&self) {
+        let sessions = self.local_sessions();
+        let mut parked = 0;
+        for session in &sessions {
+            if matches!(self.broker.park(session).await, Ok(true)) {
+                self.sessions.lock().remove(&session.id);
+                parked += 1;
+            }
+        }
+        if parked > 0 {
+            info!(
+                parked,
+                of = sessions.len(),
+                "sessions parked for other nodes"
+            );
+        }
     }
 
     /// Ends every session of `user_id` on this node with 4015.

@@ -177,6 +177,8 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener, shutdown: impl Future
         warn!("drain grace ran out with connections still open");
     }
     sweeper.abort();
+    node.park_all().await;
+    node.broker.stop();
     info!("drained");
 }
 

@@ -241,6 +241,48 @@ impl Session {
         Some(conn)
     }
 
+    /// A session taken over from the backend (resume on another node):
+    /// `ring` holds its last dispatches, numbered up to `seq`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn restore(
+        id: u64,
+        identity: Identity,
+        enc_key: String,
+        channel: Arc<str>,
+        seq: u64,
+        ring: Vec<(u64, Arc<Dispatch>)>,
+        limits: Limits,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
+        let session = Self::new(id, identity, enc_key, channel, limits, metrics);
+        {
+            let mut st = session.state.lock();
+            st.seq = seq;
+            st.sent = seq;
+            let skip = ring.len().saturating_sub(limits.ring);
+            st.ring = ring.into_iter().skip(skip).collect();
+        }
+        session
+    }
+
+    /// Parks the session for another node: no more dispatches here. Returns
+    /// the attached connection, the latest sequence number and the held
+    /// dispatches, or `None` if it already ended.
+    #[allow(clippy::type_complexity)]
+    pub fn park(&self) -> Option<(Option<Arc<Conn>>, u64, Vec<(u64, Arc<Dispatch>)>)> {
+        let mut st = self.state.lock();
+        if st.ended {
+            return None;
+        }
+        st.ended = true;
+        let ring = std::mem::take(&mut st.ring).into_iter().collect();
+        let conn = st.conn.take();
+        let seq = st.seq;
+        drop(st);
+        self.metrics.session_state(Some(conn.is_some()), None);
+        Some((conn, seq, ring))
+    }
+
     pub fn is_ended(&self) -> bool {
         self.state.lock().ended
     }

@@ -27,38 +27,42 @@ pub fn unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Message ids: milliseconds since the Unix epoch in the high bits, a
-/// counter in the low 22, never smaller than the previous id.
+/// Message ids: `ms << 22 | node << 12 | counter`. Unique across nodes
+/// (each node holds its own `node` number) and increasing per node; a node
+/// that runs out of counter within a millisecond borrows the next one.
 pub struct IdGenerator {
-    last: AtomicU64,
+    node: u64,
+    /// `(ms, counter)` of the last id.
+    last: parking_lot::Mutex<(u64, u64)>,
 }
 
 impl IdGenerator {
-    pub fn new() -> Self {
+    pub fn new(node: u64) -> Self {
         Self {
-            last: AtomicU64::new(0),
+            node: node & 0x3FF,
+            last: parking_lot::Mutex::new((0, 0)),
         }
     }
 
     pub fn next(&self) -> u64 {
-        let floor = unix_ms() << 22;
-        let mut prev = self.last.load(Ordering::Relaxed);
-        loop {
-            let id = floor.max(prev + 1);
-            match self
-                .last
-                .compare_exchange_weak(prev, id, Ordering::Relaxed, Ordering::Relaxed)
-            {
-                Ok(_) => return id,
-                Err(actual) => prev = actual,
-            }
-        }
+        self.next_after(0)
     }
-}
 
-impl Default for IdGenerator {
-    fn default() -> Self {
-        Self::new()
+    /// The next id, at least in the millisecond after `floor`'s (used when
+    /// another node's clock is ahead of ours).
+    pub fn next_after(&self, floor: u64) -> u64 {
+        let floor_ms = if floor == 0 { 0 } else { (floor >> 22) + 1 };
+        let now = unix_ms().max(floor_ms);
+        let mut last = self.last.lock();
+        let (ms, counter) = if now > last.0 {
+            (now, 0)
+        } else if last.1 < 0xFFF {
+            (last.0, last.1 + 1)
+        } else {
+            (last.0 + 1, 0)
+        };
+        *last = (ms, counter);
+        ms << 22 | self.node << 12 | counter
     }
 }
 
@@ -138,7 +142,7 @@ impl Memory {
             global_n: Mutex::new(0),
             bans: Mutex::new(HashMap::new()),
             next_session: AtomicU64::new(1),
-            ids: IdGenerator::new(),
+            ids: IdGenerator::new(0),
             presence_threshold,
             history_retain,
         }
@@ -375,8 +379,6 @@ impl Memory {
                 ts: unix_ms(),
             },
         );
-        let mut state = channel.state.lock();
-        let _ = &mut state;
         if let Some(local) = self.hub.get(&channel.name) {
             local.deliver_except(&dispatch, session.id);
         }
@@ -440,7 +442,7 @@ mod tests {
 
     #[test]
     fn message_ids_only_grow() {
-        let ids = IdGenerator::new();
+        let ids = IdGenerator::new(3);
         let mut prev = 0;
         for _ in 0..10_000 {
             let id = ids.next();
@@ -448,5 +450,8 @@ mod tests {
             prev = id;
         }
         assert!(prev < 1 << 63);
+        assert_eq!((prev >> 12) & 0x3FF, 3, "node bits");
+        let floor = prev + (5 << 22);
+        assert!(ids.next_after(floor) >> 22 > floor >> 22);
     }
 }

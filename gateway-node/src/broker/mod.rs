@@ -7,6 +7,7 @@
 //! own; the Redis backend (next) runs a cluster.
 
 pub mod memory;
+pub mod redis;
 
 use crate::hub::Hub;
 use crate::node::Node;
@@ -15,10 +16,13 @@ use crate::wire::Reject;
 use gateway_shared::protocol::User;
 use std::sync::Arc;
 
+pub use self::redis::RedisBroker;
 pub use memory::Memory;
 
 pub enum Broker {
     Memory(Memory),
+    /// Boxed: much larger than the memory backend.
+    Redis(Box<RedisBroker>),
 }
 
 /// A ban as stored.
@@ -33,6 +37,7 @@ impl Broker {
     pub async fn new_session_id(&self) -> Result<u64, Reject> {
         match self {
             Self::Memory(m) => Ok(m.new_session_id()),
+            Self::Redis(r) => r.new_session_id().await,
         }
     }
 
@@ -40,12 +45,14 @@ impl Broker {
     pub async fn channel_names(&self) -> Result<Vec<String>, Reject> {
         match self {
             Self::Memory(m) => Ok(m.channel_names()),
+            Self::Redis(r) => r.channel_names().await,
         }
     }
 
     pub async fn is_banned(&self, user_id: &str) -> Result<bool, Reject> {
         match self {
             Self::Memory(m) => Ok(m.is_banned(user_id)),
+            Self::Redis(r) => r.is_banned(user_id).await,
         }
     }
 
@@ -57,6 +64,7 @@ impl Broker {
                 m.attach_global(session);
                 m.join(session, &session.channel(), None)
             }
+            Self::Redis(r) => r.start_session(session).await,
         }
     }
 
@@ -69,6 +77,7 @@ impl Broker {
                 m.leave(session, &session.channel());
                 Ok(())
             }
+            Self::Redis(r) => r.end_session(session).await,
         }
     }
 
@@ -77,6 +86,7 @@ impl Broker {
     pub async fn move_to(&self, session: &Arc<Session>, to: &str) -> Result<(), Reject> {
         match self {
             Self::Memory(m) => m.move_to(session, to),
+            Self::Redis(r) => r.move_to(session, to).await,
         }
     }
 
@@ -89,6 +99,7 @@ impl Broker {
     ) -> Result<(), Reject> {
         match self {
             Self::Memory(m) => m.publish_message(session, content, nonce),
+            Self::Redis(r) => r.publish_message(session, content, nonce).await,
         }
     }
 
@@ -96,6 +107,7 @@ impl Broker {
     pub async fn delete_message(&self, session: &Arc<Session>, id: u64) -> Result<(), Reject> {
         match self {
             Self::Memory(m) => m.delete_message(session, id),
+            Self::Redis(r) => r.delete_message(session, id).await,
         }
     }
 
@@ -106,6 +118,7 @@ impl Broker {
                 m.typing(session);
                 Ok(())
             }
+            Self::Redis(r) => r.typing(session).await,
         }
     }
 
@@ -119,6 +132,7 @@ impl Broker {
     ) -> Result<(), Reject> {
         match self {
             Self::Memory(m) => m.add_channel(name, topic, created_by, max_channels),
+            Self::Redis(r) => r.add_channel(name, topic, created_by).await,
         }
     }
 
@@ -131,6 +145,8 @@ impl Broker {
                 node.kick_user(user_id).await;
                 Ok(())
             }
+            // Every node (this one included) kicks on the control message.
+            Self::Redis(r) => r.ban(user_id, &ban).await,
         }
     }
 
@@ -140,6 +156,44 @@ impl Broker {
                 m.unban(user_id);
                 Ok(())
             }
+            Self::Redis(r) => r.unban(user_id).await,
+        }
+    }
+
+    /// Resume of a session this node does not hold (Redis: held by another
+    /// node or parked). `None`: it cannot be resumed without a gap.
+    pub async fn take_over(
+        &self,
+        node: &Node,
+        identity: &crate::auth::Identity,
+        id: u64,
+    ) -> Result<Option<Arc<Session>>, Reject> {
+        match self {
+            Self::Memory(_) => Ok(None),
+            Self::Redis(r) => r.take_over(node, identity, id).await,
+        }
+    }
+
+    /// Parks a local session so that another node can resume it. Memory:
+    /// nothing outlives the node, so nothing is parked.
+    pub async fn park(&self, session: &Arc<Session>) -> Result<bool, Reject> {
+        match self {
+            Self::Memory(_) => Ok(false),
+            Self::Redis(r) => r.park(session).await,
+        }
+    }
+
+    /// Starts the backend's background tasks.
+    pub fn start(&self, node: &Arc<Node>) {
+        if let Self::Redis(r) = self {
+            r.start(node);
+        }
+    }
+
+    /// Stops them.
+    pub fn stop(&self) {
+        if let Self::Redis(r) = self {
+            r.stop();
         }
     }
 
@@ -147,6 +201,7 @@ impl Broker {
     pub async fn is_healthy(&self) -> bool {
         match self {
             Self::Memory(_) => true,
+            Self::Redis(r) => r.is_healthy(),
         }
     }
 }

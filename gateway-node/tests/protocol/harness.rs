@@ -30,7 +30,9 @@ impl TestNode {
     pub async fn with(tune: impl FnOnce(&mut Config)) -> Self {
         let mut config = Config::default();
         tune(&mut config);
-        let node = gateway_node::build(config, SECRET).expect("valid test config");
+        let node = gateway_node::build(config, SECRET)
+            .await
+            .expect("valid test config");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = oneshot::channel();

@@ -71,7 +71,7 @@ async fn a_client_that_stops_reading_is_closed_as_a_slow_consumer() {
         sent += 1;
         // Keep talker's own socket drained.
         talker.dispatch(Event::MessageCreate).await;
-        if sent % 50 == 0 {
+        if sent.is_multiple_of(50) {
             let (_, metrics) = http_get(&node.http("/metrics")).await;
             if metrics
                 .lines()

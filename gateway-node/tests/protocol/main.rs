@@ -8,3 +8,6 @@ mod errors;
 mod events;
 mod lifecycle;
 mod resume;
+
+mod cluster;
+mod redis_server;

@@ -1,0 +1,287 @@
+//! Several nodes on one real Redis behave as one gateway.
+
+use crate::harness::*;
+use crate::redis_server::RedisServer;
+use gateway_shared::protocol::Event;
+use gateway_shared::Client;
+use serde_json::json;
+
+async fn node_on(
+    redis: &RedisServer,
+    tune: impl FnOnce(&mut gateway_node::config::Config),
+) -> TestNode {
+    let url = redis.url();
+    TestNode::with(|c| {
+        c.redis_url = Some(url);
+        tune(c);
+    })
+    .await
+}
+
+async fn two_nodes(redis: &RedisServer) -> (TestNode, TestNode) {
+    (node_on(redis, |_| {}).await, node_on(redis, |_| {}).await)
+}
+
+#[tokio::test]
+async fn message_to_channel_reaches_members_on_the_other_node() {
+    let redis = RedisServer::start();
+    let (a, b) = two_nodes(&redis).await;
+    let room = fresh_channel("x");
+    let mut alice = Peer::join(&a, "alice").await;
+    let mut bob = Peer::join(&b, "bob").await;
+    alice.create_and_move(&room).await;
+    let moved = bob.move_to(&room).await;
+    assert_eq!(moved["member_count"], 2);
+    let add = alice.dispatch(Event::RoomUserAdd).await.cnf;
+    assert_eq!(add["user"]["id"], bob.user_id.as_str());
+
+    let sent = alice.say("across").await;
+    let got = bob.dispatch(Event::MessageCreate).await.cnf;
+    assert_eq!(sent, got);
+    let reply = bob.say("back").await;
+    assert_eq!(alice.dispatch(Event::MessageCreate).await.cnf, reply);
+    let first: u64 = sent["id"].as_str().unwrap().parse().unwrap();
+    let second: u64 = reply["id"].as_str().unwrap().parse().unwrap();
+    assert!(second > first);
+
+    // History and deletes are cluster-wide too.
+    bob.execute("MESSAGE_DELETE", json!({"id": sent["id"]}))
+        .await;
+    assert_eq!(bob.error().await.c, 4012);
+    alice
+        .execute("MESSAGE_DELETE", json!({"id": sent["id"]}))
+        .await;
+    assert_eq!(
+        bob.dispatch(Event::MessageDelete).await.cnf["id"],
+        sent["id"]
+    );
+    let again = bob.move_to(&room).await;
+    let history: Vec<_> = again["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["content"].clone())
+        .collect();
+    assert_eq!(history, [json!("back")]);
+
+    // Typing crosses nodes and skips the sender.
+    alice.execute("START_TYPING", json!({})).await;
+    assert_eq!(
+        bob.dispatch(Event::StartTyping).await.cnf["user"]["id"],
+        alice.user_id.as_str()
+    );
+}
+
+#[tokio::test]
+async fn channel_add_and_bans_reach_every_node() {
+    let redis = RedisServer::start();
+    let (a, b) = two_nodes(&redis).await;
+    let mut admin = Peer::admin(&a, "root").await;
+    let mut far = Peer::join(&b, "far").await;
+    let name = fresh_channel("new");
+    admin.execute("CHANNEL_ADD", json!({"name": name})).await;
+    assert_eq!(
+        far.dispatch(Event::ChannelAdd).await.cnf["name"],
+        name.as_str()
+    );
+    admin.execute("CHANNEL_ADD", json!({"name": name})).await;
+    assert_eq!(admin.error().await.c, 4014);
+    let (_c, ready) = Client::connect_present(&b.url(), &user_token("late").0)
+        .await
+        .unwrap();
+    assert!(ready.channels.contains(&name));
+
+    admin
+        .execute("SYSTEM_BAN_ADD", json!({"user_id": far.user_id}))
+        .await;
+    admin.dispatch(Event::SystemBanAdd).await;
+    let err = far.error().await;
+    assert_eq!((err.c, err.d), (4015, true));
+    assert_eq!(far.closed().await, Some(4015));
+    for node in [&a, &b] {
+        let (mut c, _) = Client::connect_hello(&node.url()).await.unwrap();
+        let err = c.present(&far.token, None).await.unwrap_err();
+        assert!(
+            matches!(err, gateway_shared::ClientError::Gateway(ref e) if e.c == 4015),
+            "{err:?}"
+        );
+    }
+}
+
+/// Resumes `peer`'s session on `node` after its connection dropped.
+async fn resume_on(node: &TestNode, peer: Peer) -> Peer {
+    let Peer {
+        client,
+        token,
+        user_id,
+        last_s,
+        ready,
+        ..
+    } = peer;
+    client.abort();
+    let (mut client, _) = Client::connect_hello(&node.url()).await.unwrap();
+    let ready2 = client
+        .present(&token, Some((ready.session_id, Some(last_s))))
+        .await
+        .unwrap();
+    assert!(ready2.resumed, "resume of {} failed", ready.session_id);
+    assert_eq!(ready2.session_id, ready.session_id);
+    Peer {
+        client,
+        ready: ready2,
+        token,
+        user_id,
+        last_s,
+    }
+}
+
+#[tokio::test]
+async fn resume_on_the_other_node_replays_what_was_missed() {
+    let redis = RedisServer::start();
+    let (a, b) = two_nodes(&redis).await;
+    let room = fresh_channel("hop");
+    let mut alice = Peer::join(&b, "alice").await;
+    let mut bob = Peer::join(&a, "bob").await;
+    alice.create_and_move(&room).await;
+    bob.move_to(&room).await;
+    alice.say("seen").await;
+    bob.dispatch(Event::MessageCreate).await;
+    // Bob's connection drops; he comes back on node b while alice talks.
+    let talker = tokio::spawn(async move {
+        for i in 0..20 {
+            alice.say(&format!("m{i}")).await;
+        }
+        alice
+    });
+    let mut bob = resume_on(&b, bob).await;
+    let mut alice = talker.await.unwrap();
+    alice.say("after").await;
+    let mut contents = Vec::new();
+    loop {
+        let msg = bob.next().await.unwrap();
+        if msg.is_dispatch(Event::MessageCreate) {
+            let content = msg.cnf["content"].as_str().unwrap().to_owned();
+            contents.push(content.clone());
+            if content == "after" {
+                break;
+            }
+        }
+    }
+    let expected: Vec<String> = (0..20)
+        .map(|i| format!("m{i}"))
+        .chain(["after".to_owned()])
+        .collect();
+    assert_eq!(contents, expected, "every message once, in order");
+}
+
+#[tokio::test]
+async fn resume_elsewhere_closes_the_old_connection_with_4017() {
+    let redis = RedisServer::start();
+    let (a, b) = two_nodes(&redis).await;
+    let mut old = Peer::join(&a, "dup").await;
+    let (mut client, _) = Client::connect_hello(&b.url()).await.unwrap();
+    let ready = client
+        .present(&old.token, Some((old.session_id(), Some(0))))
+        .await
+        .unwrap();
+    assert!(ready.resumed);
+    let err = old.error().await;
+    assert_eq!((err.c, err.d), (4017, true));
+    assert_eq!(old.closed().await, Some(4017));
+}
+
+#[tokio::test]
+async fn another_users_session_cannot_be_resumed_on_any_node() {
+    let redis = RedisServer::start();
+    let (a, b) = two_nodes(&redis).await;
+    let victim = Peer::join(&a, "victim").await;
+    let (mut c, _) = Client::connect_hello(&b.url()).await.unwrap();
+    let err = c
+        .present(&user_token("thief").0, Some((victim.session_id(), None)))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, gateway_shared::ClientError::Gateway(ref e) if e.c == 4004),
+        "{err:?}"
+    );
+    // Unknown sessions start anew.
+    let (mut c, _) = Client::connect_hello(&b.url()).await.unwrap();
+    assert!(
+        !c.present(&user_token("x").0, Some((1 << 40, None)))
+            .await
+            .unwrap()
+            .resumed
+    );
+}
+
+#[tokio::test]
+async fn drain_parks_sessions_and_they_resume_elsewhere_without_loss() {
+    let redis = RedisServer::start();
+    let (a, b) = two_nodes(&redis).await;
+    let room = fresh_channel("drain");
+    let mut talker = Peer::join(&b, "talker").await;
+    talker.create_and_move(&room).await;
+    let mut listeners = Vec::new();
+    for i in 0..5 {
+        let mut p = Peer::join(&a, &format!("l{i}")).await;
+        p.move_to(&room).await;
+        listeners.push(p);
+    }
+    talker.say("before").await;
+    let drain = tokio::spawn(a.shutdown());
+    for p in &mut listeners {
+        p.dispatch(Event::GatewayDown).await;
+        assert_eq!(p.closed().await, Some(1012));
+    }
+    drain.await.unwrap();
+    for i in 0..10 {
+        talker.say(&format!("while-{i}")).await;
+    }
+    for p in listeners {
+        let mut p = resume_on(&b, p).await;
+        let mut seen = Vec::new();
+        while seen.last().map(String::as_str) != Some("while-9") {
+            let msg = p.next().await.unwrap();
+            if msg.is_dispatch(Event::MessageCreate) {
+                seen.push(msg.cnf["content"].as_str().unwrap().to_owned());
+            }
+        }
+        let expected: Vec<String> = std::iter::once("before".to_owned())
+            .chain((0..10).map(|i| format!("while-{i}")))
+            .collect();
+        // `before` may have been read before the drain; the rest must all come.
+        let tail = &expected[expected.len() - seen.len().min(expected.len())..];
+        assert!(seen.ends_with(&expected[1..]), "{seen:?}");
+        assert_eq!(seen, tail);
+    }
+}
+
+#[tokio::test]
+async fn redis_outage_gives_4018_then_recovers() {
+    let mut redis = RedisServer::start();
+    let node = node_on(&redis, |_| {}).await;
+    let room = fresh_channel("outage");
+    let mut alice = Peer::join(&node, "alice").await;
+    alice.create_and_move(&room).await;
+    redis.stop();
+    alice
+        .execute_s("MESSAGE_CREATE", json!({"content": "lost?"}), 5)
+        .await;
+    let err = alice.error().await;
+    assert_eq!((err.c, err.d, err.s), (4018, false, Some(5)));
+    let (status, _) = http_get(&node.http("/readyz")).await;
+    assert_eq!(status, 503);
+    redis.restart();
+    // The node reconnects by itself: wait until it is ready again.
+    while http_get(&node.http("/readyz")).await.0 != 200 {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(alice.say("back").await["content"], "back");
+    let mut bob = Peer::join(&node, "bob").await;
+    bob.move_to(&room).await;
+    alice.say("both").await;
+    assert_eq!(
+        bob.dispatch(Event::MessageCreate).await.cnf["content"],
+        "both"
+    );
+}
