@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test of the project: the Rust workspace (unit, protocol and
-# Redis tests), the black-box conformance suite against a real node, and the
-# Helm chart checks. Installs what the tests need when it is missing.
+# Redis tests), the black-box conformance suite against a single node and
+# against a two-node cluster, and the Helm chart checks. Installs what the
+# tests need when it is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,6 +25,9 @@ cargo test --workspace --locked
 step "conformance suite (independent Python client) against a single node"
 cargo build --locked -p gateway-node
 bash conformance/run.sh
+
+step "conformance suite against two nodes on one Redis (resume across nodes, drain)"
+bash scripts/cluster-conformance.sh
 
 step "Helm chart: lint, render, strict schema validation"
 bash scripts/check-chart.sh

@@ -293,6 +293,38 @@ impl StoredSession {
     }
 }
 
+/// An integer in a script's reply (0 when absent).
+fn script_int(v: Option<&redis::Value>) -> u64 {
+    v.and_then(|v| redis::from_redis_value::<u64>(v.clone()).ok())
+        .unwrap_or(0)
+}
+
+/// The CHANNEL_MOVE dispatch from the join script's snapshot:
+/// `[n, member_count, listed, user JSON × listed, "<id> <body>" …]`.
+fn move_dispatch(out: &[redis::Value], channel: &str, from: &str) -> Arc<Dispatch> {
+    let count = script_int(out.get(1)) as usize;
+    let listed = script_int(out.get(2)) as usize;
+    let strings: Vec<String> = out
+        .iter()
+        .skip(3)
+        .filter_map(|v| redis::from_redis_value::<String>(v.clone()).ok())
+        .collect();
+    let members: Vec<User> = strings
+        .iter()
+        .take(listed)
+        .filter_map(|u| serde_json::from_str(u).ok())
+        .collect();
+    let members: Vec<&User> = members.iter().collect();
+    let history = strings
+        .iter()
+        .skip(listed)
+        .filter_map(|h| h.split_once(' ').map(|(_, body)| body.as_bytes()));
+    Dispatch::from_body(
+        Event::ChannelMove,
+        &super::move_body(channel, from, &members, count, history),
+    )
+}
+
 /// `"<n> <except> <EVENT> <body>"`.
 fn parse_live(payload: &[u8]) -> Option<(u64, u64, Event, &[u8])> {
     let mut parts = payload.splitn(4, |&b| b == b' ');
@@ -610,34 +642,8 @@ impl RedisBroker {
             .join_script(session, name, moved_from.is_some())
             .await?;
         self.touch_presence(session.id, name).await?;
-        let int = |v: Option<&redis::Value>| -> u64 {
-            v.and_then(|v| redis::from_redis_value::<u64>(v.clone()).ok())
-                .unwrap_or(0)
-        };
-        let n = int(out.first());
-        let first = moved_from.map(|from| {
-            let count = int(out.get(1)) as usize;
-            let listed = int(out.get(2)) as usize;
-            let strings: Vec<String> = out
-                .iter()
-                .skip(3)
-                .filter_map(|v| redis::from_redis_value::<String>(v.clone()).ok())
-                .collect();
-            let members: Vec<User> = strings
-                .iter()
-                .take(listed)
-                .filter_map(|u| serde_json::from_str(u).ok())
-                .collect();
-            let members: Vec<&User> = members.iter().collect();
-            let history = strings
-                .iter()
-                .skip(listed)
-                .filter_map(|h| h.split_once(' ').map(|(_, body)| body.as_bytes()));
-            Dispatch::from_body(
-                Event::ChannelMove,
-                &super::move_body(name, from, &members, count, history),
-            )
-        });
+        let n = script_int(out.first());
+        let first = moved_from.map(|from| move_dispatch(&out, name, from));
         if session.is_ended() {
             local.unpin();
             return Ok(());
@@ -693,35 +699,9 @@ impl RedisBroker {
         }
         let from = session.channel();
         if &*from == to {
+            // Already a member: the script only reads the snapshot.
             let out = self.join_script(session, to, true).await?;
-            let local = self.hub.pin(to);
-            local.unpin();
-            // Already a member: the script only read the snapshot.
-            let int = |v: Option<&redis::Value>| -> u64 {
-                v.and_then(|v| redis::from_redis_value::<u64>(v.clone()).ok())
-                    .unwrap_or(0)
-            };
-            let count = int(out.get(1)) as usize;
-            let listed = int(out.get(2)) as usize;
-            let strings: Vec<String> = out
-                .iter()
-                .skip(3)
-                .filter_map(|v| redis::from_redis_value::<String>(v.clone()).ok())
-                .collect();
-            let members: Vec<User> = strings
-                .iter()
-                .take(listed)
-                .filter_map(|u| serde_json::from_str(u).ok())
-                .collect();
-            let members: Vec<&User> = members.iter().collect();
-            let history = strings
-                .iter()
-                .skip(listed)
-                .filter_map(|h| h.split_once(' ').map(|(_, b)| b.as_bytes()));
-            session.deliver(&Dispatch::from_body(
-                Event::ChannelMove,
-                &super::move_body(to, &from, &members, count, history),
-            ));
+            session.deliver(&move_dispatch(&out, to, &from));
             return Ok(());
         }
         if let Some(local) = self.hub.get(&from) {

@@ -285,3 +285,126 @@ async fn redis_outage_gives_4018_then_recovers() {
         "both"
     );
 }
+
+/// A node in its own process, to be killed with SIGKILL.
+struct NodeProcess {
+    child: std::process::Child,
+    url: String,
+}
+
+impl NodeProcess {
+    fn start(redis: &RedisServer, resume_window_s: u64) -> Self {
+        use std::io::BufRead;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_gateway-node"))
+            .arg("serve")
+            .env("GATEWAY_LISTEN", format!("127.0.0.1:{port}"))
+            .env("GATEWAY_REDIS_URL", redis.url())
+            .env("GATEWAY_JWT_SECRET", SECRET)
+            .env("GATEWAY_RESUME_WINDOW_S", resume_window_s.to_string())
+            .env("GATEWAY_NODE_ID", format!("doomed-{port}"))
+            .env("GATEWAY_LOG", "info")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        loop {
+            match lines.next() {
+                Some(Ok(line)) if line.contains("listening") => break,
+                Some(Ok(_)) => continue,
+                _ => panic!("node process exited before listening"),
+            }
+        }
+        std::thread::spawn(move || for _ in lines {});
+        Self {
+            child,
+            url: format!("ws://127.0.0.1:{port}/gateway"),
+        }
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn a_killed_nodes_sessions_resume_as_new_and_leave_their_channels() {
+    let redis = RedisServer::start();
+    let survivor = node_on(&redis, |c| c.resume_window_s = 2).await;
+    let mut doomed = NodeProcess::start(&redis, 2);
+    let room = fresh_channel("crash");
+    let mut watcher = Peer::join(&survivor, "watcher").await;
+    watcher.create_and_move(&room).await;
+    let (token, user_id) = user_token("victim");
+    let mut victim = Peer::present(&doomed.url, token, user_id).await;
+    victim.move_to(&room).await;
+    watcher.dispatch(Event::RoomUserAdd).await;
+    watcher.say("hello").await;
+    victim.dispatch(Event::MessageCreate).await;
+
+    doomed.child.kill().unwrap(); // SIGKILL: no drain, nothing parked
+    doomed.child.wait().unwrap();
+    assert_eq!(victim.closed().await, None, "the socket just dropped");
+
+    // Its session resumes as a new one on the survivor: never a silent gap.
+    let (mut client, _) = Client::connect_hello(&survivor.url()).await.unwrap();
+    let ready = client
+        .present(
+            &victim.token,
+            Some((victim.session_id(), Some(victim.last_s))),
+        )
+        .await
+        .unwrap();
+    assert!(!ready.resumed);
+    assert_ne!(ready.session_id, victim.session_id());
+
+    // The dead session's presence expires and is swept, once.
+    let left = watcher
+        .wait_for(|m| {
+            m.is_dispatch(Event::RoomUserRemove) && m.cnf["session_id"] == victim.session_id()
+        })
+        .await;
+    assert_eq!(left.cnf["user"]["id"], victim.user_id.as_str());
+}
+
+#[tokio::test]
+async fn a_node_subscribes_to_a_channel_only_while_it_has_members_there() {
+    let redis = RedisServer::start();
+    let node = node_on(&redis, |_| {}).await;
+    let room = fresh_channel("subs");
+    let mut peer = Peer::join(&node, "p").await;
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let topic = format!("gw:{{c:{room}}}");
+    let numsub = |conn: &mut redis::aio::MultiplexedConnection| {
+        let mut conn = conn.clone();
+        let topic = topic.clone();
+        async move {
+            let (_, n): (String, u64) = redis::cmd("PUBSUB")
+                .arg("NUMSUB")
+                .arg(&topic)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            n
+        }
+    };
+    assert_eq!(numsub(&mut conn).await, 0);
+    peer.create_and_move(&room).await;
+    assert_eq!(numsub(&mut conn).await, 1);
+    peer.move_to("general").await;
+    // Unsubscribing is batched: it happens within a few seconds.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while numsub(&mut conn).await != 0 {
+        assert!(tokio::time::Instant::now() < deadline, "still subscribed");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}

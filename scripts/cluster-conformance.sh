@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Runs the black-box conformance suite against a two-node cluster: a
+# redis-server of its own on a free port in a temporary directory, and two
+# gateway nodes sharing it. Clients spread over both nodes; resumes go to
+# the other node; the last test drains one node (SIGTERM) and checks that
+# its clients resume on the other with nothing lost.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN="${GATEWAY_BIN:-target/debug/gateway-node}"
+[ -x "$BIN" ] || { echo "cluster-conformance: build $BIN first" >&2; exit 2; }
+command -v redis-server >/dev/null || { echo "cluster-conformance: redis-server is missing" >&2; exit 2; }
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+TMP="$(mktemp -d)"
+PIDS=()
+cleanup() {
+  for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  for pid in "${PIDS[@]}"; do
+    for _ in $(seq 1 150); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+  done
+  rm -rf "$TMP"
+}
+trap cleanup EXIT
+
+REDIS_PORT="$(free_port)"
+redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no --dir "$TMP" \
+  >"$TMP/redis.log" 2>&1 &
+PIDS+=($!)
+for _ in $(seq 1 100); do
+  redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break
+  sleep 0.1
+done
+
+SECRET="$(python3 -c 'import secrets; print(secrets.token_hex(24))')"
+URLS=""
+NODE_PIDS=""
+for i in 1 2; do
+  port="$(free_port)"
+  GATEWAY_JWT_SECRET="$SECRET" GATEWAY_HB_INT_MS=3000 GATEWAY_LISTEN="127.0.0.1:$port" \
+    GATEWAY_REDIS_URL="redis://127.0.0.1:$REDIS_PORT/" GATEWAY_NODE_ID="conformance-$i" \
+    "$BIN" serve >"$TMP/node$i.log" 2>&1 &
+  pid=$!
+  PIDS+=("$pid")
+  ok=""
+  for _ in $(seq 1 300); do
+    if curl -fsS "http://127.0.0.1:$port/readyz" >/dev/null 2>&1; then ok=1; break; fi
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  [ -n "$ok" ] || { echo "node $i did not become ready:" >&2; tail -n 30 "$TMP/node$i.log" >&2; exit 2; }
+  URLS="${URLS:+$URLS,}ws://127.0.0.1:$port/gateway"
+  NODE_PIDS="${NODE_PIDS:+$NODE_PIDS,}$pid"
+done
+
+echo "cluster-conformance: nodes $URLS on redis :$REDIS_PORT"
+GATEWAY_URLS="$URLS" GATEWAY_NODE_PIDS="$NODE_PIDS" GATEWAY_JWT_SECRET="$SECRET" GATEWAY_HB_INT_MS=3000 \
+  bash conformance/run.sh "$@"
