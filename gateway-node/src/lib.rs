@@ -47,9 +47,9 @@ use tokio::net::TcpListener;
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("invalid configuration: {0}")]
+    #[error(transparent)]
     Config(#[from] config::ConfigError),
-    #[error("redis: {0}")]
+    #[error("{0}")]
     Redis(String),
 }
 

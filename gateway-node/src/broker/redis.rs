@@ -391,7 +391,7 @@ impl RedisBroker {
             client.get_connection_manager_with_config(config),
         )
         .await
-        .map_err(|_| "redis: connection timed out".to_owned())?
+        .map_err(|_| format!("connecting to Redis at {} timed out", settings.url))?
         .map_err(|e| format!("redis pub/sub connection: {e}"))?;
         let (subs, sub_rx) = mpsc::channel(1024);
         let broker = Self {
