@@ -14,22 +14,20 @@
 //!    deadline and the heartbeat timeout, waits for either side to finish,
 //!    and then detaches or ends the session.
 //!
-//! fastwebsockets' `read_frame` is not cancel-safe, so it is never raced in
-//! a `select!`: the reader runs alone and is only aborted once the
-//! connection is over.
+//! Reading a frame is not cancel-safe (a frame half read would be lost), so
+//! it is never raced in a `select!`: the reader runs alone and is only
+//! aborted once the connection is over.
 
+use crate::frame::{self, FrameReader, ReadError};
 use crate::node::Node;
 use crate::session::Session;
 use crate::wire::{self, Envelope, Reject};
 use bytes::{Bytes, BytesMut};
-use fastwebsockets::{OpCode, Role, WebSocketError, WebSocketRead};
 use gateway_shared::protocol::{ErrorCode, FunctionCode, MAX_PAYLOAD};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
 use std::collections::VecDeque;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -209,13 +207,9 @@ pub async fn serve(node: Arc<Node>, io: Io) {
 async fn serve_inner(node: Arc<Node>, conn: Arc<Conn>, io: Io) {
     node.metrics.connections.inc();
     let (read, write) = tokio::io::split(io);
-    let (mut ws, _) = fastwebsockets::after_handshake_split(read, tokio::io::sink(), Role::Server);
     // We answer pings and closes ourselves through the writer (one writer
-    // per socket); the size check makes a frame over the limit fail before
-    // its payload is read.
-    ws.set_auto_close(false);
-    ws.set_auto_pong(false);
-    ws.set_max_message_size(MAX_PAYLOAD + 1);
+    // per socket).
+    let ws = FrameReader::new(read, MAX_PAYLOAD);
     conn.beat();
     conn.send(node.hello_frame.clone());
 
@@ -264,7 +258,8 @@ async fn serve_inner(node: Arc<Node>, conn: Arc<Conn>, io: Io) {
 }
 
 async fn write_loop(node: Arc<Node>, conn: Arc<Conn>, mut io: WriteHalf<Io>) {
-    let mut buf = BytesMut::with_capacity(4096);
+    // Empty until there is something to write: idle connections hold none.
+    let mut buf = BytesMut::new();
     let mut control = BytesMut::new();
     loop {
         conn.wake.notified().await;
@@ -300,9 +295,9 @@ async fn write_loop(node: Arc<Node>, conn: Arc<Conn>, mut io: WriteHalf<Io>) {
                     return;
                 }
                 buf.clear();
-                // Do not keep a large buffer around after a burst.
-                if buf.capacity() > 4 * WRITE_BATCH {
-                    buf = BytesMut::with_capacity(4096);
+                // Do not keep a buffer around once the burst is written.
+                if !more && buf.capacity() > 16 * 1024 {
+                    buf = BytesMut::new();
                 }
             }
             if more {
@@ -328,103 +323,76 @@ enum Incoming {
     Close(Option<u16>),
 }
 
+type Reader = FrameReader<ReadHalf<Io>>;
+
+fn too_large() -> Reject {
+    Reject::new(ErrorCode::PayloadTooLarge, "message over 4096 bytes")
+}
+
+fn decode(m: &'static str) -> Reject {
+    Reject::new(ErrorCode::DecodeError, m)
+}
+
+/// The next complete message (fragments reassembled, never past the
+/// limit), ping or close. `Ok(None)`: a frame that needs no answer.
 async fn read_frame(
-    ws: &mut WebSocketRead<ReadHalf<Io>>,
-    partial: &mut Option<(OpCode, BytesMut)>,
+    reader: &mut Reader,
+    partial: &mut Option<(u8, BytesMut)>,
 ) -> Result<Option<Incoming>, Reject> {
-    // Auto-pong and auto-close are off, so fastwebsockets never sends.
-    let mut no_send = |_| -> Pin<Box<dyn Future<Output = Result<(), std::io::Error>> + Send>> {
-        Box::pin(async { Ok(()) })
-    };
-    let frame = match ws.read_frame(&mut no_send).await {
+    let frame = match reader.next().await {
         Ok(frame) => frame,
-        Err(WebSocketError::FrameTooLarge) => {
-            return Err(Reject::new(
-                ErrorCode::PayloadTooLarge,
-                "message over 4096 bytes",
-            ))
-        }
-        Err(WebSocketError::InvalidUTF8) => {
-            return Err(Reject::new(
-                ErrorCode::DecodeError,
-                "text is not valid UTF-8",
-            ))
-        }
-        Err(
-            WebSocketError::UnexpectedEOF
-            | WebSocketError::IoError(_)
-            | WebSocketError::ConnectionClosed,
-        ) => return Ok(Some(Incoming::Close(None))),
-        Err(_) => {
-            return Err(Reject::new(
-                ErrorCode::DecodeError,
-                "invalid WebSocket frame",
-            ))
-        }
+        Err(ReadError::TooLarge) => return Err(too_large()),
+        Err(ReadError::Closed) => return Ok(Some(Incoming::Close(None))),
+        Err(ReadError::Protocol(m)) => return Err(decode(m)),
     };
     let payload = frame.payload;
     match frame.opcode {
-        OpCode::Text | OpCode::Binary if partial.is_none() => {
+        frame::OP_TEXT | frame::OP_BINARY if partial.is_none() => {
             if frame.fin {
-                if frame.opcode == OpCode::Binary {
-                    return Err(Reject::new(
-                        ErrorCode::DecodeError,
-                        "binary frames are not accepted",
-                    ));
-                }
-                return Ok(Some(Incoming::Message(BytesMut::from(&payload[..]))));
+                return complete(frame.opcode, payload).map(Some);
             }
-            *partial = Some((frame.opcode, BytesMut::from(&payload[..])));
+            *partial = Some((frame.opcode, payload));
             Ok(None)
         }
-        OpCode::Continuation => {
-            let Some((opcode, buf)) = partial.as_mut() else {
-                return Err(Reject::new(
-                    ErrorCode::DecodeError,
-                    "continuation without a start",
-                ));
+        frame::OP_CONTINUATION => {
+            let Some((_, buf)) = partial.as_mut() else {
+                return Err(decode("continuation without a start"));
             };
             // Checked before appending: never buffer past the limit.
             if buf.len() + payload.len() > MAX_PAYLOAD {
-                return Err(Reject::new(
-                    ErrorCode::PayloadTooLarge,
-                    "message over 4096 bytes",
-                ));
+                return Err(too_large());
             }
             buf.extend_from_slice(&payload);
             if !frame.fin {
                 return Ok(None);
             }
-            let opcode = *opcode;
-            let (_, buf) = partial.take().expect("checked above");
-            if opcode == OpCode::Binary {
-                return Err(Reject::new(
-                    ErrorCode::DecodeError,
-                    "binary frames are not accepted",
-                ));
-            }
-            if std::str::from_utf8(&buf).is_err() {
-                return Err(Reject::new(
-                    ErrorCode::DecodeError,
-                    "text is not valid UTF-8",
-                ));
-            }
-            Ok(Some(Incoming::Message(buf)))
+            let (opcode, buf) = partial.take().expect("checked above");
+            complete(opcode, buf).map(Some)
         }
-        OpCode::Text | OpCode::Binary => Err(Reject::new(
-            ErrorCode::DecodeError,
-            "new message before the previous one ended",
-        )),
-        OpCode::Close => {
+        frame::OP_TEXT | frame::OP_BINARY => {
+            Err(decode("new message before the previous one ended"))
+        }
+        frame::OP_CLOSE => {
             let code = (payload.len() >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]]));
             Ok(Some(Incoming::Close(code)))
         }
-        OpCode::Ping => Ok(Some(Incoming::Ping(Bytes::copy_from_slice(&payload)))),
-        OpCode::Pong => Ok(None),
+        frame::OP_PING => Ok(Some(Incoming::Ping(payload.freeze()))),
+        _ => Ok(None),
     }
 }
 
-async fn read_loop(mut handler: Handler, mut ws: WebSocketRead<ReadHalf<Io>>) {
+/// A whole message: text only, valid UTF-8.
+fn complete(opcode: u8, buf: BytesMut) -> Result<Incoming, Reject> {
+    if opcode == frame::OP_BINARY {
+        return Err(decode("binary frames are not accepted"));
+    }
+    if std::str::from_utf8(&buf).is_err() {
+        return Err(decode("text is not valid UTF-8"));
+    }
+    Ok(Incoming::Message(buf))
+}
+
+async fn read_loop(mut handler: Handler, mut ws: Reader) {
     let mut partial = None;
     loop {
         match read_frame(&mut ws, &mut partial).await {
@@ -512,7 +480,9 @@ impl Handler {
                 self.conn.send(wire::heartbeat_frame());
                 ControlFlow::Continue(())
             }
-            FunctionCode::Present => match self.present(&env).await {
+            // Boxed: PRESENT and executes await the backend, whose futures
+            // are large; unboxed they would size every idle reader task.
+            FunctionCode::Present => match Box::pin(self.present(&env)).await {
                 Ok(()) => ControlFlow::Continue(()),
                 Err(reject) => self.reply_error(&reject, None, None),
             },
@@ -556,7 +526,7 @@ impl Handler {
                 env.t,
             );
         }
-        match crate::events::execute(&self.node, &session, env).await {
+        match Box::pin(crate::events::execute(&self.node, &session, env)).await {
             Ok(()) => ControlFlow::Continue(()),
             Err(reject) => self.reply_error(&reject, env.s, env.t),
         }

@@ -20,7 +20,8 @@
 //!   channel's event log.
 //! - [`broker`]: cluster-wide state; [`broker::memory`] for a single
 //!   node, [`broker::redis`] for a cluster (layout, resume across nodes).
-//! - [`wire`]: frames and encodings; the shared dispatch body.
+//! - [`frame`]: reading client frames with a buffer sized to what arrives.
+//! - [`wire`]: server frames and encodings; the shared dispatch body.
 //! - [`auth`]: HS256 token verification.
 //! - [`metrics`]: the Prometheus registry.
 
@@ -29,6 +30,7 @@ pub mod broker;
 pub mod config;
 pub mod connection;
 pub mod events;
+pub mod frame;
 pub mod hub;
 pub mod metrics;
 pub mod node;

@@ -1,0 +1,223 @@
+//! Reading client frames (RFC 6455 section 5), with a buffer sized to
+//! what arrives.
+//!
+//! fastwebsockets' reader keeps an 8 KiB buffer per connection for its
+//! whole life. An idle gateway connection needs almost none: this reader
+//! starts small, grows to one frame (never past the payload limit, which
+//! is checked on the header before any of the payload is read), and
+//! returns to small once the frame is handled. Client frames must be
+//! masked; the unmasking is fastwebsockets' own.
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+pub const OP_CONTINUATION: u8 = 0x0;
+pub const OP_TEXT: u8 = 0x1;
+pub const OP_BINARY: u8 = 0x2;
+pub const OP_CLOSE: u8 = 0x8;
+pub const OP_PING: u8 = 0x9;
+pub const OP_PONG: u8 = 0xA;
+
+/// Spare room kept for the next read on an idle connection.
+const IDLE_BUFFER: usize = 256;
+/// A buffer larger than this is released once empty.
+const KEEP_BUFFER: usize = 2048;
+
+/// One frame from the client, unmasked.
+#[derive(Debug)]
+pub struct Frame {
+    pub fin: bool,
+    pub opcode: u8,
+    pub payload: BytesMut,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum ReadError {
+    /// The connection ended (EOF or an I/O error).
+    Closed,
+    /// A frame announces more than `max_payload` bytes.
+    TooLarge,
+    /// Not a valid client frame.
+    Protocol(&'static str),
+}
+
+pub struct FrameReader<R> {
+    io: R,
+    buf: BytesMut,
+    max_payload: usize,
+}
+
+impl<R: AsyncRead + Unpin> FrameReader<R> {
+    pub fn new(io: R, max_payload: usize) -> Self {
+        Self {
+            io,
+            buf: BytesMut::new(),
+            max_payload,
+        }
+    }
+
+    /// Reads until the buffer holds at least `n` bytes.
+    async fn fill(&mut self, n: usize) -> Result<(), ReadError> {
+        while self.buf.len() < n {
+            let want = (n - self.buf.len()).max(IDLE_BUFFER);
+            self.buf.reserve(want);
+            match self.io.read_buf(&mut self.buf).await {
+                Ok(0) | Err(_) => return Err(ReadError::Closed),
+                Ok(_) => {}
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn next(&mut self) -> Result<Frame, ReadError> {
+        if self.buf.is_empty() && self.buf.capacity() > KEEP_BUFFER {
+            self.buf = BytesMut::new();
+        }
+        self.fill(2).await?;
+        let (b0, b1) = (self.buf[0], self.buf[1]);
+        if b0 & 0x70 != 0 {
+            return Err(ReadError::Protocol("reserved bits set"));
+        }
+        let fin = b0 & 0x80 != 0;
+        let opcode = b0 & 0x0F;
+        if !matches!(
+            opcode,
+            OP_CONTINUATION | OP_TEXT | OP_BINARY | OP_CLOSE | OP_PING | OP_PONG
+        ) {
+            return Err(ReadError::Protocol("unknown opcode"));
+        }
+        if b1 & 0x80 == 0 {
+            return Err(ReadError::Protocol("client frames must be masked"));
+        }
+        let extra = match b1 & 0x7F {
+            126 => 2,
+            127 => 8,
+            _ => 0,
+        };
+        self.fill(2 + extra).await?;
+        let len = match extra {
+            0 => (b1 & 0x7F) as u64,
+            2 => u16::from_be_bytes([self.buf[2], self.buf[3]]) as u64,
+            _ => u64::from_be_bytes(self.buf[2..10].try_into().expect("8 bytes")),
+        };
+        let control = opcode >= OP_CLOSE;
+        if control && (!fin || len > 125) {
+            return Err(ReadError::Protocol("invalid control frame"));
+        }
+        // Checked on the header: nothing of a frame over the limit is read.
+        if len > self.max_payload as u64 {
+            return Err(ReadError::TooLarge);
+        }
+        let len = len as usize;
+        let header = 2 + extra + 4;
+        self.fill(header + len).await?;
+        let mask: [u8; 4] = self.buf[2 + extra..header].try_into().expect("4 bytes");
+        self.buf.advance(header);
+        let mut payload = self.buf.split_to(len);
+        fastwebsockets::unmask(&mut payload, mask);
+        Ok(Frame {
+            fin,
+            opcode,
+            payload,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    fn masked(b0: u8, payload: &[u8]) -> Vec<u8> {
+        let mask = [1u8, 2, 3, 4];
+        let mut out = vec![b0];
+        match payload.len() {
+            n if n < 126 => out.push(0x80 | n as u8),
+            n if n <= 0xFFFF => {
+                out.push(0x80 | 126);
+                out.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                out.push(0x80 | 127);
+                out.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        out.extend_from_slice(&mask);
+        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        out
+    }
+
+    async fn read_all(bytes: Vec<u8>, max: usize) -> Vec<Result<(bool, u8, Vec<u8>), ReadError>> {
+        let (mut tx, rx) = tokio::io::duplex(64);
+        tokio::spawn(async move {
+            // Dribble the bytes to exercise partial reads.
+            for chunk in bytes.chunks(3) {
+                tx.write_all(chunk).await.unwrap();
+            }
+        });
+        let mut reader = FrameReader::new(rx, max);
+        let mut out = Vec::new();
+        loop {
+            match reader.next().await {
+                Ok(f) => out.push(Ok((f.fin, f.opcode, f.payload.to_vec()))),
+                Err(ReadError::Closed) => return out,
+                Err(e) => {
+                    out.push(Err(e));
+                    return out;
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn frames_of_every_length_form_are_read_and_unmasked() {
+        let big = vec![b'x'; 300];
+        let mut bytes = masked(0x81, b"hello");
+        bytes.extend(masked(0x01, &big));
+        bytes.extend(masked(0x80, b"end"));
+        bytes.extend(masked(0x89, b"p"));
+        let got = read_all(bytes, 4096).await;
+        assert_eq!(got[0], Ok((true, OP_TEXT, b"hello".to_vec())));
+        assert_eq!(got[1], Ok((false, OP_TEXT, big)));
+        assert_eq!(got[2], Ok((true, OP_CONTINUATION, b"end".to_vec())));
+        assert_eq!(got[3], Ok((true, OP_PING, b"p".to_vec())));
+        assert_eq!(got.len(), 4);
+    }
+
+    #[tokio::test]
+    async fn the_limit_is_inclusive_and_checked_on_the_header() {
+        let ok = read_all(masked(0x81, &[b'a'; 4096]), 4096).await;
+        assert!(matches!(&ok[0], Ok((true, OP_TEXT, p)) if p.len() == 4096));
+        // Only the header of the 4097-byte frame is sent: refused at once.
+        let header = masked(0x81, &[b'a'; 4097])[..8].to_vec();
+        assert_eq!(read_all(header, 4096).await, [Err(ReadError::TooLarge)]);
+        let mut huge = vec![0x81, 0x80 | 127];
+        huge.extend_from_slice(&u64::MAX.to_be_bytes());
+        huge.extend_from_slice(&[0; 4]);
+        assert_eq!(read_all(huge, 4096).await, [Err(ReadError::TooLarge)]);
+    }
+
+    #[tokio::test]
+    async fn invalid_frames_are_refused() {
+        let unmasked = vec![0x81, 0x02, b'h', b'i'];
+        assert!(matches!(
+            read_all(unmasked, 4096).await[0],
+            Err(ReadError::Protocol(_))
+        ));
+        let reserved = masked(0xC1, b"x");
+        assert!(matches!(
+            read_all(reserved, 4096).await[0],
+            Err(ReadError::Protocol(_))
+        ));
+        let opcode = masked(0x83, b"x");
+        assert!(matches!(
+            read_all(opcode, 4096).await[0],
+            Err(ReadError::Protocol(_))
+        ));
+        let fragmented_ping = masked(0x09, b"x");
+        assert!(matches!(
+            read_all(fragmented_ping, 4096).await[0],
+            Err(ReadError::Protocol(_))
+        ));
+    }
+}
