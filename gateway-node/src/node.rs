@@ -208,11 +208,11 @@ impl Node {
         let (session, how) = match self.session(session_id) {
             Some(session) => (session, ResumeResult::Local),
             None => match self.broker.take_over(self, identity, session_id).await? {
-                Some(session) => {
+                Some((session, how)) => {
                     self.sessions
                         .lock()
                         .insert(session.id, Arc::clone(&session));
-                    (session, ResumeResult::Remote)
+                    (session, how)
                 }
                 None => {
                     self.metrics.resume(ResumeResult::Failed);

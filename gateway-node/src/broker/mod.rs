@@ -167,7 +167,7 @@ impl Broker {
         node: &Node,
         identity: &crate::auth::Identity,
         id: u64,
-    ) -> Result<Option<Arc<Session>>, Reject> {
+    ) -> Result<Option<(Arc<Session>, crate::metrics::ResumeResult)>, Reject> {
         match self {
             Self::Memory(_) => Ok(None),
             Self::Redis(r) => r.take_over(node, identity, id).await,

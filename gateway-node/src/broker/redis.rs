@@ -49,7 +49,7 @@ use super::memory::{unix_ms, IdGenerator};
 use super::Ban;
 use crate::auth::Identity;
 use crate::hub::{Gap, Hub, LocalChannel};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, ResumeResult};
 use crate::node::Node;
 use crate::session::Session;
 use crate::wire::{Dispatch, Reject};
@@ -997,7 +997,7 @@ impl RedisBroker {
         node: &Node,
         identity: &Identity,
         id: u64,
-    ) -> Result<Option<Arc<Session>>, Reject> {
+    ) -> Result<Option<(Arc<Session>, ResumeResult)>, Reject> {
         let mut c = self.conn().await?;
         let map: HashMap<String, String> = self.op("session", c.hgetall(sk(id))).await?;
         drop(c);
@@ -1010,6 +1010,12 @@ impl RedisBroker {
                 "session belongs to another user",
             ));
         }
+        // Parked (its node drained) or claimed from a live owner.
+        let how = if stored.state == "parked" {
+            ResumeResult::Parked
+        } else {
+            ResumeResult::Remote
+        };
         if stored.state != "parked"
             && (stored.owner == self.settings.node_id || !self.claim(&stored.owner, id).await?)
         {
@@ -1067,7 +1073,7 @@ impl RedisBroker {
         match caught_up {
             Ok(true) => {
                 self.touch_presence(id, &stored.channel).await?;
-                Ok(Some(session))
+                Ok(Some((session, how)))
             }
             Ok(false) => {
                 local.unpin();
@@ -1299,7 +1305,6 @@ impl RedisBroker {
             redis::SetOptions::default().with_expiration(redis::SetExpiry::PX(15_000)),
         )
         .ignore();
-        pipe.hset("gw:nodes", &self.settings.node_id, now).ignore();
         for session in node.local_sessions() {
             let channel = session.channel();
             pipe.zadd(PRESENCE, format!("{channel}|{}", session.id), now + window)

@@ -254,6 +254,11 @@ async fn drain_parks_sessions_and_they_resume_elsewhere_without_loss() {
         assert!(seen.ends_with(&expected[1..]), "{seen:?}");
         assert_eq!(seen, tail);
     }
+    let (_, metrics) = http_get(&b.http("/metrics")).await;
+    assert!(
+        metrics.contains(r#"gateway_resumes_total{result="parked",node="#),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
