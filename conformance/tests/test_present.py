@@ -1,6 +1,6 @@
 """110 PRESENT -> 140 READY (PROTOCOL.md section 3)."""
 
-from gwclient import b64url_decode, same_user, unique_id
+from gwclient import b64url_decode, is_dispatch, same_user, unique_id
 
 
 def check_ready(ready, user_id, name, admin):
@@ -64,3 +64,25 @@ async def test_ready_lists_channels_added_earlier(h):
     name = (await a.add_channel())["name"]
     b = await h.session()
     assert name in b.ready["channels"], f"{name} missing from READY channels"
+
+
+async def test_new_session_gets_events_executed_after_its_ready(h):
+    # Once READY has arrived the session is in general (READY says so) and
+    # in the cluster: a message sent in general and a CHANNEL_ADD executed
+    # after it must reach it (sections 3 and 5: "every session in the
+    # sender's channel", "every session in the cluster"). Several rounds,
+    # with the newcomer on the sender's node and on another one.
+    sender = await h.session(label="sender")
+    for i in range(6):
+        newcomer = await h.session(label=f"newcomer{i + 1}")
+        ack = await sender.send_message(f"right after READY {i}")
+        await newcomer.wait_for(
+            is_dispatch("MESSAGE_CREATE", lambda c: c.get("id") == ack["cnf"]["id"]),
+            what=f"MESSAGE_CREATE {ack['cnf']['id']} sent in general after READY (session {newcomer.session_id})",
+        )
+        name = (await sender.add_channel())["name"]
+        await newcomer.wait_for(
+            is_dispatch("CHANNEL_ADD", lambda c: c.get("name") == name),
+            what=f"CHANNEL_ADD {name} executed after READY (session {newcomer.session_id})",
+        )
+        await newcomer.close()

@@ -2,9 +2,12 @@
 accepting connections, sends GATEWAY_DOWN to every session, and closes with
 1012.
 
-This test stops the node, so it runs last (file order) and only when the
-suite knows the node's process: run.sh sets GATEWAY_NODE_PID when it started
-the node itself.  Against an external node or a cluster it is skipped.
+This test stops the node, so it runs last (the `stops_node` marker; see
+conftest.py) and only when the suite knows the node's process: run.sh sets
+GATEWAY_NODE_PID when it started the node itself.  Against an external node
+it is skipped, and against a cluster too (several GATEWAY_URLS: its
+sessions would be spread over nodes it does not stop); there
+test_zz_cluster_drain.py drains a node instead.
 """
 
 import asyncio
@@ -16,10 +19,17 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 PID = os.environ.get("GATEWAY_NODE_PID", "")
+URLS = [u for u in os.environ.get("GATEWAY_URLS", "").split(",") if u.strip()]
 
-pytestmark = pytest.mark.skipif(
-    not PID, reason="needs GATEWAY_NODE_PID (run.sh sets it when it starts the node itself)"
-)
+pytestmark = [
+    pytest.mark.stops_node,
+    pytest.mark.skipif(
+        not PID, reason="needs GATEWAY_NODE_PID (run.sh sets it when it starts the node itself)"
+    ),
+    pytest.mark.skipif(
+        len(URLS) > 1, reason="single-node test; a cluster is drained by test_zz_cluster_drain.py"
+    ),
+]
 
 
 async def test_shutdown_sends_gateway_down_then_closes_with_1012(h):

@@ -185,16 +185,12 @@ impl Node {
         if self.broker.is_banned(&identity.id).await? {
             return Err(Reject::new(ErrorCode::Banned, "user is banned"));
         }
-        let channels = self.broker.channel_names().await?;
         if let Some((session_id, s)) = request.resume {
-            if let Some(session) = self
-                .try_resume(conn, &identity, session_id, s, &channels)
-                .await?
-            {
+            if let Some(session) = self.try_resume(conn, &identity, session_id, s).await? {
                 return Ok(session);
             }
         }
-        self.new_session(conn, identity, &channels).await
+        self.new_session(conn, identity).await
     }
 
     async fn try_resume(
@@ -203,7 +199,6 @@ impl Node {
         identity: &Identity,
         session_id: u64,
         s: u64,
-        channels: &[String],
     ) -> Result<Option<Arc<Session>>, Reject> {
         let (session, how) = match self.session(session_id) {
             Some(session) => (session, ResumeResult::Local),
@@ -226,11 +221,14 @@ impl Node {
                 "session belongs to another user",
             ));
         }
+        // The session is in its streams already: a channel added after this
+        // read reaches it as a dispatch.
+        let channels = self.broker.channel_names().await?;
         conn.set_session(Arc::clone(&session));
         // READY is queued under the session lock, before the session
         // attaches: it precedes the replay on the wire.
         let attached = session.attach(conn, s, |channel| {
-            conn.send(self.ready_frame(&session, channel, channels, true));
+            conn.send(self.ready_frame(&session, channel, &channels, true));
         });
         match attached {
             Ok(replaced) => {
@@ -261,7 +259,6 @@ impl Node {
         &self,
         conn: &Arc<Conn>,
         identity: Identity,
-        channels: &[String],
     ) -> Result<Arc<Session>, Reject> {
         let id = self.broker.new_session_id().await?;
         let channel: Arc<str> = Arc::from(self.config.default_channel.as_str());
@@ -274,13 +271,28 @@ impl Node {
             Arc::clone(&self.metrics),
         );
         self.sessions.lock().insert(id, Arc::clone(&session));
+        // The session enters its streams before READY is sent: whatever a
+        // client does once it saw our READY reaches the new session.
+        // Dispatches that arrive meanwhile wait in its ring.
+        if let Err(e) = self.broker.start_session(&session).await {
+            self.end_session(&session).await;
+            return Err(e);
+        }
+        // Read after entering the cluster-wide stream: a channel added later
+        // arrives as a dispatch.
+        let channels = match self.broker.channel_names().await {
+            Ok(channels) => channels,
+            Err(e) => {
+                self.end_session(&session).await;
+                return Err(e);
+            }
+        };
         conn.set_session(Arc::clone(&session));
         session
             .attach(conn, 0, |channel| {
-                conn.send(self.ready_frame(&session, channel, channels, false));
+                conn.send(self.ready_frame(&session, channel, &channels, false));
             })
             .expect("a new session attaches");
-        self.broker.start_session(&session).await?;
         info!(session = id, user = %session.user.id, "session started");
         Ok(session)
     }

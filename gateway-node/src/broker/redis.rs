@@ -393,6 +393,20 @@ impl RedisBroker {
         .await
         .map_err(|_| format!("connecting to Redis at {} timed out", settings.url))?
         .map_err(|e| format!("redis pub/sub connection: {e}"))?;
+        // The cluster-wide stream is subscribed from the start, and our
+        // position in it read after subscribing: a session that starts on
+        // this node gets the events after that, not the whole log.
+        let mut pubsub = pubsub;
+        for topic in [
+            GLOBAL_TOPIC.to_owned(),
+            CONTROL_TOPIC.to_owned(),
+            node_topic(&settings.node_id),
+        ] {
+            pubsub
+                .subscribe(&topic)
+                .await
+                .map_err(|e| format!("redis subscribe {topic}: {e}"))?;
+        }
         let (subs, sub_rx) = mpsc::channel(1024);
         let broker = Self {
             hub,
@@ -425,6 +439,13 @@ impl RedisBroker {
             .query_async(&mut conn)
             .await
             .map_err(|e| format!("redis: {e}"))?;
+        let global: Option<u64> = redis::cmd("HGET")
+            .arg(GLOBAL_META)
+            .arg("n")
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| format!("redis: {e}"))?;
+        broker.hub.global.init_position(global.unwrap_or(0));
         let index = broker
             .claim_node_index(&mut conn)
             .await
@@ -1366,19 +1387,12 @@ async fn subscription_task(
     node: Weak<Node>,
     node_id: String,
 ) {
-    let mut subscribed: HashSet<String> = HashSet::new();
-    for topic in [
+    let mut subscribed: HashSet<String> = [
         GLOBAL_TOPIC.to_owned(),
         CONTROL_TOPIC.to_owned(),
         node_topic(&node_id),
-    ] {
-        match pubsub.subscribe(&topic).await {
-            Ok(()) => {
-                subscribed.insert(topic);
-            }
-            Err(e) => warn!(error = %e, %topic, "subscribe failed"),
-        }
-    }
+    ]
+    .into();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

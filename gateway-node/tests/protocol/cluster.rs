@@ -413,3 +413,28 @@ async fn a_node_subscribes_to_a_channel_only_while_it_has_members_there() {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test]
+async fn a_node_that_joins_later_does_not_replay_old_cluster_events() {
+    let redis = RedisServer::start();
+    let a = node_on(&redis, |_| {}).await;
+    let mut admin = Peer::admin(&a, "root").await;
+    for _ in 0..3 {
+        admin
+            .execute("CHANNEL_ADD", json!({"name": fresh_channel("old")}))
+            .await;
+        admin.dispatch(Event::ChannelAdd).await;
+    }
+    let b = node_on(&redis, |_| {}).await;
+    let mut late = Peer::join(&b, "late").await;
+    let name = fresh_channel("new");
+    admin.execute("CHANNEL_ADD", json!({"name": name})).await;
+    let first = late.next().await.unwrap();
+    assert!(first.is_dispatch(Event::ChannelAdd), "{}", first.text);
+    assert_eq!(
+        first.cnf["name"],
+        name.as_str(),
+        "only what happened after READY"
+    );
+    assert_eq!(first.s, Some(1));
+}
