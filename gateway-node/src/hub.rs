@@ -372,6 +372,19 @@ impl Hub {
         self.channels.lock().get(name).cloned()
     }
 
+    /// Forgets every channel and member and the position in every log
+    /// (the backend lost its data and starts over).
+    pub fn reset(&self) {
+        self.channels.lock().clear();
+        let mut global = self.global.inner.lock();
+        global.delivered = None;
+        global.members.clear();
+        global.skip_until.clear();
+        global.pending.clear();
+        global.recent.clear();
+        global.filling = false;
+    }
+
     /// Channels with no local member: candidates to unsubscribe. They are
     /// forgotten here.
     pub fn take_empty(&self) -> Vec<Arc<str>> {

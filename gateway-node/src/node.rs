@@ -309,6 +309,17 @@ impl Node {
         conn
     }
 
+    /// Ends every session of this node without telling the backend (it
+    /// lost them) and closes their connections with `code`.
+    pub async fn end_all_sessions(&self, code: u16, reason: &str) {
+        let sessions: Vec<_> = self.sessions.lock().drain().map(|(_, s)| s).collect();
+        for session in sessions {
+            if let Some(Some(conn)) = session.end() {
+                conn.close_with(code, reason, false);
+            }
+        }
+    }
+
     pub fn has_session(&self, id: u64) -> bool {
         self.sessions.lock().contains_key(&id)
     }

@@ -100,6 +100,7 @@ const GLOBAL_LOG: &str = "gw:{g}:log";
 const CHANNELS: &str = "gw:{g}:channels";
 const CONTROL_TOPIC: &str = "gw:ctl";
 const PRESENCE: &str = "gw:presence";
+const EPOCH: &str = "gw:{g}:epoch";
 
 /// Appends an event to a log and publishes it: the one way events enter a
 /// log, so the log order and the live order agree on every node.
@@ -257,6 +258,8 @@ pub struct RedisBroker {
     pending_start: Mutex<Option<PendingStart>>,
     claims: Mutex<HashMap<u64, oneshot::Sender<bool>>>,
     claim_ids: AtomicU64,
+    /// The epoch of the Redis data set this node works with.
+    epoch: Mutex<String>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -428,17 +431,15 @@ impl RedisBroker {
             pending_start: Mutex::new(Some((pubsub, push_rx, sub_rx))),
             claims: Mutex::new(HashMap::new()),
             claim_ids: AtomicU64::new(1),
+            epoch: Mutex::new(String::new()),
             tasks: Mutex::new(Vec::new()),
         };
         let mut conn = broker.conn().await.map_err(|r| r.message.to_string())?;
-        let meta = serde_json::json!({"topic": "", "created_by": null}).to_string();
-        let _: () = redis::cmd("HSETNX")
-            .arg(CHANNELS)
-            .arg(&broker.settings.default_channel)
-            .arg(meta)
-            .query_async(&mut conn)
+        let epoch = broker
+            .prepare_keys(&mut conn)
             .await
             .map_err(|e| format!("redis: {e}"))?;
+        *broker.epoch.lock() = epoch;
         let global: Option<u64> = redis::cmd("HGET")
             .arg(GLOBAL_META)
             .arg("n")
@@ -454,6 +455,21 @@ impl RedisBroker {
         broker.node_index.store(index, Ordering::Relaxed);
         info!(node = %broker.settings.node_id, index, "connected to redis");
         Ok(broker)
+    }
+
+    /// Makes sure the default channel exists and returns the data set's
+    /// epoch: a random id written once, so that a Redis that lost its data
+    /// (restarted empty) is noticed by a changed epoch.
+    async fn prepare_keys(&self, conn: &mut deadpool_redis::Connection) -> RedisResult<String> {
+        let meta = serde_json::json!({"topic": "", "created_by": null}).to_string();
+        let mut pipe = redis::pipe();
+        pipe.hset_nx(CHANNELS, &self.settings.default_channel, meta)
+            .ignore()
+            .set_nx(EPOCH, format!("{:016x}", rand::random::<u64>()))
+            .ignore()
+            .get(EPOCH);
+        let (epoch,): (String,) = pipe.query_async(conn).await?;
+        Ok(epoch)
     }
 
     /// A number 0..1024 no other live node holds, for message ids.
@@ -1317,6 +1333,12 @@ impl RedisBroker {
     /// expired presence (sessions of crashed nodes).
     async fn maintain(&self, node: &Node) -> Result<(), Reject> {
         let mut c = self.conn().await?;
+        let epoch = self.op("epoch", self.prepare_keys(&mut c)).await?;
+        if epoch != *self.epoch.lock() {
+            drop(c);
+            self.data_lost(node, epoch).await;
+            return Ok(());
+        }
         let now = unix_ms();
         let window = self.window_ms();
         let mut pipe = redis::pipe();
@@ -1365,6 +1387,27 @@ impl RedisBroker {
             self.leave_script(id, channel).await?;
         }
         Ok(())
+    }
+
+    /// Redis came back without its data: every counter, log, presence
+    /// entry and parked session is gone. The sessions of this node cannot
+    /// continue without a gap, so they end (their clients reconnect and
+    /// get `resumed: false`), and the hub starts over at the new logs.
+    async fn data_lost(&self, node: &Node, epoch: String) {
+        tracing::error!("redis lost its data (new epoch); ending this node's sessions so that clients start over");
+        self.metrics.broker_errors.inc();
+        node.end_all_sessions(1012, "backend restarted").await;
+        self.hub.reset();
+        let mut c = match self.conn().await {
+            Ok(c) => c,
+            Err(_) => return,
+        };
+        let global: Option<u64> = self
+            .op("global position", c.hget(GLOBAL_META, "n"))
+            .await
+            .unwrap_or(None);
+        self.hub.global.init_position(global.unwrap_or(0));
+        *self.epoch.lock() = epoch;
     }
 
     async fn ping(&self) -> bool {

@@ -438,3 +438,35 @@ async fn a_node_that_joins_later_does_not_replay_old_cluster_events() {
     );
     assert_eq!(first.s, Some(1));
 }
+
+#[tokio::test]
+async fn a_redis_that_lost_its_data_ends_sessions_instead_of_leaving_gaps() {
+    let mut redis = RedisServer::start();
+    let node = node_on(&redis, |c| c.resume_window_s = 2).await;
+    let room = fresh_channel("lost");
+    let mut alice = Peer::join(&node, "alice").await;
+    alice.create_and_move(&room).await;
+    alice.say("before").await;
+    redis.restart_empty();
+    // The node notices the new data set and closes its sessions.
+    assert_eq!(alice.closed().await, Some(1012));
+    let (mut client, _) = Client::connect_hello(&node.url()).await.unwrap();
+    let ready = client
+        .present(&alice.token, Some((alice.session_id(), Some(alice.last_s))))
+        .await
+        .unwrap();
+    assert!(!ready.resumed, "nothing to resume from");
+    let mut alice = Peer {
+        client,
+        ready,
+        token: alice.token,
+        user_id: alice.user_id,
+        last_s: 0,
+    };
+    let mut bob = Peer::join(&node, "bob").await;
+    alice.say("fresh start").await;
+    assert_eq!(
+        bob.dispatch(Event::MessageCreate).await.cnf["content"],
+        "fresh start"
+    );
+}
