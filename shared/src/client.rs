@@ -386,6 +386,139 @@ async fn read_loop(read: &mut WebSocketRead<ReadHalf<Io>>, tx: mpsc::Sender<Inco
     }
 }
 
+/// A lean connection for load generation: raw text frames in, pre-built
+/// text out, no per-frame JSON parse and no reader task.
+///
+/// [`connect_raw`] returns the two halves of one WebSocket. The caller owns
+/// both and drives them from its own task, typically as two long-lived
+/// futures in one `select!` (one reading, one writing), so a connection
+/// costs one task and frames are handled where they are read, without a
+/// queue in between. Dropping both halves drops the TCP connection without
+/// a close frame, as a network failure would.
+pub async fn connect_raw(url: &str) -> Result<(RawReader, RawWriter), ClientError> {
+    let (authority, path) = parse_url(url)?;
+    let stream = TcpStream::connect(&authority).await?;
+    stream.set_nodelay(true)?;
+    let request = Request::builder()
+        .method("GET")
+        .uri(path)
+        .header(HOST, authority.as_str())
+        .header(UPGRADE, "websocket")
+        .header(CONNECTION, "upgrade")
+        .header(
+            "Sec-WebSocket-Key",
+            fastwebsockets::handshake::generate_key(),
+        )
+        .header("Sec-WebSocket-Version", "13")
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| ClientError::Unexpected(e.to_string()))?;
+    let (ws, _) = match fastwebsockets::handshake::client(&SpawnExecutor, request, stream).await {
+        Ok(ok) => ok,
+        Err(fastwebsockets::WebSocketError::InvalidStatusCode(code)) => {
+            return Err(ClientError::Refused(code))
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let (read, write) = tokio::io::split(ws.into_inner());
+    let (mut read, write) = fastwebsockets::after_handshake_split(read, write, Role::Client);
+    // Nothing is ever answered from the read half: the node sends no pings,
+    // and a close from the node ends the connection for the caller.
+    read.set_auto_close(false);
+    read.set_auto_pong(false);
+    Ok((
+        RawReader {
+            read: fastwebsockets::FragmentCollectorRead::new(read),
+        },
+        RawWriter {
+            write,
+            scratch: Vec::with_capacity(256),
+        },
+    ))
+}
+
+/// One message from the node, unparsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RawFrame {
+    /// A complete text message (fragments already joined).
+    Text(Bytes),
+    /// The node closed the connection, with its close code when it gave one.
+    Closed(Option<u16>),
+}
+
+/// The read half of [`connect_raw`].
+pub struct RawReader {
+    read: fastwebsockets::FragmentCollectorRead<ReadHalf<Io>>,
+}
+
+impl RawReader {
+    /// The next text message or the close. Pings, pongs and binary frames
+    /// are skipped.
+    ///
+    /// Not cancel-safe (fastwebsockets' `read_frame` is not): cancelling it
+    /// can lose a partly read frame, so only cancel it when the connection
+    /// is being thrown away.
+    pub async fn next(&mut self) -> Result<RawFrame, ClientError> {
+        let mut no_send =
+            |_: Frame<'_>| -> Pin<Box<dyn Future<Output = Result<(), std::io::Error>> + Send>> {
+                Box::pin(async { Ok(()) })
+            };
+        loop {
+            let frame = self.read.read_frame(&mut no_send).await?;
+            match frame.opcode {
+                OpCode::Text => {
+                    // The read buffer hands out its own bytes: no copy here.
+                    let bytes = match frame.payload {
+                        Payload::Bytes(b) => b.freeze(),
+                        other => Bytes::from(Vec::from(other)),
+                    };
+                    return Ok(RawFrame::Text(bytes));
+                }
+                OpCode::Close => {
+                    let code = (frame.payload.len() >= 2)
+                        .then(|| u16::from_be_bytes([frame.payload[0], frame.payload[1]]));
+                    return Ok(RawFrame::Closed(code));
+                }
+                _ => continue,
+            }
+        }
+    }
+}
+
+/// The write half of [`connect_raw`].
+pub struct RawWriter {
+    write: WebSocketWrite<WriteHalf<Io>>,
+    /// Client frames are masked in place; reusing one buffer for that saves
+    /// an allocation per message sent.
+    scratch: Vec<u8>,
+}
+
+impl RawWriter {
+    /// Sends one text message, `text` being the complete JSON payload.
+    pub async fn send_text(&mut self, text: &[u8]) -> Result<(), ClientError> {
+        self.scratch.clear();
+        self.scratch.extend_from_slice(text);
+        let frame = Frame::new(
+            true,
+            OpCode::Text,
+            None,
+            Payload::BorrowedMut(&mut self.scratch),
+        );
+        self.write.write_frame(frame).await?;
+        Ok(())
+    }
+
+    /// Sends a heartbeat (120).
+    pub async fn heartbeat(&mut self) -> Result<(), ClientError> {
+        self.send_text(br#"{"f":120}"#).await
+    }
+
+    /// Sends a close frame with `code` (1000 ends the session).
+    pub async fn close(&mut self, code: u16) -> Result<(), ClientError> {
+        self.write.write_frame(Frame::close(code, b"")).await?;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::parse_url;

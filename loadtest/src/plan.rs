@@ -1,0 +1,339 @@
+//! What one run does, decided once by the driver and handed unchanged to
+//! every worker (in-process, or as JSON to a worker process).
+//!
+//! Everything that must agree across workers is a pure function of the
+//! plan and a client's global index `i` (0 ≤ i < clients), so workers never
+//! need to talk to each other:
+//!
+//! - worker `w` of `K` runs the clients with `i mod K = w`;
+//! - client `i` connects to `urls[i mod U]` as user `lt-<run>-u<i>`;
+//! - client `i` lives in channel `(i div U) mod C`, named `lt-<run>-<c>`,
+//!   so every channel has members on every node;
+//! - publisher `j` (0 ≤ j < P) is client `U·j + (j mod U)`: it sits in
+//!   channel `j mod C` on node `j mod U`, so with P ≥ C every channel has a
+//!   publisher and publishers are spread over nodes and workers.
+
+use anyhow::{bail, Result};
+use gateway_shared::protocol::{is_valid_channel_name, MAX_CONTENT_CHARS};
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scenario {
+    Connect,
+    Fanout,
+    Churn,
+}
+
+impl Scenario {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Connect => "connect",
+            Self::Fanout => "fanout",
+            Self::Churn => "churn",
+        }
+    }
+}
+
+/// How clients drop and resume in `churn`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChurnPlan {
+    /// Connection drops per second over all non-publishing clients.
+    pub drops_per_s: f64,
+    /// A dropped client waits a random 0..=this many ms before resuming,
+    /// so dispatches pile up in its replay ring meanwhile.
+    pub down_ms_max: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Plan {
+    pub scenario: Scenario,
+    /// Gateway WebSocket URLs; clients are spread over them round-robin.
+    pub urls: Vec<String>,
+    /// The cluster's HS256 secret, to mint tokens.
+    pub secret: String,
+    /// Tags user ids, channel names and nonces, so concurrent or earlier
+    /// runs against the same cluster do not mix.
+    pub run_id: String,
+    /// Clients over all workers.
+    pub clients: usize,
+    /// New connections per second over all workers.
+    pub ramp_per_s: f64,
+    /// Connection attempts in flight at once, per worker.
+    pub connect_concurrency: usize,
+    /// How long a client may take to connect, present and join its channel.
+    pub setup_timeout_s: f64,
+    /// `connect`: how long the sessions are held after all are up.
+    pub hold_s: f64,
+    /// Channels the clients are spread over (0: stay in the default channel).
+    pub channels: usize,
+    /// Clients that publish.
+    pub publishers: usize,
+    /// Messages per second over all publishers.
+    pub rate: f64,
+    /// How long publishers send.
+    pub duration_s: f64,
+    /// After sending stops, how long to wait for the last deliveries.
+    pub drain_s: f64,
+    /// Length of every message's `content`.
+    pub content_bytes: usize,
+    /// `churn` only.
+    pub churn: Option<ChurnPlan>,
+    /// Worker processes (1: run in this process).
+    pub workers: usize,
+    /// Runtime threads per process (1: a current-thread runtime).
+    pub threads: usize,
+    /// Hard bound on the whole run; every process stops by itself after it.
+    pub max_run_s: f64,
+}
+
+/// A random run id: 6 characters of `[a-z0-9]`.
+pub fn random_run_id() -> String {
+    const CHARS: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut rng = rand::rng();
+    (0..6)
+        .map(|_| CHARS[rng.random_range(0..CHARS.len())] as char)
+        .collect()
+}
+
+/// A finite number above zero (NaN is not).
+fn positive(x: f64) -> bool {
+    x.is_finite() && x > 0.0
+}
+
+/// A finite number, zero or more.
+fn non_negative(x: f64) -> bool {
+    x.is_finite() && x >= 0.0
+}
+
+impl Plan {
+    /// Checks what would otherwise fail half-way through a run.
+    pub fn validate(&self) -> Result<()> {
+        if self.urls.is_empty() {
+            bail!("--urls needs at least one ws://host:port/gateway URL");
+        }
+        for url in &self.urls {
+            if !url.starts_with("ws://") {
+                bail!("{url:?} is not a ws:// URL");
+            }
+        }
+        if self.secret.is_empty() {
+            bail!("a JWT secret is required (--jwt-secret or GATEWAY_JWT_SECRET)");
+        }
+        if self.run_id.is_empty()
+            || self.run_id.len() > 12
+            || !self
+                .run_id
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        {
+            bail!("--run-id must be 1-12 characters of [a-z0-9]");
+        }
+        if self.clients == 0 {
+            bail!("--clients must be at least 1");
+        }
+        if self.workers == 0 || self.workers > self.clients {
+            bail!("--workers must be between 1 and --clients");
+        }
+        if self.threads == 0 {
+            bail!("--threads must be at least 1");
+        }
+        if !positive(self.ramp_per_s) || self.connect_concurrency == 0 {
+            bail!("--ramp-per-s and --connect-concurrency must be positive");
+        }
+        if !positive(self.setup_timeout_s) || !positive(self.max_run_s) {
+            bail!("--setup-timeout-s and --max-run-s must be positive");
+        }
+        if !non_negative(self.hold_s) || !non_negative(self.drain_s) {
+            bail!("--hold-s and --drain-s must be zero or more");
+        }
+        if self.scenario != Scenario::Connect {
+            if self.channels == 0 {
+                bail!("--channels must be at least 1");
+            }
+            if !is_valid_channel_name(&self.channel_name(self.channels - 1)) {
+                bail!("too many channels for a valid channel name");
+            }
+            let max_publishers = self.clients.div_ceil(self.urls.len());
+            if self.publishers == 0 || self.publishers_clients_end() > self.clients {
+                bail!(
+                    "--publishers must be between 1 and about clients/urls \
+                     ({max_publishers} here)"
+                );
+            }
+            if !positive(self.rate) || !positive(self.duration_s) {
+                bail!("--rate and --duration-s must be positive");
+            }
+            if self.content_bytes == 0 || self.content_bytes > MAX_CONTENT_CHARS {
+                bail!("--content-bytes must be 1-{MAX_CONTENT_CHARS}");
+            }
+        }
+        if let Some(churn) = &self.churn {
+            if !positive(churn.drops_per_s) {
+                bail!("--drops-per-s must be positive");
+            }
+            if self.publishers >= self.clients {
+                bail!("churn needs clients that do not publish");
+            }
+        }
+        Ok(())
+    }
+
+    /// One past the largest client index a publisher has.
+    fn publishers_clients_end(&self) -> usize {
+        (0..self.publishers)
+            .map(|j| self.publisher_client(j) + 1)
+            .max()
+            .unwrap_or(0)
+    }
+
+    pub fn url_count(&self) -> usize {
+        self.urls.len()
+    }
+
+    /// The index in `urls` of client `i`'s node.
+    pub fn url_of(&self, i: usize) -> usize {
+        i % self.urls.len()
+    }
+
+    /// Client `i`'s channel, if the scenario uses channels.
+    pub fn channel_of(&self, i: usize) -> Option<usize> {
+        (self.scenario != Scenario::Connect && self.channels > 0)
+            .then(|| (i / self.urls.len()) % self.channels)
+    }
+
+    pub fn channel_name(&self, c: usize) -> String {
+        format!("lt-{}-{c}", self.run_id)
+    }
+
+    pub fn user_id(&self, i: usize) -> String {
+        format!("lt-{}-u{i}", self.run_id)
+    }
+
+    /// The client index of publisher `j`.
+    pub fn publisher_client(&self, j: usize) -> usize {
+        let u = self.urls.len();
+        u * j + j % u
+    }
+
+    /// The publisher number of client `i`, if it publishes.
+    pub fn publisher_of(&self, i: usize) -> Option<usize> {
+        if self.scenario == Scenario::Connect {
+            return None;
+        }
+        let j = i / self.urls.len();
+        (j < self.publishers && self.publisher_client(j) == i).then_some(j)
+    }
+
+    /// Whether worker `w` runs client `i`.
+    pub fn runs(&self, w: usize, i: usize) -> bool {
+        i % self.workers == w
+    }
+
+    /// Time between two messages of one publisher.
+    pub fn publish_interval(&self) -> Duration {
+        Duration::from_secs_f64(self.publishers as f64 / self.rate)
+    }
+
+    /// Messages one publisher sends in the run.
+    pub fn messages_per_publisher(&self) -> u64 {
+        (self.duration_s * self.rate / self.publishers as f64).ceil() as u64
+    }
+}
+
+#[cfg(test)]
+pub(crate) fn test_plan(scenario: Scenario) -> Plan {
+    Plan {
+        scenario,
+        urls: vec!["ws://127.0.0.1:1/gateway".into()],
+        secret: "x".repeat(32),
+        run_id: "abc123".into(),
+        clients: 20,
+        ramp_per_s: 1000.0,
+        connect_concurrency: 64,
+        setup_timeout_s: 10.0,
+        hold_s: 1.0,
+        channels: 2,
+        publishers: 2,
+        rate: 50.0,
+        duration_s: 2.0,
+        drain_s: 2.0,
+        content_bytes: 16,
+        churn: None,
+        workers: 1,
+        threads: 1,
+        max_run_s: 60.0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn publishers_cover_channels_and_nodes() {
+        let mut plan = test_plan(Scenario::Fanout);
+        plan.urls = vec!["ws://a/".into(), "ws://b/".into(), "ws://c/".into()];
+        plan.clients = 300;
+        plan.channels = 4;
+        plan.publishers = 8;
+        plan.validate().unwrap();
+        let mut seen = std::collections::BTreeSet::new();
+        for j in 0..plan.publishers {
+            let i = plan.publisher_client(j);
+            assert_eq!(plan.publisher_of(i), Some(j));
+            assert_eq!(plan.channel_of(i), Some(j % 4));
+            assert_eq!(plan.url_of(i), j % 3);
+            seen.insert(i);
+        }
+        assert_eq!(seen.len(), 8);
+        let publishers = (0..plan.clients)
+            .filter(|&i| plan.publisher_of(i).is_some())
+            .count();
+        assert_eq!(publishers, 8);
+        // Every channel has members on every node.
+        for c in 0..4 {
+            let nodes: std::collections::BTreeSet<_> = (0..plan.clients)
+                .filter(|&i| plan.channel_of(i) == Some(c))
+                .map(|i| plan.url_of(i))
+                .collect();
+            assert_eq!(nodes.len(), 3, "channel {c}");
+        }
+    }
+
+    #[test]
+    fn workers_split_clients_without_overlap() {
+        let mut plan = test_plan(Scenario::Fanout);
+        plan.workers = 3;
+        for i in 0..plan.clients {
+            assert_eq!((0..3).filter(|&w| plan.runs(w, i)).count(), 1);
+        }
+    }
+
+    #[test]
+    fn bad_plans_are_refused() {
+        let ok = test_plan(Scenario::Fanout);
+        ok.validate().unwrap();
+        let mut p = ok.clone();
+        p.publishers = 21;
+        assert!(p.validate().is_err());
+        let mut p = ok.clone();
+        p.run_id = "Bad".into();
+        assert!(p.validate().is_err());
+        let mut p = ok.clone();
+        p.urls = vec!["http://x/".into()];
+        assert!(p.validate().is_err());
+        let mut p = ok.clone();
+        p.rate = 0.0;
+        assert!(p.validate().is_err());
+        let mut p = ok.clone();
+        p.rate = f64::NAN;
+        assert!(p.validate().is_err());
+        let mut p = ok;
+        p.workers = 30;
+        assert!(p.validate().is_err());
+        assert_eq!(random_run_id().len(), 6);
+    }
+}
