@@ -249,7 +249,9 @@ async fn serve_inner(node: Arc<Node>, conn: Arc<Conn>, io: Io) {
     if let Some(session) = conn.session() {
         let ends = conn.close_request().is_some_and(|c| c.ends_session);
         if ends {
-            node.end_session(&session).await;
+            // Boxed: the backend's future is large and would otherwise size
+            // this task (one per connection) for its whole life.
+            Box::pin(node.end_session(&session)).await;
         } else if session.detach(conn.id) {
             debug!(session = session.id, "detached; resumable");
         }

@@ -79,8 +79,9 @@ pub enum AttachError {
 struct State {
     /// Sequence number of the latest dispatch.
     seq: u64,
-    /// `(seq, dispatch)` for the latest dispatches, contiguous.
-    ring: VecDeque<(u64, Arc<Dispatch>)>,
+    /// The latest dispatches, contiguous, the last one numbered `seq`
+    /// (so the first is `seq + 1 - ring.len()`: no number is stored).
+    ring: VecDeque<Arc<Dispatch>>,
     /// The connection receiving this session's dispatches.
     conn: Option<Arc<Conn>>,
     /// Highest sequence number handed to `conn`'s writer.
@@ -161,7 +162,7 @@ impl Session {
         }
         st.seq += 1;
         let seq = st.seq;
-        st.ring.push_back((seq, Arc::clone(dispatch)));
+        st.ring.push_back(Arc::clone(dispatch));
         if st.ring.len() > self.limits.ring {
             st.ring.pop_front();
         }
@@ -196,7 +197,7 @@ impl Session {
         if st.ended {
             return Err(AttachError::Ended);
         }
-        let first_held = st.ring.front().map_or(st.seq + 1, |e| e.0);
+        let first_held = st.seq + 1 - st.ring.len() as u64;
         if from_seq > st.seq || from_seq + 1 < first_held {
             return Err(AttachError::Gap);
         }
@@ -259,8 +260,17 @@ impl Session {
             let mut st = session.state.lock();
             st.seq = seq;
             st.sent = seq;
-            let skip = ring.len().saturating_sub(limits.ring);
-            st.ring = ring.into_iter().skip(skip).collect();
+            // Keep the contiguous run that ends at `seq`.
+            let mut held: VecDeque<Arc<Dispatch>> = VecDeque::new();
+            let mut expect = seq;
+            for (s, d) in ring.into_iter().rev() {
+                if s != expect || held.len() == limits.ring {
+                    break;
+                }
+                held.push_front(d);
+                expect = expect.saturating_sub(1);
+            }
+            st.ring = held;
         }
         session
     }
@@ -275,7 +285,12 @@ impl Session {
             return None;
         }
         st.ended = true;
-        let ring = std::mem::take(&mut st.ring).into_iter().collect();
+        let first = st.seq + 1 - st.ring.len() as u64;
+        let ring = std::mem::take(&mut st.ring)
+            .into_iter()
+            .enumerate()
+            .map(|(i, d)| (first + i as u64, d))
+            .collect();
         let conn = st.conn.take();
         let seq = st.seq;
         drop(st);
@@ -347,18 +362,19 @@ impl Session {
         if st.conn.as_ref().is_none_or(|c| c.id != conn_id) {
             return (0, false);
         }
-        let Some(&(first, _)) = st.ring.front() else {
+        if st.sent >= st.seq {
             return (0, false);
-        };
+        }
+        let first = st.seq + 1 - st.ring.len() as u64;
         let start = (st.sent + 1).saturating_sub(first) as usize;
         let start_len = buf.len();
         let mut written = 0;
         let now = Instant::now();
-        for (seq, dispatch) in st.ring.iter().skip(start) {
+        for (i, dispatch) in st.ring.iter().enumerate().skip(start) {
             if buf.len() - start_len >= budget {
                 break;
             }
-            dispatch.encode(*seq, buf);
+            dispatch.encode(first + i as u64, buf);
             self.metrics.dispatch_sent(dispatch, now);
             written += 1;
         }
@@ -374,7 +390,7 @@ impl Session {
         let st = self.state.lock();
         st.ring
             .iter()
-            .map(|(_, d)| String::from_utf8_lossy(d.body()).into_owned())
+            .map(|d| String::from_utf8_lossy(d.body()).into_owned())
             .collect()
     }
 

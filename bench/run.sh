@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# One benchmark run, reproducible: a redis-server of its own (free port,
+# temporary directory), two gateway nodes on it, one loadtest scenario
+# against both, the JSON report kept in bench/results/NAME.json, and
+# everything stopped afterwards. Loopback only; bounded by loadtest.
+#
+#   bench/run.sh NAME rust|node SCENARIO [loadtest flags…]
+#   bench/run.sh fanout-1x2000-r150 rust fanout --clients 2000 --channels 1 --publishers 10 --rate 150 --duration-s 10
+#
+# `rust` runs target/release/gateway-node (build it first:
+# cargo build --release -p gateway-node -p gateway-loadtest); `node` runs
+# bench/node-peer (npm ci there first). NODES=1 runs a single node.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+NAME="$1"; IMPL="$2"; shift 2
+NODES="${NODES:-2}"
+LT=target/release/loadtest
+[ -x "$LT" ] || { echo "build target/release/loadtest first" >&2; exit 2; }
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+TMP="$(mktemp -d)"
+PIDS=()
+cleanup() {
+  for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  for pid in "${PIDS[@]}"; do
+    for _ in $(seq 1 150); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+  done
+  rm -rf "$TMP"
+}
+trap cleanup EXIT
+
+REDIS_PORT="$(free_port)"
+redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no --dir "$TMP" >"$TMP/redis.log" 2>&1 &
+PIDS+=($!)
+until redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1; do sleep 0.05; done
+
+SECRET=bench-secret-bench-secret-bench-secret-0123
+URLS=""
+for i in $(seq 1 "$NODES"); do
+  port="$(free_port)"
+  if [ "$IMPL" = rust ]; then
+    GATEWAY_JWT_SECRET="$SECRET" GATEWAY_LISTEN="127.0.0.1:$port" GATEWAY_REDIS_URL="redis://127.0.0.1:$REDIS_PORT/" \
+      GATEWAY_RATE_LIMIT_COUNT=1000000 GATEWAY_NODE_ID="bench-$i" GATEWAY_LOG=warn \
+      target/release/gateway-node serve >"$TMP/node$i.log" 2>&1 &
+  else
+    REDIS_URL="redis://127.0.0.1:$REDIS_PORT" JWT_SECRET="$SECRET" PORT="$port" \
+      node bench/node-peer/server.js >"$TMP/node$i.log" 2>&1 &
+  fi
+  PIDS+=($!)
+  until curl -fsS "http://127.0.0.1:$port/metrics" >/dev/null 2>&1; do sleep 0.05; done
+  URLS="${URLS:+$URLS,}ws://127.0.0.1:$port/gateway"
+done
+
+mkdir -p bench/results
+echo "bench: $NAME ($IMPL, $NODES node(s)): loadtest $*" >&2
+"$LT" "$@" --urls "$URLS" --jwt-secret "$SECRET" --json "bench/results/$NAME.json" --quiet
