@@ -53,6 +53,31 @@ for i in $(seq 1 "$NODES"); do
   URLS="${URLS:+$URLS,}ws://127.0.0.1:$port/gateway"
 done
 
+cpu() { # total CPU seconds of the nodes, from their /metrics
+  local total=0
+  for url in ${URLS//,/ }; do
+    hp="${url#ws://}"; hp="${hp%%/*}"
+    v=$(curl -fsS "http://$hp/metrics" | awk '/^process_cpu_seconds_total/{print $2}')
+    total=$(python3 -c "print($total + ${v:-0})")
+  done
+  echo "$total"
+}
+
 mkdir -p bench/results
 echo "bench: $NAME ($IMPL, $NODES node(s)): loadtest $*" >&2
-"$LT" "$@" --urls "$URLS" --jwt-secret "$SECRET" --json "bench/results/$NAME.json" --quiet
+CPU0=$(cpu)
+rc=0
+"$LT" "$@" --urls "$URLS" --jwt-secret "$SECRET" --json "bench/results/$NAME.json" --quiet || rc=$?
+CPU1=$(cpu)
+# Node CPU per delivered message, added to the report.
+python3 - "bench/results/$NAME.json" "$CPU0" "$CPU1" "$IMPL" "$NODES" <<'PY'
+import json, sys
+path, c0, c1, impl, nodes = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), sys.argv[4], int(sys.argv[5])
+r = json.load(open(path))
+r["bench"] = {"impl": impl, "nodes": nodes, "node_cpu_s": round(c1 - c0, 3)}
+if r.get("delivered"):
+    r["bench"]["node_cpu_us_per_delivery"] = round((c1 - c0) / r["delivered"] * 1e6, 3)
+json.dump(r, open(path, "w"), indent=2)
+print(f"  node cpu               {c1 - c0:.2f} s" + (f" ({r['bench']['node_cpu_us_per_delivery']} us per delivery)" if r.get("delivered") else ""))
+PY
+exit "$rc"

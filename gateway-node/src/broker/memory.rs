@@ -27,42 +27,63 @@ pub fn unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Message ids: `ms << 22 | node << 12 | counter`. Unique across nodes
-/// (each node holds its own `node` number) and increasing per node; a node
-/// that runs out of counter within a millisecond borrows the next one.
+/// Message ids: `ms * 10^6 + node * 10^3 + counter` in decimal, that is
+/// the Unix milliseconds followed by three digits of node number (each
+/// live node holds its own, 0-999) and three of a counter that only ever
+/// goes up, wrapping at 1000 into the next millisecond. Unique across
+/// nodes, increasing per node, below 2^63 until the year 2262.
+///
+/// The decimal layout (rather than bit fields) lets the Redis message
+/// script, which has no 64-bit integers, move an id past its channel's
+/// last one by raising only the millisecond part.
 pub struct IdGenerator {
     node: u64,
     /// `(ms, counter)` of the last id.
     last: parking_lot::Mutex<(u64, u64)>,
 }
 
+/// A message id split as the Redis script handles it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MessageId {
+    pub ms: u64,
+    /// `node * 1000 + counter`, 0-999999.
+    pub suffix: u64,
+}
+
+impl MessageId {
+    pub fn value(self) -> u64 {
+        self.ms * 1_000_000 + self.suffix
+    }
+}
+
 impl IdGenerator {
     pub fn new(node: u64) -> Self {
         Self {
-            node: node & 0x3FF,
-            last: parking_lot::Mutex::new((0, 0)),
+            node: node % 1000,
+            last: parking_lot::Mutex::new((0, 999)),
         }
     }
 
-    pub fn next(&self) -> u64 {
-        self.next_after(0)
+    pub fn next(&self) -> MessageId {
+        let mut last = self.last.lock();
+        let counter = (last.1 + 1) % 1000;
+        // A wrapped counter must not go back within a millisecond.
+        let floor = if counter == 0 { last.0 + 1 } else { last.0 };
+        let ms = unix_ms().max(floor);
+        *last = (ms, counter);
+        MessageId {
+            ms,
+            suffix: self.node * 1000 + counter,
+        }
     }
 
-    /// The next id, at least in the millisecond after `floor`'s (used when
-    /// another node's clock is ahead of ours).
-    pub fn next_after(&self, floor: u64) -> u64 {
-        let floor_ms = if floor == 0 { 0 } else { (floor >> 22) + 1 };
-        let now = unix_ms().max(floor_ms);
+    /// Never again an id below millisecond `ms` (another node's clock was
+    /// ahead and the channel moved our id up to it).
+    pub fn advance_to(&self, ms: u64) {
         let mut last = self.last.lock();
-        let (ms, counter) = if now > last.0 {
-            (now, 0)
-        } else if last.1 < 0xFFF {
-            (last.0, last.1 + 1)
-        } else {
-            (last.0 + 1, 0)
-        };
-        *last = (ms, counter);
-        ms << 22 | self.node << 12 | counter
+        if ms > last.0 {
+            last.0 = ms;
+        }
     }
 }
 
@@ -315,7 +336,7 @@ impl Memory {
             .channel(&session.channel())
             .ok_or_else(|| Reject::new(ErrorCode::NotFound, "unknown channel"))?;
         let mut state = channel.state.lock();
-        let id = self.ids.next();
+        let id = self.ids.next().value();
         let dispatch = Dispatch::new(
             Event::MessageCreate,
             &MessageCreate {
@@ -446,12 +467,13 @@ mod tests {
         let mut prev = 0;
         for _ in 0..10_000 {
             let id = ids.next();
-            assert!(id > prev);
-            prev = id;
+            assert!(id.value() > prev, "{id:?}");
+            assert_eq!(id.suffix / 1000, 3, "node digits");
+            prev = id.value();
         }
         assert!(prev < 1 << 63);
-        assert_eq!((prev >> 12) & 0x3FF, 3, "node bits");
-        let floor = prev + (5 << 22);
-        assert!(ids.next_after(floor) >> 22 > floor >> 22);
+        let ahead = unix_ms() + 5000;
+        ids.advance_to(ahead);
+        assert!(ids.next().ms >= ahead);
     }
 }

@@ -161,13 +161,19 @@ return 1
 
 const MESSAGE_LUA: &str = r#"
 -- KEYS: meta log hist
--- ARGV: topic body retain id_padded id hist_retain
+-- ARGV: topic rest retain ms(13 digits) suffix(6 digits) hist_retain
+-- The id is ms .. suffix; if it is not above the channel's last id (another
+-- node's clock is ahead), its millisecond part moves just past the last one.
+local id = ARGV[4] .. ARGV[5]
 local last = redis.call('HGET', KEYS[1], 'lastid') or ''
-if ARGV[4] <= last then return {-1, last} end
-redis.call('HSET', KEYS[1], 'lastid', ARGV[4])
-redis.call('RPUSH', KEYS[3], ARGV[5] .. ' ' .. ARGV[2])
+if #id == #last and id <= last then
+  id = string.format('%013d', tonumber(string.sub(last, 1, 13)) + 1) .. ARGV[5]
+end
+redis.call('HSET', KEYS[1], 'lastid', id)
+local body = '{"id":"' .. id .. '"' .. ARGV[2]
+redis.call('RPUSH', KEYS[3], id .. ' ' .. body)
 redis.call('LTRIM', KEYS[3], -tonumber(ARGV[6]), -1)
-return {emit(KEYS[1], KEYS[2], ARGV[1], 'MESSAGE_CREATE ' .. ARGV[2], ARGV[3])}
+return {emit(KEYS[1], KEYS[2], ARGV[1], 'MESSAGE_CREATE ' .. body, ARGV[3]), id}
 "#;
 
 const DELETE_LUA: &str = r#"
@@ -472,11 +478,11 @@ impl RedisBroker {
         Ok(epoch)
     }
 
-    /// A number 0..1024 no other live node holds, for message ids.
+    /// A number 0..1000 no other live node holds, for message ids.
     async fn claim_node_index(&self, conn: &mut deadpool_redis::Connection) -> RedisResult<u64> {
-        let start = rand::random::<u64>() % 1024;
-        for i in 0..1024 {
-            let index = (start + i) % 1024;
+        let start = rand::random::<u64>() % 1000;
+        for i in 0..1000 {
+            let index = (start + i) % 1000;
             let ok: Option<String> = redis::cmd("SET")
                 .arg(format!("gw:nodeidx:{index}"))
                 .arg(&self.settings.node_id)
@@ -491,7 +497,7 @@ impl RedisBroker {
         }
         Err(redis::RedisError::from((
             redis::ErrorKind::Client,
-            "no free node index (1024 nodes?)",
+            "no free node index (1000 nodes?)",
         )))
     }
 
@@ -760,51 +766,39 @@ impl RedisBroker {
     ) -> Result<(), Reject> {
         let name = session.channel();
         let started = std::time::Instant::now();
-        let mut floor = 0;
-        for _ in 0..5 {
-            let id = self.ids().next_after(floor);
-            let body = serde_json::to_string(&MessageCreate {
-                id: id.to_string(),
-                channel: name.to_string(),
-                author: session.user.clone(),
-                content: content.to_owned(),
-                ts: unix_ms(),
-                nonce: nonce.map(str::to_owned),
-            })
-            .expect("message serializes");
-            let mut c = self.conn().await?;
-            let mut inv = self.scripts.message.prepare_invoke();
-            inv.key(ck(&name, "meta"))
-                .key(ck(&name, "log"))
-                .key(ck(&name, "hist"));
-            inv.arg(channel_topic(&name))
-                .arg(&body)
-                .arg(LOG_RETAIN)
-                .arg(format!("{id:020}"))
-                .arg(id)
-                .arg(self.settings.history_retain);
-            let out: Vec<redis::Value> = self.op("publish", inv.invoke_async(&mut c)).await?;
-            let n: i64 = out
-                .first()
-                .and_then(|v| redis::from_redis_value(v.clone()).ok())
-                .unwrap_or(0);
-            if n > 0 {
-                self.metrics
-                    .broker_publish
-                    .observe(started.elapsed().as_secs_f64());
-                return Ok(());
+        let id = self.ids().next();
+        // Everything after the id: the script puts the final id in front.
+        let full = serde_json::to_string(&MessageCreate {
+            id: String::new(),
+            channel: name.to_string(),
+            author: session.user.clone(),
+            content: content.to_owned(),
+            ts: unix_ms(),
+            nonce: nonce.map(str::to_owned),
+        })
+        .expect("message serializes");
+        let rest = &full[r#"{"id":"""#.len()..];
+        let mut c = self.conn().await?;
+        let mut inv = self.scripts.message.prepare_invoke();
+        inv.key(ck(&name, "meta"))
+            .key(ck(&name, "log"))
+            .key(ck(&name, "hist"));
+        inv.arg(channel_topic(&name))
+            .arg(rest)
+            .arg(LOG_RETAIN)
+            .arg(format!("{:013}", id.ms))
+            .arg(format!("{:06}", id.suffix))
+            .arg(self.settings.history_retain);
+        let (_, final_id): (u64, String) = self.op("publish", inv.invoke_async(&mut c)).await?;
+        if let Some(ms) = final_id.get(..13).and_then(|ms| ms.parse::<u64>().ok()) {
+            if ms > id.ms {
+                self.ids().advance_to(ms);
             }
-            // Another node's clock is ahead: go past its last id.
-            floor = out
-                .get(1)
-                .and_then(|v| redis::from_redis_value::<String>(v.clone()).ok())
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(0);
         }
-        Err(Reject::new(
-            ErrorCode::UnknownError,
-            "could not order the message; retry",
-        ))
+        self.metrics
+            .broker_publish
+            .observe(started.elapsed().as_secs_f64());
+        Ok(())
     }
 
     pub async fn delete_message(&self, session: &Arc<Session>, id: u64) -> Result<(), Reject> {

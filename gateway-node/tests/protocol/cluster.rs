@@ -470,3 +470,36 @@ async fn a_redis_that_lost_its_data_ends_sessions_instead_of_leaving_gaps() {
         "fresh start"
     );
 }
+
+#[tokio::test]
+async fn a_node_whose_clock_is_behind_still_orders_its_messages_after_the_last() {
+    let redis = RedisServer::start();
+    let node = node_on(&redis, |_| {}).await;
+    let room = fresh_channel("skew");
+    let mut alice = Peer::join(&node, "alice").await;
+    alice.create_and_move(&room).await;
+    // Another node, its clock an hour ahead, published the last message.
+    let ahead_ms = gateway_node::broker::memory::unix_ms() + 3_600_000;
+    let last = format!("{ahead_ms:013}042007");
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("HSET")
+        .arg(format!("gw:{{c:{room}}}:meta"))
+        .arg("lastid")
+        .arg(&last)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let first: u64 = alice.say("one").await["id"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let second: u64 = alice.say("two").await["id"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(first > last.parse::<u64>().unwrap(), "{first} after {last}");
+    assert!(second > first);
+}
