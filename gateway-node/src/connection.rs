@@ -31,7 +31,8 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tracing::{debug, Instrument};
 
@@ -70,7 +71,9 @@ pub struct Conn {
     /// Wakes the writer.
     wake: Notify,
     /// Wakes the supervisor when a close is requested.
-    closing: Notify,
+    close_signal: Notify,
+    /// Set with the close request: the writer checks it without a lock.
+    closing: AtomicBool,
     /// Milliseconds after `started` of the last heartbeat.
     last_beat_ms: AtomicU64,
     presented: AtomicBool,
@@ -83,7 +86,8 @@ impl Conn {
         Self {
             id,
             wake: Notify::new(),
-            closing: Notify::new(),
+            close_signal: Notify::new(),
+            closing: AtomicBool::new(false),
             last_beat_ms: AtomicU64::new(0),
             presented: AtomicBool::new(false),
             started: Instant::now(),
@@ -121,10 +125,11 @@ impl Conn {
         let mut inner = self.inner.lock();
         if inner.close.is_none() {
             inner.close = Some(req);
+            self.closing.store(true, Ordering::Release);
         }
         drop(inner);
         self.wake();
-        self.closing.notify_one();
+        self.close_signal.notify_one();
     }
 
     /// Sends a fatal error (150 with `d: true`) and closes with its code.
@@ -201,20 +206,40 @@ impl Conn {
 pub async fn serve(node: Arc<Node>, io: Io) {
     let conn = Arc::new(Conn::new(node.next_conn_id()));
     let span = tracing::info_span!("conn", node = %node.node_id, conn = conn.id, session = tracing::field::Empty, user = tracing::field::Empty);
-    serve_inner(node, conn, io).instrument(span).await
+    // Hot path: back to the TCP stream itself, whose owned halves need no
+    // lock between reader and writer (tokio::io::split takes one on every
+    // read and write). Bytes hyper read past the handshake go first.
+    match io.into_inner().downcast::<TokioIo<TcpStream>>() {
+        Ok(parts) => {
+            let (read, write) = parts.io.into_inner().into_split();
+            let reader = FrameReader::with_buffered(read, MAX_PAYLOAD, &parts.read_buf);
+            serve_inner(node, conn, reader, write)
+                .instrument(span)
+                .await
+        }
+        Err(upgraded) => {
+            let (read, write) = tokio::io::split(TokioIo::new(upgraded));
+            let reader = FrameReader::new(read, MAX_PAYLOAD);
+            serve_inner(node, conn, reader, write)
+                .instrument(span)
+                .await
+        }
+    }
 }
 
-async fn serve_inner(node: Arc<Node>, conn: Arc<Conn>, io: Io) {
+async fn serve_inner<R, W>(node: Arc<Node>, conn: Arc<Conn>, ws: FrameReader<R>, write: W)
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
     node.metrics.connections.inc();
-    let (read, write) = tokio::io::split(io);
     // We answer pings and closes ourselves through the writer (one writer
     // per socket).
-    let ws = FrameReader::new(read, MAX_PAYLOAD);
     conn.beat();
     conn.send(node.hello_frame.clone());
 
-    let writer =
-        tokio::spawn(write_loop(Arc::clone(&node), Arc::clone(&conn), write).in_current_span());
+    // The writer logs nothing: no span to enter on each of its many polls.
+    let writer = tokio::spawn(write_loop(Arc::clone(&conn), write));
     let mut reader = tokio::spawn(
         read_loop(Handler::new(Arc::clone(&node), Arc::clone(&conn)), ws).in_current_span(),
     );
@@ -224,7 +249,7 @@ async fn serve_inner(node: Arc<Node>, conn: Arc<Conn>, io: Io) {
         let (deadline, code) = conn.deadline(hb_int);
         tokio::select! {
             _ = &mut reader => break,
-            _ = conn.closing.notified() => break,
+            _ = conn.close_signal.notified() => break,
             _ = tokio::time::sleep_until(deadline.into()) => {
                 if conn.deadline(hb_int).0 <= Instant::now() {
                     let m = if code == ErrorCode::NotPresented { "no PRESENT in time" } else { "heartbeat missed" };
@@ -259,20 +284,29 @@ async fn serve_inner(node: Arc<Node>, conn: Arc<Conn>, io: Io) {
     node.metrics.connections.dec();
 }
 
-async fn write_loop(node: Arc<Node>, conn: Arc<Conn>, mut io: WriteHalf<Io>) {
+async fn write_loop<W: AsyncWrite + Unpin>(conn: Arc<Conn>, mut io: W) {
     // Empty until there is something to write: idle connections hold none.
     let mut buf = BytesMut::new();
     let mut control = BytesMut::new();
+    // Set once at PRESENT; kept here so each wake costs no lock for it.
+    let mut session: Option<Arc<Session>> = None;
     loop {
         conn.wake.notified().await;
         loop {
-            let close = conn.close_request();
+            let close = if conn.closing.load(Ordering::Acquire) {
+                conn.close_request()
+            } else {
+                None
+            };
             let discard = close.as_ref().is_some_and(|c| !c.flush);
             let mut more = false;
+            if session.is_none() {
+                session = conn.session();
+            }
             // Dispatches are taken before control frames: a READY queued
             // before its session attached is then always written first.
             if !discard {
-                if let Some(session) = conn.session() {
+                if let Some(session) = &session {
                     more = session.write_unsent(conn.id, &mut buf, WRITE_BATCH).1;
                 }
             }
@@ -310,7 +344,6 @@ async fn write_loop(node: Arc<Node>, conn: Arc<Conn>, mut io: WriteHalf<Io>) {
                     let _ = io.write_all(&close.frames).await;
                 }
                 let _ = io.shutdown().await;
-                let _ = node;
                 return;
             }
             break;
@@ -325,8 +358,6 @@ enum Incoming {
     Close(Option<u16>),
 }
 
-type Reader = FrameReader<ReadHalf<Io>>;
-
 fn too_large() -> Reject {
     Reject::new(ErrorCode::PayloadTooLarge, "message over 4096 bytes")
 }
@@ -337,8 +368,8 @@ fn decode(m: &'static str) -> Reject {
 
 /// The next complete message (fragments reassembled, never past the
 /// limit), ping or close. `Ok(None)`: a frame that needs no answer.
-async fn read_frame(
-    reader: &mut Reader,
+async fn read_frame<R: AsyncRead + Unpin>(
+    reader: &mut FrameReader<R>,
     partial: &mut Option<(u8, BytesMut)>,
 ) -> Result<Option<Incoming>, Reject> {
     let frame = match reader.next().await {
@@ -394,7 +425,7 @@ fn complete(opcode: u8, buf: BytesMut) -> Result<Incoming, Reject> {
     Ok(Incoming::Message(buf))
 }
 
-async fn read_loop(mut handler: Handler, mut ws: Reader) {
+async fn read_loop<R: AsyncRead + Unpin>(mut handler: Handler, mut ws: FrameReader<R>) {
     let mut partial = None;
     loop {
         match read_frame(&mut ws, &mut partial).await {

@@ -56,6 +56,16 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
     }
 
+    /// A reader that first consumes `buffered` (bytes read past the
+    /// handshake).
+    pub fn with_buffered(io: R, max_payload: usize, buffered: &[u8]) -> Self {
+        Self {
+            io,
+            buf: BytesMut::from(buffered),
+            max_payload,
+        }
+    }
+
     /// Reads until the buffer holds at least `n` bytes.
     async fn fill(&mut self, n: usize) -> Result<(), ReadError> {
         while self.buf.len() < n {
