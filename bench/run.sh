@@ -9,7 +9,8 @@
 #
 # `rust` runs target/release/gateway-node (build it first:
 # cargo build --release -p gateway-node -p gateway-loadtest); `node` runs
-# bench/node-peer (npm ci there first). NODES=1 runs a single node.
+# bench/node-peer (npm ci there first). NODES=1 runs a single node;
+# WORKER_THREADS=N gives each Rust node N runtime threads.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NAME="$1"; IMPL="$2"; shift 2
@@ -43,7 +44,7 @@ for i in $(seq 1 "$NODES"); do
   if [ "$IMPL" = rust ]; then
     GATEWAY_JWT_SECRET="$SECRET" GATEWAY_LISTEN="127.0.0.1:$port" GATEWAY_REDIS_URL="redis://127.0.0.1:$REDIS_PORT/" \
       GATEWAY_RATE_LIMIT_COUNT=1000000 GATEWAY_NODE_ID="bench-$i" GATEWAY_LOG=warn \
-      target/release/gateway-node serve >"$TMP/node$i.log" 2>&1 &
+      env ${WORKER_THREADS:+GATEWAY_WORKER_THREADS=$WORKER_THREADS} target/release/gateway-node serve >"$TMP/node$i.log" 2>&1 &
   else
     REDIS_URL="redis://127.0.0.1:$REDIS_PORT" JWT_SECRET="$SECRET" PORT="$port" \
       node bench/node-peer/server.js >"$TMP/node$i.log" 2>&1 &
@@ -53,14 +54,13 @@ for i in $(seq 1 "$NODES"); do
   URLS="${URLS:+$URLS,}ws://127.0.0.1:$port/gateway"
 done
 
-cpu() { # total CPU seconds of the nodes, from their /metrics
-  local total=0
-  for url in ${URLS//,/ }; do
-    hp="${url#ws://}"; hp="${hp%%/*}"
-    v=$(curl -fsS "http://$hp/metrics" | awk '/^process_cpu_seconds_total/{print $2}')
-    total=$(python3 -c "print($total + ${v:-0})")
+cpu() { # CPU seconds used so far by the node processes (from /proc, in ticks)
+  local ticks=0
+  for pid in "${PIDS[@]:1}"; do
+    t=$(awk '{print $14 + $15}' "/proc/$pid/stat" 2>/dev/null || echo 0)
+    ticks=$((ticks + t))
   done
-  echo "$total"
+  python3 -c "import os; print($ticks / os.sysconf('SC_CLK_TCK'))"
 }
 
 mkdir -p bench/results

@@ -117,6 +117,10 @@ pub struct Config {
     /// Messages a channel keeps for history and MESSAGE_DELETE.
     #[arg(long, env = "GATEWAY_HISTORY_RETAIN", default_value_t = 1000)]
     pub history_retain: usize,
+    /// Runtime worker threads; default: one per CPU. Give a node as many
+    /// as the cores it really gets (its CPU limit in Kubernetes).
+    #[arg(long, env = "GATEWAY_WORKER_THREADS")]
+    pub worker_threads: Option<usize>,
     /// Log format.
     #[arg(long, env = "GATEWAY_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -147,6 +151,7 @@ impl Default for Config {
             max_channels: 10_000,
             history_retain: 1000,
             log_format: LogFormat::Text,
+            worker_threads: None,
             dev: false,
         }
     }
@@ -233,6 +238,9 @@ impl Config {
             if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
                 return Err(invalid("--redis-url must start with redis:// or rediss://"));
             }
+        }
+        if self.worker_threads.is_some_and(|n| n == 0 || n > 1024) {
+            return Err(invalid("--worker-threads must be between 1 and 1024"));
         }
         if let Some(id) = &self.node_id {
             if id.is_empty() || id.len() > 128 || id.contains(['{', '}', ' ']) {

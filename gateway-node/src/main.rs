@@ -75,7 +75,11 @@ fn serve(config: Config) -> anyhow::Result<()> {
     };
     let generated = config.jwt_secret.is_none() && config.jwt_secret_file.is_none();
     let listen = config.listen;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(threads) = config.worker_threads {
+        runtime.worker_threads(threads);
+    }
+    let runtime = runtime
         .enable_all()
         .build()
         .context("starting the runtime")?;

@@ -152,37 +152,48 @@ fn parse_url(url: &str) -> Result<(String, String), ClientError> {
     Ok((authority, path))
 }
 
+/// The two halves of a connection once the WebSocket handshake is done.
+type Halves = (WebSocketRead<ReadHalf<Io>>, WebSocketWrite<WriteHalf<Io>>);
+
+/// Connects to `url` and performs the WebSocket handshake.
+async fn handshake(url: &str) -> Result<Halves, ClientError> {
+    let (authority, path) = parse_url(url)?;
+    let stream = TcpStream::connect(&authority).await?;
+    stream.set_nodelay(true)?;
+    let request = Request::builder()
+        .method("GET")
+        .uri(path)
+        .header(HOST, authority.as_str())
+        .header(UPGRADE, "websocket")
+        .header(CONNECTION, "upgrade")
+        .header(
+            "Sec-WebSocket-Key",
+            fastwebsockets::handshake::generate_key(),
+        )
+        .header("Sec-WebSocket-Version", "13")
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| ClientError::Unexpected(e.to_string()))?;
+    let (ws, _) = match fastwebsockets::handshake::client(&SpawnExecutor, request, stream).await {
+        Ok(ok) => ok,
+        Err(fastwebsockets::WebSocketError::InvalidStatusCode(code)) => {
+            return Err(ClientError::Refused(code))
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let (read, write) = tokio::io::split(ws.into_inner());
+    Ok(fastwebsockets::after_handshake_split(
+        read,
+        write,
+        Role::Client,
+    ))
+}
+
 impl Client {
     /// Opens the WebSocket; the HELLO is the first message [`recv`] returns.
     ///
     /// [`recv`]: Client::recv
     pub async fn connect(url: &str) -> Result<Self, ClientError> {
-        let (authority, path) = parse_url(url)?;
-        let stream = TcpStream::connect(&authority).await?;
-        stream.set_nodelay(true)?;
-        let request = Request::builder()
-            .method("GET")
-            .uri(path)
-            .header(HOST, authority.as_str())
-            .header(UPGRADE, "websocket")
-            .header(CONNECTION, "upgrade")
-            .header(
-                "Sec-WebSocket-Key",
-                fastwebsockets::handshake::generate_key(),
-            )
-            .header("Sec-WebSocket-Version", "13")
-            .body(Empty::<Bytes>::new())
-            .map_err(|e| ClientError::Unexpected(e.to_string()))?;
-        let (ws, _) = match fastwebsockets::handshake::client(&SpawnExecutor, request, stream).await
-        {
-            Ok(ok) => ok,
-            Err(fastwebsockets::WebSocketError::InvalidStatusCode(code)) => {
-                return Err(ClientError::Refused(code))
-            }
-            Err(e) => return Err(e.into()),
-        };
-        let (read, write) = tokio::io::split(ws.into_inner());
-        let (mut read, write) = fastwebsockets::after_handshake_split(read, write, Role::Client);
+        let (mut read, write) = handshake(url).await?;
         read.set_auto_close(false);
         read.set_auto_pong(false);
         let (tx, incoming) = mpsc::channel(INCOMING_QUEUE);
@@ -396,31 +407,7 @@ async fn read_loop(read: &mut WebSocketRead<ReadHalf<Io>>, tx: mpsc::Sender<Inco
 /// queue in between. Dropping both halves drops the TCP connection without
 /// a close frame, as a network failure would.
 pub async fn connect_raw(url: &str) -> Result<(RawReader, RawWriter), ClientError> {
-    let (authority, path) = parse_url(url)?;
-    let stream = TcpStream::connect(&authority).await?;
-    stream.set_nodelay(true)?;
-    let request = Request::builder()
-        .method("GET")
-        .uri(path)
-        .header(HOST, authority.as_str())
-        .header(UPGRADE, "websocket")
-        .header(CONNECTION, "upgrade")
-        .header(
-            "Sec-WebSocket-Key",
-            fastwebsockets::handshake::generate_key(),
-        )
-        .header("Sec-WebSocket-Version", "13")
-        .body(Empty::<Bytes>::new())
-        .map_err(|e| ClientError::Unexpected(e.to_string()))?;
-    let (ws, _) = match fastwebsockets::handshake::client(&SpawnExecutor, request, stream).await {
-        Ok(ok) => ok,
-        Err(fastwebsockets::WebSocketError::InvalidStatusCode(code)) => {
-            return Err(ClientError::Refused(code))
-        }
-        Err(e) => return Err(e.into()),
-    };
-    let (read, write) = tokio::io::split(ws.into_inner());
-    let (mut read, write) = fastwebsockets::after_handshake_split(read, write, Role::Client);
+    let (mut read, write) = handshake(url).await?;
     // Nothing is ever answered from the read half: the node sends no pings,
     // and a close from the node ends the connection for the caller.
     read.set_auto_close(false);

@@ -366,7 +366,7 @@ impl RedisBroker {
     ) -> Result<Self, String> {
         let mut cfg = deadpool_redis::Config::from_url(settings.url.clone());
         cfg.pool = Some(PoolConfig {
-            max_size: 16,
+            max_size: 64,
             timeouts: Timeouts {
                 wait: Some(OP_TIMEOUT),
                 create: Some(OP_TIMEOUT),
