@@ -25,8 +25,10 @@ use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 
-/// Delivered events a channel keeps for sessions that attach behind it.
-const RECENT: usize = 1024;
+/// Delivered events a channel keeps for sessions that attach behind it
+/// (in the few milliseconds between a join script and the attach). Small:
+/// every channel keeps them alive; further behind, the log is read.
+const RECENT: usize = 128;
 /// Early events a channel holds while waiting for a gap to be filled.
 const PENDING_LIMIT: usize = 16 * 1024;
 
@@ -186,7 +188,8 @@ impl LocalChannel {
     /// Adds `session`, which has seen this channel's events up to `from`.
     /// `first` (the CHANNEL_MOVE snapshot) is delivered to it before any
     /// event of the channel.
-    /// Releases the pin the caller took with [`Hub::pin`].
+    /// On success, releases the pin the caller took with [`Hub::pin`]; on
+    /// failure the caller still holds it (to retry, or to `unpin`).
     pub fn attach(
         &self,
         session: &Arc<Session>,
@@ -194,7 +197,6 @@ impl LocalChannel {
         first: Option<&Arc<Dispatch>>,
     ) -> Result<(), AttachError> {
         let mut inner = self.inner.lock();
-        inner.pins = inner.pins.saturating_sub(1);
         let delivered = match inner.delivered {
             Some(d) => d,
             None => {
@@ -221,6 +223,7 @@ impl LocalChannel {
             inner.skip_until.insert(session.id, from);
         }
         inner.members.insert(session.id, Arc::clone(session));
+        inner.pins = inner.pins.saturating_sub(1);
         Self::drain_pending(&mut inner);
         Ok(())
     }
@@ -489,6 +492,27 @@ mod tests {
         let s = Session::for_test(1);
         c.attach(&s, 7, None).unwrap();
         assert_eq!(held(&s), [8]);
+    }
+
+    #[test]
+    fn a_session_too_far_behind_is_refused_and_keeps_its_pin() {
+        let hub = Hub::new();
+        let c = hub.pin("x");
+        c.attach(&Session::for_test(1), 0, None).unwrap();
+        for n in 1..=(RECENT as u64 + 10) {
+            c.on_event(n, ev(n));
+        }
+        let late = Session::for_test(2);
+        let c2 = hub.pin("x");
+        assert_eq!(c2.attach(&late, 5, None), Err(AttachError::TooFarBehind));
+        assert!(late.held_bodies().is_empty(), "nothing half delivered");
+        c.detach(1);
+        assert!(
+            hub.take_empty().is_empty(),
+            "still pinned by the late joiner"
+        );
+        // Caught up from elsewhere (the log), it attaches where the hub is.
+        c2.attach(&late, RECENT as u64 + 10, None).unwrap();
     }
 
     #[test]

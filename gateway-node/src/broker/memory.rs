@@ -267,9 +267,12 @@ impl Memory {
         let first = moved_from.map(|from| {
             Dispatch::from_body(Event::ChannelMove, &move_body(&channel, &state, from))
         });
-        local
-            .attach(session, state.n, first.as_ref())
-            .map_err(|_| Reject::new(ErrorCode::UnknownError, "channel fan-out fell behind"))
+        // Under the channel lock the hub is exactly at `state.n`, so this
+        // cannot fail; if it did, the session is not left half in.
+        local.attach(session, state.n, first.as_ref()).map_err(|_| {
+            local.unpin();
+            Reject::new(ErrorCode::UnknownError, "channel fan-out fell behind")
+        })
     }
 
     pub fn leave(&self, session: &Arc<Session>, name: &str) {

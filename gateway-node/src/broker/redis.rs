@@ -691,9 +691,49 @@ impl RedisBroker {
             local.unpin();
             return Ok(());
         }
-        local
-            .attach(session, n, first.as_ref())
-            .map_err(|_| Reject::new(ErrorCode::Unavailable, "channel fan-out fell behind; retry"))
+        if self
+            .attach_at(local, &ck(name, "log"), session, n, first)
+            .await?
+        {
+            Ok(())
+        } else {
+            Err(Reject::new(
+                ErrorCode::Unavailable,
+                "channel log unavailable; retry",
+            ))
+        }
+    }
+
+    /// Attaches `session`, which has seen the channel up to `from`, to the
+    /// hub, `first` before anything else. If the hub has already delivered
+    /// past what it keeps, the difference is read from `log` and handed
+    /// over first. False when the log no longer has it.
+    async fn attach_at(
+        &self,
+        local: &LocalChannel,
+        log: &str,
+        session: &Arc<Session>,
+        mut from: u64,
+        mut first: Option<Arc<Dispatch>>,
+    ) -> Result<bool, Reject> {
+        for _ in 0..4 {
+            match local.attach(session, from, first.as_ref()) {
+                Ok(()) => return Ok(true),
+                Err(crate::hub::AttachError::TooFarBehind) => {
+                    if let Some(first) = first.take() {
+                        session.deliver(&first);
+                    }
+                    let Some(events) = self.read_log(log, from).await? else {
+                        return Ok(false);
+                    };
+                    for (n, d) in events {
+                        session.deliver(&d);
+                        from = n;
+                    }
+                }
+            }
+        }
+        Ok(false)
     }
 
     pub async fn start_session(&self, session: &Arc<Session>) -> Result<(), Reject> {
@@ -1138,14 +1178,18 @@ impl RedisBroker {
         for (_, d) in &global {
             session.deliver(d);
         }
-        if self.hub.global.attach(session, gpos, None).is_err() {
+        if !self
+            .attach_at(&self.hub.global, GLOBAL_LOG, session, gpos, None)
+            .await?
+        {
             return Ok(false);
         }
         let cpos = events.last().map_or(ccur, |e| e.0);
         for (_, d) in &events {
             session.deliver(d);
         }
-        Ok(local.attach(session, cpos, None).is_ok())
+        self.attach_at(local, &ck(channel, "log"), session, cpos, None)
+            .await
     }
 
     /// Fills a gap of `channel` (`None`: the global stream) from its log.
