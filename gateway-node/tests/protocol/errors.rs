@@ -86,14 +86,7 @@ async fn binary_frames_are_fatal_4002() {
         .send_frame(true, OpCode::Binary, br#"{"f":120}"#)
         .await
         .unwrap();
-    let err = client
-        .expect_f(FunctionCode::Error)
-        .await
-        .unwrap()
-        .error()
-        .unwrap();
-    assert_eq!((err.c, err.d), (4002, true));
-    assert_eq!(client.closed().await.unwrap(), Some(4002));
+    expect_fatal(&mut client, 4002).await;
 }
 
 #[tokio::test]
@@ -181,14 +174,7 @@ async fn the_payload_limit_is_4096_bytes() {
 
     let over = heartbeat_of_len(4097);
     client.send_text(&over).await.unwrap();
-    let err = client
-        .expect_f(FunctionCode::Error)
-        .await
-        .unwrap()
-        .error()
-        .unwrap();
-    assert_eq!((err.c, err.d), (4006, true));
-    assert_eq!(client.closed().await.unwrap(), Some(4006));
+    expect_fatal(&mut client, 4006).await;
 }
 
 #[tokio::test]
@@ -230,14 +216,7 @@ async fn the_payload_limit_applies_to_fragmented_messages() {
     let _ = client
         .send_frame(true, OpCode::Continuation, chunks[chunks.len() - 1])
         .await;
-    let err = client
-        .expect_f(FunctionCode::Error)
-        .await
-        .unwrap()
-        .error()
-        .unwrap();
-    assert_eq!((err.c, err.d), (4006, true));
-    assert_eq!(client.closed().await.unwrap(), Some(4006));
+    expect_fatal(&mut client, 4006).await;
 }
 
 #[tokio::test]

@@ -202,6 +202,15 @@ impl Peer {
     }
 }
 
+/// Waits for a fatal error `code` (`d: true`) and the close with the same
+/// code.
+pub async fn expect_fatal(client: &mut Client, code: u16) {
+    let msg = client.expect_f(FunctionCode::Error).await.unwrap();
+    let err = msg.error().unwrap();
+    assert_eq!((err.c, err.d), (code, true), "{}", msg.text);
+    assert_eq!(client.closed().await.unwrap(), Some(code));
+}
+
 static CHANNELS: AtomicU64 = AtomicU64::new(1);
 
 /// A channel name no other test uses.

@@ -1,7 +1,7 @@
 //! Deadlines, slow consumers and drain.
 
 use crate::harness::*;
-use gateway_shared::protocol::{Event, FunctionCode};
+use gateway_shared::protocol::Event;
 use gateway_shared::Client;
 use serde_json::json;
 
@@ -9,14 +9,7 @@ use serde_json::json;
 async fn no_present_in_time_is_fatal_4003() {
     let node = TestNode::with(|c| c.hb_int_ms = 200).await;
     let (mut client, _) = Client::connect_hello(&node.url()).await.unwrap();
-    let err = client
-        .expect_f(FunctionCode::Error)
-        .await
-        .unwrap()
-        .error()
-        .unwrap();
-    assert_eq!((err.c, err.d), (4003, true));
-    assert_eq!(client.closed().await.unwrap(), Some(4003));
+    expect_fatal(&mut client, 4003).await;
 }
 
 #[tokio::test]
