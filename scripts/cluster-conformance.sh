@@ -8,30 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN="${GATEWAY_BIN:-target/debug/gateway-node}"
 [ -x "$BIN" ] || { echo "cluster-conformance: build $BIN first" >&2; exit 2; }
-command -v redis-server >/dev/null || { echo "cluster-conformance: redis-server is missing" >&2; exit 2; }
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-TMP="$(mktemp -d)"
-PIDS=()
-cleanup() {
-  for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-  for pid in "${PIDS[@]}"; do
-    for _ in $(seq 1 150); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-  done
-  rm -rf "$TMP"
-}
-trap cleanup EXIT
-
-REDIS_PORT="$(free_port)"
-redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no --dir "$TMP" \
-  >"$TMP/redis.log" 2>&1 &
-PIDS+=($!)
-for _ in $(seq 1 100); do
-  redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break
-  sleep 0.1
-done
+source scripts/lib-processes.sh
+start_redis
 
 SECRET="$(python3 -c 'import secrets; print(secrets.token_hex(24))')"
 URLS=""
