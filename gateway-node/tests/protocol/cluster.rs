@@ -276,12 +276,22 @@ async fn redis_outage_gives_4018_then_recovers() {
     assert_eq!((err.c, err.d, err.s), (4018, false, Some(5)));
     let (status, _) = http_get(&node.http("/readyz")).await;
     assert_eq!(status, 503);
+    // A PRESENT that needs the backend is refused, not fatally.
+    let (mut late, _) = Client::connect_hello(&node.url()).await.unwrap();
+    let (late_token, _) = user_token("late");
+    let err = late.present(&late_token, None).await.unwrap_err();
+    assert!(
+        matches!(err, gateway_shared::ClientError::Gateway(ref e) if e.c == 4018 && !e.d),
+        "{err:?}"
+    );
     redis.restart();
     // The node reconnects by itself: wait until it is ready again.
     while http_get(&node.http("/readyz")).await.0 != 200 {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     assert_eq!(alice.say("back").await["content"], "back");
+    // The refused client presents again on the same connection.
+    assert!(!late.present(&late_token, None).await.unwrap().resumed);
     let mut bob = Peer::join(&node, "bob").await;
     bob.move_to(&room).await;
     alice.say("both").await;
