@@ -74,6 +74,9 @@ pub struct Conn {
     close_signal: Notify,
     /// Set with the close request: the writer checks it without a lock.
     closing: AtomicBool,
+    /// Bumped whenever the session changes, so that the writer's copy of
+    /// it is refreshed without taking a lock on every wake.
+    session_version: AtomicU64,
     /// Milliseconds after `started` of the last heartbeat.
     last_beat_ms: AtomicU64,
     presented: AtomicBool,
@@ -88,6 +91,7 @@ impl Conn {
             wake: Notify::new(),
             close_signal: Notify::new(),
             closing: AtomicBool::new(false),
+            session_version: AtomicU64::new(0),
             last_beat_ms: AtomicU64::new(0),
             presented: AtomicBool::new(false),
             started: Instant::now(),
@@ -175,6 +179,7 @@ impl Conn {
 
     pub fn set_session(&self, session: Arc<Session>) {
         self.inner.lock().session = Some(session);
+        self.session_version.fetch_add(1, Ordering::Release);
         self.presented.store(true, Ordering::Release);
     }
 
@@ -288,8 +293,10 @@ async fn write_loop<W: AsyncWrite + Unpin>(conn: Arc<Conn>, mut io: W) {
     // Empty until there is something to write: idle connections hold none.
     let mut buf = BytesMut::new();
     let mut control = BytesMut::new();
-    // Set once at PRESENT; kept here so each wake costs no lock for it.
+    // Kept here so each wake costs no lock for it; refreshed when the
+    // connection's session changes (a resume that fell back to a new one).
     let mut session: Option<Arc<Session>> = None;
+    let mut version = 0;
     loop {
         conn.wake.notified().await;
         loop {
@@ -300,7 +307,9 @@ async fn write_loop<W: AsyncWrite + Unpin>(conn: Arc<Conn>, mut io: W) {
             };
             let discard = close.as_ref().is_some_and(|c| !c.flush);
             let mut more = false;
-            if session.is_none() {
+            let current = conn.session_version.load(Ordering::Acquire);
+            if current != version {
+                version = current;
                 session = conn.session();
             }
             // Dispatches are taken before control frames: a READY queued

@@ -287,12 +287,20 @@ impl Node {
                 return Err(e);
             }
         };
+        // The writer must know the session before it is woken for it.
         conn.set_session(Arc::clone(&session));
+        // Ended meanwhile (a ban landed during PRESENT): no READY for it; a
+        // PRESENT sent again meets the ban.
         session
             .attach(conn, 0, |channel| {
                 conn.send(self.ready_frame(&session, channel, &channels, false));
             })
-            .expect("a new session attaches");
+            .map_err(|_| {
+                Reject::new(
+                    ErrorCode::UnknownError,
+                    "session ended while presenting; present again",
+                )
+            })?;
         info!(session = id, user = %session.user.id, "session started");
         Ok(session)
     }
