@@ -310,7 +310,7 @@ impl Node {
     pub async fn end_session(&self, session: &Arc<Session>) -> Option<Arc<Conn>> {
         let conn = session.end()?;
         self.sessions.lock().remove(&session.id);
-        if let Err(e) = self.broker.end_session(&self.hub, session).await {
+        if let Err(e) = self.broker.end_session(session).await {
             tracing::warn!(session = session.id, error = %e.message, "ending the session in the backend failed");
         }
         info!(session = session.id, user = %session.user.id, "session ended");

@@ -73,8 +73,9 @@ pub fn hello_frame(hb_int_ms: u64) -> Bytes {
     })
 }
 
+/// The heartbeat answer, a complete frame: nothing to allocate per beat.
 pub fn heartbeat_frame() -> Bytes {
-    frame(OP_TEXT, br#"{"f":120}"#)
+    Bytes::from_static(b"\x81\x09{\"f\":120}")
 }
 
 pub fn message_frame<T: Serialize>(f: FunctionCode, cnf: &T) -> Bytes {
@@ -300,6 +301,11 @@ mod tests {
         assert_eq!(buf[0], 0x81);
         assert_eq!(buf[1] as usize, text.len());
         assert_eq!(&buf[2..], text);
+    }
+
+    #[test]
+    fn the_static_heartbeat_frame_is_a_text_frame_of_its_payload() {
+        assert_eq!(heartbeat_frame(), frame(OP_TEXT, br#"{"f":120}"#));
     }
 
     #[test]

@@ -6,13 +6,13 @@
 //! holding that mutex, so every session sees a channel's events in one
 //! order and a message id is larger than every id before it in the channel.
 
-use super::Ban;
+use super::{Ban, MessageBody};
 use crate::hub::Hub;
 use crate::session::Session;
 use crate::wire::{Dispatch, Reject};
 use gateway_shared::protocol::{
-    ChannelAdd, ErrorCode, Event, MessageCreate, MessageDelete, RoomUser, StartTyping, User,
-    MOVE_HISTORY_LIMIT, MOVE_MEMBER_LIMIT,
+    ChannelAdd, ErrorCode, Event, MessageDelete, RoomUser, StartTyping, User, MOVE_HISTORY_LIMIT,
+    MOVE_MEMBER_LIMIT,
 };
 use parking_lot::{Mutex, RwLock};
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -275,6 +275,12 @@ impl Memory {
         })
     }
 
+    /// An ended session leaves its channel and the cluster-wide stream.
+    pub fn end_session(&self, session: &Arc<Session>) {
+        self.hub.global.detach(session.id);
+        self.leave(session, &session.channel());
+    }
+
     pub fn leave(&self, session: &Arc<Session>, name: &str) {
         let Some(channel) = self.channel(name) else {
             return;
@@ -342,13 +348,13 @@ impl Memory {
         let id = self.ids.next().value();
         let dispatch = Dispatch::new(
             Event::MessageCreate,
-            &MessageCreate {
-                id: id.to_string(),
-                channel: channel.name.to_string(),
-                author: session.user.clone(),
-                content: content.to_owned(),
+            &MessageBody {
+                id: itoa::Buffer::new().format(id),
+                channel: &channel.name,
+                author: &session.user,
+                content,
                 ts: unix_ms(),
-                nonce: nonce.map(str::to_owned),
+                nonce,
             },
         );
         state.history.push_back(StoredMessage {

@@ -4,12 +4,11 @@
 //!
 //! `Broker` is an enum rather than a trait object: calls are static, and
 //! async methods need no boxing. The in-memory backend runs one node on its
-//! own; the Redis backend (next) runs a cluster.
+//! own; the Redis backend runs a cluster.
 
 pub mod memory;
 pub mod redis;
 
-use crate::hub::Hub;
 use crate::node::Node;
 use crate::session::Session;
 use crate::wire::Reject;
@@ -70,11 +69,10 @@ impl Broker {
 
     /// An ended session leaves its channel (ROOM_USER_REMOVE) and the
     /// cluster-wide stream.
-    pub async fn end_session(&self, hub: &Hub, session: &Arc<Session>) -> Result<(), Reject> {
-        hub.global.detach(session.id);
+    pub async fn end_session(&self, session: &Arc<Session>) -> Result<(), Reject> {
         match self {
             Self::Memory(m) => {
-                m.leave(session, &session.channel());
+                m.end_session(session);
                 Ok(())
             }
             Self::Redis(r) => r.end_session(session).await,
@@ -206,6 +204,20 @@ impl Broker {
     }
 }
 
+/// A MESSAGE_CREATE `cnf` serialized from borrowed parts: publishing copies
+/// nothing just to serialize it. Same fields, same order as
+/// [`gateway_shared::protocol::MessageCreate`].
+#[derive(serde::Serialize)]
+pub(crate) struct MessageBody<'a> {
+    pub id: &'a str,
+    pub channel: &'a str,
+    pub author: &'a User,
+    pub content: &'a str,
+    pub ts: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nonce: Option<&'a str>,
+}
+
 /// The CHANNEL_MOVE body, written by hand around the history bodies,
 /// which are already serialized and are not serialized again.
 pub(crate) fn move_body<'a>(
@@ -233,4 +245,40 @@ pub(crate) fn move_body<'a>(
     }
     out.extend_from_slice(b"]}");
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gateway_shared::protocol::MessageCreate;
+
+    #[test]
+    fn the_borrowed_message_body_serializes_like_the_protocol_type() {
+        let user = User {
+            id: "u1".into(),
+            name: "alice".into(),
+        };
+        for nonce in [None, Some("n1")] {
+            let borrowed = MessageBody {
+                id: "42",
+                channel: "c",
+                author: &user,
+                content: "hi \"there\"",
+                ts: 7,
+                nonce,
+            };
+            let owned = MessageCreate {
+                id: "42".into(),
+                channel: "c".into(),
+                author: user.clone(),
+                content: "hi \"there\"".into(),
+                ts: 7,
+                nonce: nonce.map(str::to_owned),
+            };
+            assert_eq!(
+                serde_json::to_string(&borrowed).unwrap(),
+                serde_json::to_string(&owned).unwrap()
+            );
+        }
+    }
 }

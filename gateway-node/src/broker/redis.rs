@@ -54,9 +54,7 @@ use crate::node::Node;
 use crate::session::Session;
 use crate::wire::{Dispatch, Reject};
 use deadpool_redis::{Pool, PoolConfig, Runtime, Timeouts};
-use gateway_shared::protocol::{
-    ChannelAdd, ErrorCode, Event, MessageCreate, MessageDelete, StartTyping, User,
-};
+use gateway_shared::protocol::{ChannelAdd, ErrorCode, Event, MessageDelete, StartTyping, User};
 use parking_lot::Mutex;
 use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, PushInfo, PushKind, RedisResult, Script};
@@ -763,6 +761,7 @@ impl RedisBroker {
     }
 
     pub async fn end_session(&self, session: &Arc<Session>) -> Result<(), Reject> {
+        self.hub.global.detach(session.id);
         let channel = session.channel();
         if let Some(local) = self.hub.get(&channel) {
             local.detach(session.id);
@@ -808,13 +807,13 @@ impl RedisBroker {
         let started = std::time::Instant::now();
         let id = self.ids().next();
         // Everything after the id: the script puts the final id in front.
-        let full = serde_json::to_string(&MessageCreate {
-            id: String::new(),
-            channel: name.to_string(),
-            author: session.user.clone(),
-            content: content.to_owned(),
+        let full = serde_json::to_string(&super::MessageBody {
+            id: "",
+            channel: &name,
+            author: &session.user,
+            content,
             ts: unix_ms(),
-            nonce: nonce.map(str::to_owned),
+            nonce,
         })
         .expect("message serializes");
         let rest = &full[r#"{"id":"""#.len()..];
