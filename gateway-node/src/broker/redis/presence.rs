@@ -1,0 +1,290 @@
+//! Sessions entering, moving between and leaving channels: subscribe first,
+//! then the join script fixes where the session starts in the channel's
+//! log. Presence entries, refreshed by the owner, and bans.
+
+use super::{channel_topic, ck, sk, RedisBroker, CHANNELS, CONTROL_TOPIC, LOG_RETAIN, PRESENCE};
+use crate::broker::memory::unix_ms;
+use crate::broker::{move_body, Ban};
+use crate::hub::LocalChannel;
+use crate::session::Session;
+use crate::wire::{Dispatch, Reject};
+use gateway_shared::protocol::{ErrorCode, Event, User};
+use redis::AsyncCommands;
+use std::sync::Arc;
+
+/// An integer in a script's reply (0 when absent).
+fn script_int(v: Option<&redis::Value>) -> u64 {
+    v.and_then(|v| redis::from_redis_value::<u64>(v.clone()).ok())
+        .unwrap_or(0)
+}
+
+/// The CHANNEL_MOVE dispatch from the join script's snapshot:
+/// `[n, member_count, listed, user JSON × listed, "<id> <body>" …]`.
+fn move_dispatch(out: &[redis::Value], channel: &str, from: &str) -> Arc<Dispatch> {
+    let count = script_int(out.get(1)) as usize;
+    let listed = script_int(out.get(2)) as usize;
+    let strings: Vec<String> = out
+        .iter()
+        .skip(3)
+        .filter_map(|v| redis::from_redis_value::<String>(v.clone()).ok())
+        .collect();
+    let members: Vec<User> = strings
+        .iter()
+        .take(listed)
+        .filter_map(|u| serde_json::from_str(u).ok())
+        .collect();
+    let members: Vec<&User> = members.iter().collect();
+    let history = strings
+        .iter()
+        .skip(listed)
+        .filter_map(|h| h.split_once(' ').map(|(_, body)| body.as_bytes()));
+    Dispatch::from_body(
+        Event::ChannelMove,
+        &move_body(channel, from, &members, count, history),
+    )
+}
+
+impl RedisBroker {
+    pub async fn new_session_id(&self) -> Result<u64, Reject> {
+        let mut c = self.conn().await?;
+        self.op("session id", c.incr("gw:sid", 1)).await
+    }
+
+    pub async fn channel_names(&self) -> Result<Vec<String>, Reject> {
+        let mut c = self.conn().await?;
+        let mut names: Vec<String> = self.op("channels", c.hkeys(CHANNELS)).await?;
+        names.sort();
+        Ok(names)
+    }
+
+    async fn channel_exists(&self, name: &str) -> Result<bool, Reject> {
+        let mut c = self.conn().await?;
+        self.op("channel lookup", c.hexists(CHANNELS, name)).await
+    }
+
+    pub async fn is_banned(&self, user_id: &str) -> Result<bool, Reject> {
+        let mut c = self.conn().await?;
+        self.op("ban lookup", c.exists(format!("gw:ban:{user_id}")))
+            .await
+    }
+
+    fn user_json(user: &User) -> String {
+        serde_json::to_string(user).expect("user serializes")
+    }
+
+    /// Runs the join script; returns `(n, member_count, snapshot)`.
+    async fn join_script(
+        &self,
+        session: &Session,
+        name: &str,
+        snapshot: bool,
+    ) -> Result<Vec<redis::Value>, Reject> {
+        let mut c = self.conn().await?;
+        let channel_json = serde_json::to_string(name).expect("string serializes");
+        let mut inv = self.scripts.join.prepare_invoke();
+        for suffix in ["meta", "members", "users", "ujson", "order", "log", "hist"] {
+            inv.key(ck(name, suffix));
+        }
+        inv.arg(session.id)
+            .arg(&session.user.id)
+            .arg(Self::user_json(&session.user))
+            .arg(self.settings.presence_threshold)
+            .arg(channel_topic(name))
+            .arg(channel_json)
+            .arg(LOG_RETAIN)
+            .arg(if snapshot { "1" } else { "0" });
+        self.op("join", inv.invoke_async(&mut c)).await
+    }
+
+    pub(super) async fn leave_script(&self, session_id: u64, name: &str) -> Result<(), Reject> {
+        let mut c = self.conn().await?;
+        let channel_json = serde_json::to_string(name).expect("string serializes");
+        let mut inv = self.scripts.leave.prepare_invoke();
+        for suffix in ["meta", "members", "users", "ujson", "order", "log"] {
+            inv.key(ck(name, suffix));
+        }
+        inv.arg(session_id)
+            .arg(self.settings.presence_threshold)
+            .arg(channel_topic(name))
+            .arg(channel_json)
+            .arg(LOG_RETAIN);
+        let _: i64 = self.op("leave", inv.invoke_async(&mut c)).await?;
+        let _: () = self
+            .op("presence", c.zrem(PRESENCE, format!("{name}|{session_id}")))
+            .await?;
+        Ok(())
+    }
+
+    pub(super) async fn touch_presence(&self, session_id: u64, name: &str) -> Result<(), Reject> {
+        let mut c = self.conn().await?;
+        let expiry = unix_ms() + self.window_ms();
+        self.op(
+            "presence",
+            c.zadd(PRESENCE, format!("{name}|{session_id}"), expiry),
+        )
+        .await
+    }
+
+    /// Enters `name`: subscribe first, then the join script, whose `n` is
+    /// where this session starts in the channel's log.
+    pub async fn join(
+        &self,
+        session: &Arc<Session>,
+        name: &str,
+        moved_from: Option<&str>,
+    ) -> Result<(), Reject> {
+        let local = self.hub.pin(name);
+        let result = self.join_pinned(session, &local, name, moved_from).await;
+        if result.is_err() {
+            local.unpin();
+        }
+        result
+    }
+
+    async fn join_pinned(
+        &self,
+        session: &Arc<Session>,
+        local: &LocalChannel,
+        name: &str,
+        moved_from: Option<&str>,
+    ) -> Result<(), Reject> {
+        self.subscribe(channel_topic(name)).await?;
+        let out = self
+            .join_script(session, name, moved_from.is_some())
+            .await?;
+        self.touch_presence(session.id, name).await?;
+        let n = script_int(out.first());
+        let first = moved_from.map(|from| move_dispatch(&out, name, from));
+        if session.is_ended() {
+            local.unpin();
+            return Ok(());
+        }
+        if self
+            .attach_at(local, &ck(name, "log"), session, n, first)
+            .await?
+        {
+            Ok(())
+        } else {
+            Err(Reject::new(
+                ErrorCode::Unavailable,
+                "channel log unavailable; retry",
+            ))
+        }
+    }
+
+    /// Attaches `session`, which has seen the channel up to `from`, to the
+    /// hub, `first` before anything else. If the hub has already delivered
+    /// past what it keeps, the difference is read from `log` and handed
+    /// over first. False when the log no longer has it.
+    pub(super) async fn attach_at(
+        &self,
+        local: &LocalChannel,
+        log: &str,
+        session: &Arc<Session>,
+        mut from: u64,
+        mut first: Option<Arc<Dispatch>>,
+    ) -> Result<bool, Reject> {
+        for _ in 0..4 {
+            match local.attach(session, from, first.as_ref()) {
+                Ok(()) => return Ok(true),
+                Err(crate::hub::AttachError::TooFarBehind) => {
+                    if let Some(first) = first.take() {
+                        session.deliver(&first);
+                    }
+                    let Some(events) = self.read_log(log, from).await? else {
+                        return Ok(false);
+                    };
+                    for (n, d) in events {
+                        session.deliver(&d);
+                        from = n;
+                    }
+                }
+            }
+        }
+        Ok(false)
+    }
+
+    pub async fn start_session(&self, session: &Arc<Session>) -> Result<(), Reject> {
+        let mut c = self.conn().await?;
+        let key = sk(session.id);
+        let mut pipe = redis::pipe();
+        pipe.hset_multiple(
+            &key,
+            &[
+                ("uid", session.identity.id.as_str()),
+                ("name", session.identity.name.as_str()),
+                ("admin", if session.identity.admin { "1" } else { "0" }),
+                ("key", session.enc_key.as_str()),
+                ("ch", &session.channel()),
+                ("owner", self.settings.node_id.as_str()),
+                ("state", "live"),
+            ],
+        )
+        .ignore()
+        .pexpire(&key, self.window_ms() as i64)
+        .ignore();
+        let _: () = self.op("session", pipe.query_async(&mut c)).await?;
+        drop(c);
+        let global = self.hub.global.position().unwrap_or(0);
+        let _ = self.hub.global.attach(session, global, None);
+        self.join(session, &session.channel(), None).await
+    }
+
+    pub async fn end_session(&self, session: &Arc<Session>) -> Result<(), Reject> {
+        self.hub.global.detach(session.id);
+        let channel = session.channel();
+        if let Some(local) = self.hub.get(&channel) {
+            local.detach(session.id);
+        }
+        self.leave_script(session.id, &channel).await?;
+        let mut c = self.conn().await?;
+        let key = sk(session.id);
+        let _: () = self
+            .op("session", c.del(&[key.clone(), format!("{key}:buf")]))
+            .await?;
+        Ok(())
+    }
+
+    pub async fn move_to(&self, session: &Arc<Session>, to: &str) -> Result<(), Reject> {
+        if !self.channel_exists(to).await? {
+            return Err(Reject::new(ErrorCode::NotFound, "unknown channel"));
+        }
+        let from = session.channel();
+        if &*from == to {
+            // Already a member: the script only reads the snapshot.
+            let out = self.join_script(session, to, true).await?;
+            session.deliver(&move_dispatch(&out, to, &from));
+            return Ok(());
+        }
+        if let Some(local) = self.hub.get(&from) {
+            local.detach(session.id);
+        }
+        session.set_channel(Arc::from(to));
+        self.leave_script(session.id, &from).await?;
+        let mut c = self.conn().await?;
+        let _: () = self.op("session", c.hset(sk(session.id), "ch", to)).await?;
+        drop(c);
+        self.join(session, to, Some(&from)).await
+    }
+
+    pub async fn ban(&self, user_id: &str, ban: &Ban) -> Result<(), Reject> {
+        let mut c = self.conn().await?;
+        let key = format!("gw:ban:{user_id}");
+        let value = serde_json::json!({"reason": ban.reason, "until": ban.until}).to_string();
+        let mut pipe = redis::pipe();
+        match ban.until {
+            Some(until) => pipe.pset_ex(&key, value, until.saturating_sub(unix_ms()).max(1)),
+            None => pipe.set(&key, value),
+        };
+        pipe.ignore();
+        pipe.publish(CONTROL_TOPIC, format!("ban {user_id}"))
+            .ignore();
+        self.op("ban", pipe.query_async::<()>(&mut c)).await
+    }
+
+    pub async fn unban(&self, user_id: &str) -> Result<(), Reject> {
+        let mut c = self.conn().await?;
+        let _: () = self.op("unban", c.del(format!("gw:ban:{user_id}"))).await?;
+        Ok(())
+    }
+}

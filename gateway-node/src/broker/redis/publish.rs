@@ -1,0 +1,203 @@
+//! Publishing and the logs: messages, deletes, typing and new channels.
+//! A logged event is counted, appended to its log and published in one
+//! script (`lua/emit.lua`); `read_log` reads a log back for gap fills,
+//! joins and resumes.
+
+use super::{
+    channel_topic, ck, RedisBroker, CHANNELS, GLOBAL_LOG, GLOBAL_META, GLOBAL_TOPIC, LOG_RETAIN,
+};
+use crate::broker::memory::unix_ms;
+use crate::broker::MessageBody;
+use crate::session::Session;
+use crate::wire::{Dispatch, Reject};
+use gateway_shared::protocol::{ChannelAdd, ErrorCode, Event, MessageDelete, StartTyping, User};
+use redis::AsyncCommands;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// `"<EVENT> <body>"` (a log entry).
+pub(super) fn parse_entry(d: &str) -> Option<Arc<Dispatch>> {
+    let (event, body) = d.split_once(' ')?;
+    Some(Dispatch::from_body(
+        Event::from_name(event)?,
+        body.as_bytes(),
+    ))
+}
+
+/// `0-<n>` → n.
+fn entry_n(id: &str) -> Option<u64> {
+    id.strip_prefix("0-")?.parse().ok()
+}
+
+impl RedisBroker {
+    pub async fn publish_message(
+        &self,
+        session: &Arc<Session>,
+        content: &str,
+        nonce: Option<&str>,
+    ) -> Result<(), Reject> {
+        let name = session.channel();
+        let started = std::time::Instant::now();
+        let id = self.ids().next();
+        // Everything after the id: the script puts the final id in front.
+        let full = serde_json::to_string(&MessageBody {
+            id: "",
+            channel: &name,
+            author: &session.user,
+            content,
+            ts: unix_ms(),
+            nonce,
+        })
+        .expect("message serializes");
+        let rest = &full[r#"{"id":"""#.len()..];
+        let mut c = self.conn().await?;
+        let mut inv = self.scripts.message.prepare_invoke();
+        inv.key(ck(&name, "meta"))
+            .key(ck(&name, "log"))
+            .key(ck(&name, "hist"));
+        inv.arg(channel_topic(&name))
+            .arg(rest)
+            .arg(LOG_RETAIN)
+            .arg(format!("{:013}", id.ms))
+            .arg(format!("{:06}", id.suffix))
+            .arg(self.settings.history_retain);
+        let (_, final_id): (u64, String) = self.op("publish", inv.invoke_async(&mut c)).await?;
+        if let Some(ms) = final_id.get(..13).and_then(|ms| ms.parse::<u64>().ok()) {
+            if ms > id.ms {
+                self.ids().advance_to(ms);
+            }
+        }
+        self.metrics
+            .broker_publish
+            .observe(started.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    pub async fn delete_message(&self, session: &Arc<Session>, id: u64) -> Result<(), Reject> {
+        let name = session.channel();
+        let body = serde_json::to_string(&MessageDelete {
+            id: id.to_string(),
+            channel: name.to_string(),
+        })
+        .expect("serializes");
+        let mut c = self.conn().await?;
+        let mut inv = self.scripts.delete.prepare_invoke();
+        inv.key(ck(&name, "meta"))
+            .key(ck(&name, "log"))
+            .key(ck(&name, "hist"));
+        inv.arg(channel_topic(&name))
+            .arg(id)
+            .arg(&session.user.id)
+            .arg(if session.identity.admin { "1" } else { "0" })
+            .arg(body)
+            .arg(LOG_RETAIN);
+        let n: i64 = self.op("delete", inv.invoke_async(&mut c)).await?;
+        match n {
+            -1 => Err(Reject::new(ErrorCode::NotFound, "unknown message")),
+            -2 => Err(Reject::new(
+                ErrorCode::PermissionDenied,
+                "only the author or an admin may delete a message",
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    pub async fn typing(&self, session: &Arc<Session>) -> Result<(), Reject> {
+        let name = session.channel();
+        let body = serde_json::to_string(&StartTyping {
+            channel: name.to_string(),
+            user: session.user.clone(),
+            ts: unix_ms(),
+        })
+        .expect("serializes");
+        let mut c = self.conn().await?;
+        let payload = format!("0 {} START_TYPING {body}", session.id);
+        let _: () = self
+            .op("typing", c.publish(channel_topic(&name), payload))
+            .await?;
+        Ok(())
+    }
+
+    pub async fn add_channel(
+        &self,
+        name: &str,
+        topic: &str,
+        created_by: &User,
+    ) -> Result<(), Reject> {
+        let body = serde_json::to_string(&ChannelAdd {
+            name: name.to_owned(),
+            topic: topic.to_owned(),
+            created_by: created_by.clone(),
+        })
+        .expect("serializes");
+        let meta = serde_json::json!({"topic": topic, "created_by": created_by}).to_string();
+        let mut c = self.conn().await?;
+        let mut inv = self.scripts.add_channel.prepare_invoke();
+        inv.key(CHANNELS).key(GLOBAL_META).key(GLOBAL_LOG);
+        inv.arg(name)
+            .arg(meta)
+            .arg(self.settings.max_channels)
+            .arg(body)
+            .arg(LOG_RETAIN)
+            .arg(GLOBAL_TOPIC);
+        let n: i64 = self.op("channel add", inv.invoke_async(&mut c)).await?;
+        match n {
+            -1 => Err(Reject::new(
+                ErrorCode::AlreadyExists,
+                "channel already exists",
+            )),
+            -2 => Err(Reject::new(
+                ErrorCode::PermissionDenied,
+                "channel limit reached",
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Reads `log` after `after`; `None` when the events right after it are
+    /// gone (trimmed), so the reader cannot continue without a gap.
+    pub(super) async fn read_log(
+        &self,
+        log: &str,
+        after: u64,
+    ) -> Result<Option<Vec<(u64, Arc<Dispatch>)>>, Reject> {
+        let mut c = self.conn().await?;
+        let entries: Vec<(String, HashMap<String, String>)> = self
+            .op(
+                "log read",
+                redis::cmd("XRANGE")
+                    .arg(log)
+                    .arg(format!("(0-{after}"))
+                    .arg("+")
+                    .query_async(&mut c),
+            )
+            .await?;
+        let mut out = Vec::with_capacity(entries.len());
+        let mut expect = after + 1;
+        for (id, fields) in entries {
+            let Some(n) = entry_n(&id) else { continue };
+            if n != expect {
+                return Ok(None);
+            }
+            let Some(d) = fields.get("d").and_then(|d| parse_entry(d)) else {
+                return Ok(None);
+            };
+            out.push((n, d));
+            expect += 1;
+        }
+        Ok(Some(out))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_entries_parse() {
+        let d = parse_entry(r#"ROOM_USER_ADD {"a":1}"#).unwrap();
+        assert_eq!(d.body(), br#"{"a":1}"#);
+        assert_eq!(entry_n("0-42"), Some(42));
+        assert_eq!(entry_n("5-1"), None);
+    }
+}

@@ -1,0 +1,270 @@
+//! Resume on another node: the owner parks the session (its held
+//! dispatches and log cursors go to Redis), the new node claims it, takes
+//! it over and catches it up from the logs before joining the hub.
+
+use super::publish::parse_entry;
+use super::{channel_topic, ck, node_topic, sk, RedisBroker, CLAIM_TIMEOUT, GLOBAL_LOG, PRESENCE};
+use crate::auth::Identity;
+use crate::broker::memory::unix_ms;
+use crate::hub::LocalChannel;
+use crate::metrics::ResumeResult;
+use crate::node::Node;
+use crate::session::Session;
+use crate::wire::{Dispatch, Reject};
+use gateway_shared::protocol::ErrorCode;
+use redis::AsyncCommands;
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use tokio::sync::oneshot;
+use tracing::debug;
+
+/// A session as stored in `gw:{s:ID}`.
+struct StoredSession {
+    identity: Identity,
+    enc_key: String,
+    channel: String,
+    owner: String,
+    state: String,
+    seq: u64,
+    ccur: u64,
+    gcur: u64,
+}
+
+impl StoredSession {
+    fn from_map(map: &HashMap<String, String>) -> Option<Self> {
+        let get = |k: &str| map.get(k).cloned();
+        let num = |k: &str| map.get(k).and_then(|v| v.parse().ok()).unwrap_or(0);
+        Some(Self {
+            identity: Identity {
+                id: get("uid")?,
+                name: get("name")?,
+                admin: get("admin").as_deref() == Some("1"),
+            },
+            enc_key: get("key")?,
+            channel: get("ch")?,
+            owner: get("owner").unwrap_or_default(),
+            state: get("state").unwrap_or_default(),
+            seq: num("seq"),
+            ccur: num("ccur"),
+            gcur: num("gcur"),
+        })
+    }
+}
+
+impl RedisBroker {
+    /// Parks a local session for another node: its held dispatches and
+    /// log cursors go to Redis. The caller closes its connection.
+    pub async fn park(&self, session: &Arc<Session>) -> Result<bool, Reject> {
+        let channel = session.channel();
+        let ccur = self
+            .hub
+            .get(&channel)
+            .and_then(|c| c.detach_with_cursor(session.id))
+            .unwrap_or(0);
+        let gcur = self.hub.global.detach_with_cursor(session.id).unwrap_or(0);
+        let Some((_conn, seq, ring)) = session.park() else {
+            return Ok(false);
+        };
+        let key = sk(session.id);
+        let buf = format!("{key}:buf");
+        let window = self.window_ms() as i64;
+        let mut pipe = redis::pipe();
+        pipe.hset_multiple(
+            &key,
+            &[
+                ("state", "parked".to_owned()),
+                ("seq", seq.to_string()),
+                ("ccur", ccur.to_string()),
+                ("gcur", gcur.to_string()),
+                ("ch", channel.to_string()),
+            ],
+        )
+        .ignore()
+        .pexpire(&key, window)
+        .ignore()
+        .del(&buf)
+        .ignore();
+        let entries: Vec<Vec<u8>> = ring
+            .iter()
+            .map(|(s, d)| {
+                let mut e = format!("{s} {} ", d.event.name()).into_bytes();
+                e.extend_from_slice(d.body());
+                e
+            })
+            .collect();
+        if !entries.is_empty() {
+            pipe.rpush(&buf, entries)
+                .ignore()
+                .pexpire(&buf, window)
+                .ignore();
+        }
+        pipe.zadd(
+            PRESENCE,
+            format!("{channel}|{}", session.id),
+            unix_ms() + self.window_ms(),
+        )
+        .ignore();
+        let mut c = self.conn().await?;
+        self.op("park", pipe.query_async::<()>(&mut c)).await?;
+        debug!(session = session.id, seq, ccur, gcur, "parked");
+        Ok(true)
+    }
+
+    /// Asks `owner` to park session `id`; true when it did.
+    async fn claim(&self, owner: &str, id: u64) -> Result<bool, Reject> {
+        let mut c = self.conn().await?;
+        let alive: bool = self
+            .op("node lookup", c.exists(format!("gw:node:{owner}")))
+            .await?;
+        if !alive {
+            return Ok(false);
+        }
+        let req = self.claim_ids.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.claims.lock().insert(req, tx);
+        let msg = format!("claim {id} {} {req}", self.settings.node_id);
+        let sent: Result<i64, _> = self.op("claim", c.publish(node_topic(owner), msg)).await;
+        let parked = match sent {
+            Ok(_) => matches!(tokio::time::timeout(CLAIM_TIMEOUT, rx).await, Ok(Ok(true))),
+            Err(e) => {
+                self.claims.lock().remove(&req);
+                return Err(e);
+            }
+        };
+        self.claims.lock().remove(&req);
+        Ok(parked)
+    }
+
+    /// Resume of a session this node does not hold: claim it from its
+    /// owner if needed, take it over, and catch it up from the logs. `None`
+    /// when it cannot be resumed without a gap.
+    pub async fn take_over(
+        &self,
+        node: &Node,
+        identity: &Identity,
+        id: u64,
+    ) -> Result<Option<(Arc<Session>, ResumeResult)>, Reject> {
+        let mut c = self.conn().await?;
+        let map: HashMap<String, String> = self.op("session", c.hgetall(sk(id))).await?;
+        drop(c);
+        let Some(stored) = StoredSession::from_map(&map) else {
+            return Ok(None);
+        };
+        if stored.identity.id != identity.id {
+            return Err(Reject::new(
+                ErrorCode::AuthenticationFailed,
+                "session belongs to another user",
+            ));
+        }
+        // Parked (its node drained) or claimed from a live owner.
+        let how = if stored.state == "parked" {
+            ResumeResult::Parked
+        } else {
+            ResumeResult::Remote
+        };
+        if stored.state != "parked"
+            && (stored.owner == self.settings.node_id || !self.claim(&stored.owner, id).await?)
+        {
+            // The owner is gone (crashed), or does not hold it: the owner
+            // may have parked it meanwhile, so look again once.
+            let mut c = self.conn().await?;
+            let state: Option<String> = self.op("session", c.hget(sk(id), "state")).await?;
+            if state.as_deref() != Some("parked") {
+                return Ok(None);
+            }
+        }
+        let mut c = self.conn().await?;
+        let key = sk(id);
+        let buf: Option<Vec<String>> = self
+            .op(
+                "take over",
+                self.scripts
+                    .take
+                    .key(&key)
+                    .key(format!("{key}:buf"))
+                    .arg(&self.settings.node_id)
+                    .arg(self.window_ms())
+                    .invoke_async(&mut c),
+            )
+            .await?;
+        let Some(buf) = buf else { return Ok(None) };
+        let map: HashMap<String, String> = self.op("session", c.hgetall(&key)).await?;
+        drop(c);
+        let Some(stored) = StoredSession::from_map(&map) else {
+            return Ok(None);
+        };
+        let ring: Vec<(u64, Arc<Dispatch>)> = buf
+            .iter()
+            .filter_map(|e| {
+                let (seq, rest) = e.split_once(' ')?;
+                Some((seq.parse().ok()?, parse_entry(rest)?))
+            })
+            .collect();
+        let session = Session::restore(
+            id,
+            stored.identity,
+            stored.enc_key,
+            Arc::from(stored.channel.as_str()),
+            stored.seq,
+            ring,
+            node.limits,
+            Arc::clone(&node.metrics),
+        );
+        // Subscribe first, then read the logs: whatever is published after
+        // the read arrives live and the hub drops what the read covered.
+        let local = self.hub.pin(&stored.channel);
+        let caught_up = self
+            .catch_up(&session, &local, &stored.channel, stored.ccur, stored.gcur)
+            .await;
+        match caught_up {
+            Ok(true) => {
+                self.touch_presence(id, &stored.channel).await?;
+                Ok(Some((session, how)))
+            }
+            Ok(false) => {
+                local.unpin();
+                // Events it missed are gone: the session ends here.
+                let _ = self.end_session(&session).await;
+                Ok(None)
+            }
+            Err(e) => {
+                local.unpin();
+                Err(e)
+            }
+        }
+    }
+
+    async fn catch_up(
+        &self,
+        session: &Arc<Session>,
+        local: &LocalChannel,
+        channel: &str,
+        ccur: u64,
+        gcur: u64,
+    ) -> Result<bool, Reject> {
+        self.subscribe(channel_topic(channel)).await?;
+        let Some(global) = self.read_log(GLOBAL_LOG, gcur).await? else {
+            return Ok(false);
+        };
+        let Some(events) = self.read_log(&ck(channel, "log"), ccur).await? else {
+            return Ok(false);
+        };
+        let gpos = global.last().map_or(gcur, |e| e.0);
+        for (_, d) in &global {
+            session.deliver(d);
+        }
+        if !self
+            .attach_at(&self.hub.global, GLOBAL_LOG, session, gpos, None)
+            .await?
+        {
+            return Ok(false);
+        }
+        let cpos = events.last().map_or(ccur, |e| e.0);
+        for (_, d) in &events {
+            session.deliver(d);
+        }
+        self.attach_at(local, &ck(channel, "log"), session, cpos, None)
+            .await
+    }
+}

@@ -1,0 +1,171 @@
+//! Upkeep: the keys and node index taken at start, and a periodic round
+//! that keeps this node's liveness and presence fresh, sweeps the presence
+//! of crashed nodes' sessions, and notices a Redis that lost its data.
+
+use super::{sk, RedisBroker, CHANNELS, EPOCH, GLOBAL_META, OP_TIMEOUT, PRESENCE, SWEEP_BATCH};
+use crate::broker::memory::unix_ms;
+use crate::broker::Broker;
+use crate::node::Node;
+use crate::wire::Reject;
+use redis::{AsyncCommands, RedisResult};
+use std::sync::atomic::Ordering;
+use std::sync::Weak;
+use std::time::Duration;
+use tracing::debug;
+
+impl RedisBroker {
+    /// Makes sure the default channel exists and returns the data set's
+    /// epoch: a random id written once, so that a Redis that lost its data
+    /// (restarted empty) is noticed by a changed epoch.
+    pub(super) async fn prepare_keys(
+        &self,
+        conn: &mut deadpool_redis::Connection,
+    ) -> RedisResult<String> {
+        let meta = serde_json::json!({"topic": "", "created_by": null}).to_string();
+        let mut pipe = redis::pipe();
+        pipe.hset_nx(CHANNELS, &self.settings.default_channel, meta)
+            .ignore()
+            .set_nx(EPOCH, format!("{:016x}", rand::random::<u64>()))
+            .ignore()
+            .get(EPOCH);
+        let (epoch,): (String,) = pipe.query_async(conn).await?;
+        Ok(epoch)
+    }
+
+    /// A number 0..1000 no other live node holds, for message ids.
+    pub(super) async fn claim_node_index(
+        &self,
+        conn: &mut deadpool_redis::Connection,
+    ) -> RedisResult<u64> {
+        let start = rand::random::<u64>() % 1000;
+        for i in 0..1000 {
+            let index = (start + i) % 1000;
+            let ok: Option<String> = redis::cmd("SET")
+                .arg(format!("gw:nodeidx:{index}"))
+                .arg(&self.settings.node_id)
+                .arg("NX")
+                .arg("PX")
+                .arg(60_000)
+                .query_async(conn)
+                .await?;
+            if ok.is_some() {
+                return Ok(index);
+            }
+        }
+        Err(redis::RedisError::from((
+            redis::ErrorKind::Client,
+            "no free node index (1000 nodes?)",
+        )))
+    }
+
+    /// One round of upkeep: liveness, presence of local sessions, sweep of
+    /// expired presence (sessions of crashed nodes).
+    async fn maintain(&self, node: &Node) -> Result<(), Reject> {
+        let mut c = self.conn().await?;
+        let epoch = self.op("epoch", self.prepare_keys(&mut c)).await?;
+        if epoch != *self.epoch.lock() {
+            drop(c);
+            self.data_lost(node, epoch).await;
+            return Ok(());
+        }
+        let now = unix_ms();
+        let window = self.window_ms();
+        let mut pipe = redis::pipe();
+        pipe.set_options(
+            format!("gw:node:{}", self.settings.node_id),
+            now,
+            redis::SetOptions::default().with_expiration(redis::SetExpiry::PX(15_000)),
+        )
+        .ignore();
+        for session in node.local_sessions() {
+            let channel = session.channel();
+            pipe.zadd(PRESENCE, format!("{channel}|{}", session.id), now + window)
+                .ignore();
+            pipe.pexpire(sk(session.id), window as i64).ignore();
+        }
+        pipe.pexpire(
+            format!("gw:nodeidx:{}", self.node_index.load(Ordering::Relaxed)),
+            60_000,
+        )
+        .ignore();
+        self.op("upkeep", pipe.query_async::<()>(&mut c)).await?;
+        let expired: Vec<String> = self
+            .op(
+                "sweep",
+                redis::cmd("ZRANGEBYSCORE")
+                    .arg(PRESENCE)
+                    .arg("-inf")
+                    .arg(now)
+                    .arg("LIMIT")
+                    .arg(0)
+                    .arg(SWEEP_BATCH)
+                    .query_async(&mut c),
+            )
+            .await?;
+        drop(c);
+        for entry in expired {
+            let Some((channel, id)) = entry.rsplit_once('|') else {
+                continue;
+            };
+            let Ok(id) = id.parse::<u64>() else { continue };
+            if node.has_session(id) {
+                continue;
+            }
+            // The script removes the member once, so only one node sends
+            // the ROOM_USER_REMOVE.
+            self.leave_script(id, channel).await?;
+        }
+        Ok(())
+    }
+
+    /// Redis came back without its data: every counter, log, presence
+    /// entry and parked session is gone. The sessions of this node cannot
+    /// continue without a gap, so they end (their clients reconnect and
+    /// get `resumed: false`), and the hub starts over at the new logs.
+    async fn data_lost(&self, node: &Node, epoch: String) {
+        tracing::error!("redis lost its data (new epoch); ending this node's sessions so that clients start over");
+        self.metrics.broker_errors.inc();
+        node.end_all_sessions(1012, "backend restarted").await;
+        self.hub.reset();
+        let mut c = match self.conn().await {
+            Ok(c) => c,
+            Err(_) => return,
+        };
+        let global: Option<u64> = self
+            .op("global position", c.hget(GLOBAL_META, "n"))
+            .await
+            .unwrap_or(None);
+        self.hub.global.init_position(global.unwrap_or(0));
+        *self.epoch.lock() = epoch;
+    }
+
+    pub(super) async fn ping(&self) -> bool {
+        let Ok(mut c) = self.pool.get().await else {
+            return false;
+        };
+        matches!(
+            tokio::time::timeout(OP_TIMEOUT, redis::cmd("PING").query_async::<String>(&mut c))
+                .await,
+            Ok(Ok(_))
+        )
+    }
+}
+
+pub(super) async fn maintenance_task(node: Weak<Node>) {
+    let Some(period) = node.upgrade().map(|n| {
+        (n.config.resume_window() / 4).clamp(Duration::from_millis(250), Duration::from_secs(5))
+    }) else {
+        return;
+    };
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(node) = node.upgrade() else { return };
+        if let Broker::Redis(r) = &node.broker {
+            if let Err(e) = r.maintain(&node).await {
+                debug!(error = %e.message, "upkeep failed");
+            }
+        }
+    }
+}
