@@ -47,21 +47,42 @@ cpu() { # CPU seconds used so far by the node processes (from /proc, in ticks)
   python3 -c "import os; print($ticks / os.sysconf('SC_CLK_TCK'))"
 }
 
+redis_cpu() { # Redis' CPU seconds so far (user + sys, from INFO cpu)
+  redis-cli -p "$REDIS_PORT" info cpu | tr -d '\r' |
+    awk -F: '$1 == "used_cpu_sys" || $1 == "used_cpu_user" { t += $2 } END { printf "%.3f\n", t }'
+}
+
 mkdir -p bench/results
 echo "bench: $NAME ($IMPL, $NODES node(s)): loadtest $*" >&2
+redis-cli -p "$REDIS_PORT" config resetstat >/dev/null
+RCPU0=$(redis_cpu)
 CPU0=$(cpu)
 rc=0
 "$LT" "$@" --urls "$URLS" --jwt-secret "$SECRET" --json "bench/results/$NAME.json" --quiet || rc=$?
 CPU1=$(cpu)
-# Node CPU per delivered message, added to the report.
-python3 - "bench/results/$NAME.json" "$CPU0" "$CPU1" "$IMPL" "$NODES" <<'PY'
+RCPU1=$(redis_cpu)
+redis-cli -p "$REDIS_PORT" info commandstats | tr -d '\r' | grep '^cmdstat_' >"$TMP/commandstats" || true
+# Node and Redis CPU per delivered / published message, added to the report.
+python3 - "bench/results/$NAME.json" "$CPU0" "$CPU1" "$IMPL" "$NODES" "$RCPU0" "$RCPU1" "$TMP/commandstats" <<'PY'
 import json, sys
 path, c0, c1, impl, nodes = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), sys.argv[4], int(sys.argv[5])
+r0, r1 = float(sys.argv[6]), float(sys.argv[7])
 r = json.load(open(path))
-r["bench"] = {"impl": impl, "nodes": nodes, "node_cpu_s": round(c1 - c0, 3)}
+r["bench"] = {"impl": impl, "nodes": nodes, "node_cpu_s": round(c1 - c0, 3), "redis_cpu_s": round(r1 - r0, 3)}
 if r.get("delivered"):
     r["bench"]["node_cpu_us_per_delivery"] = round((c1 - c0) / r["delivered"] * 1e6, 3)
+if r.get("sent"):
+    r["bench"]["redis_cpu_us_per_message"] = round((r1 - r0) / r["sent"] * 1e6, 3)
+# cmdstat_evalsha:calls=26600,usec=…,usec_per_call=…,rejected_calls=0,failed_calls=0
+stats = {}
+for line in open(sys.argv[8]):
+    name, _, fields = line.strip().partition(":")
+    f = dict(kv.split("=", 1) for kv in fields.split(","))
+    stats[name.removeprefix("cmdstat_")] = {"calls": int(f["calls"]), "usec": int(f["usec"])}
+r["bench"]["redis_commands"] = dict(sorted(stats.items(), key=lambda kv: -kv[1]["calls"]))
 json.dump(r, open(path, "w"), indent=2)
 print(f"  node cpu               {c1 - c0:.2f} s" + (f" ({r['bench']['node_cpu_us_per_delivery']} us per delivery)" if r.get("delivered") else ""))
+print(f"  redis cpu              {r1 - r0:.2f} s" + (f" ({r['bench']['redis_cpu_us_per_message']} us per message sent)" if r.get("sent") else ""))
+print("  redis commands         " + ", ".join(f"{k} {v['calls']}" for k, v in list(r["bench"]["redis_commands"].items())[:8]))
 PY
 exit "$rc"
