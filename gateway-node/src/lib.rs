@@ -81,6 +81,7 @@ pub async fn build(config: Config, secret: &str) -> Result<Arc<Node>, StartError
             }
             let settings = broker::redis::Settings {
                 url: url.clone(),
+                cluster: config.redis_cluster,
                 node_id: node_id.clone(),
                 default_channel: config.default_channel.clone(),
                 presence_threshold: config.presence_threshold,

@@ -59,12 +59,14 @@
 //! | `upkeep.rs` | start-up keys and node index, liveness, presence sweep, a Redis that lost its data |
 //! | `lua/` | the scripts, one a file; `emit.lua`, the one way events enter a log, is put in front of those that log |
 
+mod conn;
 mod presence;
 mod publish;
 mod pubsub;
 mod resume;
 mod upkeep;
 
+use self::conn::{Conn, PubSub};
 use self::pubsub::{push_task, subscription_task};
 use self::upkeep::maintenance_task;
 use super::memory::IdGenerator;
@@ -72,10 +74,8 @@ use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::node::Node;
 use crate::wire::Reject;
-use deadpool_redis::{Pool, PoolConfig, Runtime, Timeouts};
 use gateway_shared::protocol::ErrorCode;
 use parking_lot::Mutex;
-use redis::aio::ConnectionManager;
 use redis::{PushInfo, RedisResult, Script};
 use std::collections::HashMap;
 use std::future::Future;
@@ -147,7 +147,10 @@ struct Scripts {
 /// What the Redis backend needs from the configuration.
 #[derive(Debug, Clone)]
 pub struct Settings {
+    /// One Redis URL, or the seed URLs of a cluster (comma-separated).
     pub url: String,
+    /// Redis Cluster: sharded pub/sub, commands routed by slot.
+    pub cluster: bool,
     pub node_id: String,
     pub default_channel: String,
     pub presence_threshold: usize,
@@ -158,11 +161,7 @@ pub struct Settings {
 
 /// The pub/sub connection, its messages and the subscription requests,
 /// waiting for `start` to hand them to their tasks.
-type PendingStart = (
-    ConnectionManager,
-    mpsc::Receiver<PushInfo>,
-    mpsc::Receiver<SubRequest>,
-);
+type PendingStart = (PubSub, mpsc::Receiver<PushInfo>, mpsc::Receiver<SubRequest>);
 
 /// Requests to the task that owns the pub/sub connection.
 enum SubRequest {
@@ -171,7 +170,8 @@ enum SubRequest {
 
 pub struct RedisBroker {
     hub: Arc<Hub>,
-    pool: Pool,
+    /// The shared command connection (see `conn`).
+    cmd: Conn,
     settings: Settings,
     metrics: Arc<Metrics>,
     scripts: Scripts,
@@ -190,54 +190,25 @@ pub struct RedisBroker {
 }
 
 impl RedisBroker {
-    /// Connects (pool and pub/sub) and prepares the cluster-wide keys.
+    /// Connects (commands and pub/sub) and prepares the cluster-wide keys.
     pub async fn connect(
         settings: Settings,
         hub: Arc<Hub>,
         metrics: Arc<Metrics>,
     ) -> Result<Self, String> {
-        let mut cfg = deadpool_redis::Config::from_url(settings.url.clone());
-        cfg.pool = Some(PoolConfig {
-            max_size: 64,
-            timeouts: Timeouts {
-                wait: Some(OP_TIMEOUT),
-                create: Some(OP_TIMEOUT),
-                recycle: Some(OP_TIMEOUT),
-            },
-            ..PoolConfig::default()
-        });
-        let pool = cfg
-            .create_pool(Some(Runtime::Tokio1))
-            .map_err(|e| format!("redis pool: {e}"))?;
-
-        let sep = if settings.url.contains('?') { '&' } else { '?' };
-        let client = redis::Client::open(format!("{}{sep}protocol=resp3", settings.url))
-            .map_err(|e| format!("redis url: {e}"))?;
+        let urls = conn::seed_urls(&settings.url, settings.cluster)?;
         let (push_tx, push_rx) = mpsc::channel(PUSH_QUEUE);
         let push_metrics = Arc::clone(&metrics);
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_push_sender(move |info: PushInfo| {
-                // Full: drop it; the hub sees the gap and re-reads the log.
-                if push_tx.try_send(info).is_err() {
-                    push_metrics.broker_errors.inc();
-                }
-                Ok::<(), redis::aio::SendError>(())
-            })
-            .set_automatic_resubscription()
-            .set_connection_timeout(Some(OP_TIMEOUT))
-            .set_response_timeout(Some(OP_TIMEOUT))
-            .set_max_delay(Duration::from_secs(2));
-        let pubsub = tokio::time::timeout(
-            OP_TIMEOUT * 2,
-            client.get_connection_manager_with_config(config),
-        )
-        .await
-        .map_err(|_| format!("connecting to Redis at {} timed out", settings.url))?
-        .map_err(|e| format!("redis pub/sub connection: {e}"))?;
+        let (cmd, mut pubsub) = conn::connect(&urls, settings.cluster, move |info| {
+            // Full: drop it; the hub sees the gap and re-reads the log.
+            if push_tx.try_send(info).is_err() {
+                push_metrics.broker_errors.inc();
+            }
+        })
+        .await?;
         // The cluster-wide stream is subscribed from the start, and our
         // position in it read after subscribing: a session that starts on
         // this node gets the events after that, not the whole log.
-        let mut pubsub = pubsub;
         for topic in [
             GLOBAL_TOPIC.to_owned(),
             CONTROL_TOPIC.to_owned(),
@@ -251,7 +222,7 @@ impl RedisBroker {
         let (subs, sub_rx) = mpsc::channel(1024);
         let broker = Self {
             hub,
-            pool,
+            cmd,
             settings,
             metrics,
             scripts: Scripts {
@@ -272,7 +243,7 @@ impl RedisBroker {
             epoch: Mutex::new(String::new()),
             tasks: Mutex::new(Vec::new()),
         };
-        let mut conn = broker.conn().await.map_err(|r| r.message.to_string())?;
+        let mut conn = broker.conn();
         let epoch = broker
             .prepare_keys(&mut conn)
             .await
@@ -309,11 +280,9 @@ impl RedisBroker {
         Reject::new(ErrorCode::Unavailable, "backend unavailable; retry later")
     }
 
-    async fn conn(&self) -> Result<deadpool_redis::Connection, Reject> {
-        self.pool
-            .get()
-            .await
-            .map_err(|e| self.unavailable("connect", e))
+    /// The command connection, shared: a clone is a handle, not a socket.
+    fn conn(&self) -> Conn {
+        self.cmd.clone()
     }
 
     /// Runs one Redis operation with the backend deadline.

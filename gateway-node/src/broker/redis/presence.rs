@@ -46,24 +46,24 @@ fn move_dispatch(out: &[redis::Value], channel: &str, from: &str) -> Arc<Dispatc
 
 impl RedisBroker {
     pub async fn new_session_id(&self) -> Result<u64, Reject> {
-        let mut c = self.conn().await?;
+        let mut c = self.conn();
         self.op("session id", c.incr("gw:sid", 1)).await
     }
 
     pub async fn channel_names(&self) -> Result<Vec<String>, Reject> {
-        let mut c = self.conn().await?;
+        let mut c = self.conn();
         let mut names: Vec<String> = self.op("channels", c.hkeys(CHANNELS)).await?;
         names.sort();
         Ok(names)
     }
 
     async fn channel_exists(&self, name: &str) -> Result<bool, Reject> {
-        let mut c = self.conn().await?;
+        let mut c = self.conn();
         self.op("channel lookup", c.hexists(CHANNELS, name)).await
     }
 
     pub async fn is_banned(&self, user_id: &str) -> Result<bool, Reject> {
-        let mut c = self.conn().await?;
+        let mut c = self.conn();
         self.op("ban lookup", c.exists(format!("gw:ban:{user_id}")))
             .await
     }
@@ -79,7 +79,7 @@ impl RedisBroker {
         name: &str,
         snapshot: bool,
     ) -> Result<Vec<redis::Value>, Reject> {
-        let mut c = self.conn().await?;
+        let mut c = self.conn();
         let channel_json = serde_json::to_string(name).expect("string serializes");
         let mut inv = self.scripts.join.prepare_invoke();
         for suffix in ["meta", "members", "users", "ujson", "order", "log", "hist"] {
@@ -97,7 +97,7 @@ impl RedisBroker {
     }
 
     pub(super) async fn leave_script(&self, session_id: u64, name: &str) -> Result<(), Reject> {
-        let mut c = self.conn().await?;
+        let mut c = self.conn();
         let channel_json = serde_json::to_string(name).expect("string serializes");
         let mut inv = self.scripts.leave.prepare_invoke();
         for suffix in ["meta", "members", "users", "ujson", "order", "log"] {
@@ -116,7 +116,7 @@ impl RedisBroker {
     }
 
     pub(super) async fn touch_presence(&self, session_id: u64, name: &str) -> Result<(), Reject> {
-        let mut c = self.conn().await?;
+        let mut c = self.conn();
         let expiry = unix_ms() + self.window_ms();
         self.op(
             "presence",
@@ -205,7 +205,7 @@ impl RedisBroker {
     }
 
     pub async fn start_session(&self, session: &Arc<Session>) -> Result<(), Reject> {
-        let mut c = self.conn().await?;
+        let mut c = self.conn();
         let key = sk(session.id);
         let mut pipe = redis::pipe();
         pipe.hset_multiple(
@@ -237,7 +237,7 @@ impl RedisBroker {
             local.detach(session.id);
         }
         self.leave_script(session.id, &channel).await?;
-        let mut c = self.conn().await?;
+        let mut c = self.conn();
         let key = sk(session.id);
         let _: () = self
             .op("session", c.del(&[key.clone(), format!("{key}:buf")]))
@@ -261,14 +261,14 @@ impl RedisBroker {
         }
         session.set_channel(Arc::from(to));
         self.leave_script(session.id, &from).await?;
-        let mut c = self.conn().await?;
+        let mut c = self.conn();
         let _: () = self.op("session", c.hset(sk(session.id), "ch", to)).await?;
         drop(c);
         self.join(session, to, Some(&from)).await
     }
 
     pub async fn ban(&self, user_id: &str, ban: &Ban) -> Result<(), Reject> {
-        let mut c = self.conn().await?;
+        let mut c = self.conn();
         let key = format!("gw:ban:{user_id}");
         let value = serde_json::json!({"reason": ban.reason, "until": ban.until}).to_string();
         let mut pipe = redis::pipe();
@@ -283,7 +283,7 @@ impl RedisBroker {
     }
 
     pub async fn unban(&self, user_id: &str) -> Result<(), Reject> {
-        let mut c = self.conn().await?;
+        let mut c = self.conn();
         let _: () = self.op("unban", c.del(format!("gw:ban:{user_id}"))).await?;
         Ok(())
     }

@@ -50,7 +50,7 @@ impl RedisBroker {
         })
         .expect("message serializes");
         let rest = &full[r#"{"id":"""#.len()..];
-        let mut c = self.conn().await?;
+        let mut c = self.conn();
         let mut inv = self.scripts.message.prepare_invoke();
         inv.key(ck(&name, "meta"))
             .key(ck(&name, "log"))
@@ -80,7 +80,7 @@ impl RedisBroker {
             channel: name.to_string(),
         })
         .expect("serializes");
-        let mut c = self.conn().await?;
+        let mut c = self.conn();
         let mut inv = self.scripts.delete.prepare_invoke();
         inv.key(ck(&name, "meta"))
             .key(ck(&name, "log"))
@@ -110,7 +110,7 @@ impl RedisBroker {
             ts: unix_ms(),
         })
         .expect("serializes");
-        let mut c = self.conn().await?;
+        let mut c = self.conn();
         let payload = format!("0 {} START_TYPING {body}", session.id);
         let _: () = self
             .op("typing", c.publish(channel_topic(&name), payload))
@@ -131,7 +131,7 @@ impl RedisBroker {
         })
         .expect("serializes");
         let meta = serde_json::json!({"topic": topic, "created_by": created_by}).to_string();
-        let mut c = self.conn().await?;
+        let mut c = self.conn();
         let mut inv = self.scripts.add_channel.prepare_invoke();
         inv.key(CHANNELS).key(GLOBAL_META).key(GLOBAL_LOG);
         inv.arg(name)
@@ -161,7 +161,7 @@ impl RedisBroker {
         log: &str,
         after: u64,
     ) -> Result<Option<Vec<(u64, Arc<Dispatch>)>>, Reject> {
-        let mut c = self.conn().await?;
+        let mut c = self.conn();
         let entries: Vec<(String, HashMap<String, String>)> = self
             .op(
                 "log read",

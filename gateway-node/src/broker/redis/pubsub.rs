@@ -2,6 +2,7 @@
 //! hands what arrives to the hub. Gaps are filled from the logs, and claim
 //! requests from other nodes are answered here.
 
+use super::conn::PubSub;
 use super::{
     channel_topic, ck, node_topic, RedisBroker, SubRequest, CONTROL_TOPIC, GLOBAL_LOG, GLOBAL_META,
     GLOBAL_TOPIC, OP_TIMEOUT,
@@ -11,7 +12,6 @@ use crate::hub::Gap;
 use crate::node::Node;
 use crate::wire::{Dispatch, Reject};
 use gateway_shared::protocol::{ErrorCode, Event};
-use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, PushInfo, PushKind};
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
@@ -82,10 +82,7 @@ impl RedisBroker {
     /// After the pub/sub connection came back: read what every local
     /// channel may have missed.
     async fn resync(&self) {
-        let mut c = match self.conn().await {
-            Ok(c) => c,
-            Err(_) => return,
-        };
+        let mut c = self.conn();
         let mut targets: Vec<(Option<Arc<str>>, String)> = self
             .hub
             .names()
@@ -192,18 +189,14 @@ impl RedisBroker {
                 tokio::spawn(async move {
                     let parked = node.park_for_claim(id).await;
                     if let Broker::Redis(r) = &node.broker {
-                        if let Ok(mut c) = r.conn().await {
-                            let reply = format!(
-                                "reply {req} {}",
-                                if parked { "parked" } else { "unknown" }
-                            );
-                            let _ = r
-                                .op(
-                                    "claim reply",
-                                    c.publish::<_, _, i64>(node_topic(&from), reply),
-                                )
-                                .await;
-                        }
+                        let reply =
+                            format!("reply {req} {}", if parked { "parked" } else { "unknown" });
+                        let _ = r
+                            .op(
+                                "claim reply",
+                                r.conn().publish::<_, _, i64>(node_topic(&from), reply),
+                            )
+                            .await;
                     }
                 });
             }
@@ -222,7 +215,7 @@ impl RedisBroker {
 /// Owns the pub/sub connection: every (un)subscribe goes through here, in
 /// order, so a subscribe is never undone by an older unsubscribe.
 pub(super) async fn subscription_task(
-    mut pubsub: ConnectionManager,
+    mut pubsub: PubSub,
     mut requests: mpsc::Receiver<SubRequest>,
     node: Weak<Node>,
     node_id: String,
@@ -251,7 +244,7 @@ pub(super) async fn subscription_task(
                 // Keeps the connection checked: a lost one reconnects and
                 // resubscribes on this command.
                 let Some(node) = node.upgrade() else { return };
-                let ok = redis::cmd("PING").query_async::<String>(&mut pubsub).await.is_ok();
+                let ok = pubsub.ping().await;
                 if let Broker::Redis(r) = &node.broker {
                     let was = r.healthy.swap(ok && r.ping().await, Ordering::Relaxed);
                     if ok && !was {

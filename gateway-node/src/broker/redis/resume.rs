@@ -105,7 +105,7 @@ impl RedisBroker {
             unix_ms() + self.window_ms(),
         )
         .ignore();
-        let mut c = self.conn().await?;
+        let mut c = self.conn();
         self.op("park", pipe.query_async::<()>(&mut c)).await?;
         debug!(session = session.id, seq, ccur, gcur, "parked");
         Ok(true)
@@ -113,7 +113,7 @@ impl RedisBroker {
 
     /// Asks `owner` to park session `id`; true when it did.
     async fn claim(&self, owner: &str, id: u64) -> Result<bool, Reject> {
-        let mut c = self.conn().await?;
+        let mut c = self.conn();
         let alive: bool = self
             .op("node lookup", c.exists(format!("gw:node:{owner}")))
             .await?;
@@ -145,7 +145,7 @@ impl RedisBroker {
         identity: &Identity,
         id: u64,
     ) -> Result<Option<(Arc<Session>, ResumeResult)>, Reject> {
-        let mut c = self.conn().await?;
+        let mut c = self.conn();
         let map: HashMap<String, String> = self.op("session", c.hgetall(sk(id))).await?;
         drop(c);
         let Some(stored) = StoredSession::from_map(&map) else {
@@ -168,13 +168,13 @@ impl RedisBroker {
         {
             // The owner is gone (crashed), or does not hold it: the owner
             // may have parked it meanwhile, so look again once.
-            let mut c = self.conn().await?;
+            let mut c = self.conn();
             let state: Option<String> = self.op("session", c.hget(sk(id), "state")).await?;
             if state.as_deref() != Some("parked") {
                 return Ok(None);
             }
         }
-        let mut c = self.conn().await?;
+        let mut c = self.conn();
         let key = sk(id);
         let buf: Option<Vec<String>> = self
             .op(

@@ -2,7 +2,9 @@
 //! that keeps this node's liveness and presence fresh, sweeps the presence
 //! of crashed nodes' sessions, and notices a Redis that lost its data.
 
-use super::{sk, RedisBroker, CHANNELS, EPOCH, GLOBAL_META, OP_TIMEOUT, PRESENCE, SWEEP_BATCH};
+use super::{
+    sk, Conn, RedisBroker, CHANNELS, EPOCH, GLOBAL_META, OP_TIMEOUT, PRESENCE, SWEEP_BATCH,
+};
 use crate::broker::memory::unix_ms;
 use crate::broker::Broker;
 use crate::node::Node;
@@ -17,10 +19,7 @@ impl RedisBroker {
     /// Makes sure the default channel exists and returns the data set's
     /// epoch: a random id written once, so that a Redis that lost its data
     /// (restarted empty) is noticed by a changed epoch.
-    pub(super) async fn prepare_keys(
-        &self,
-        conn: &mut deadpool_redis::Connection,
-    ) -> RedisResult<String> {
+    pub(super) async fn prepare_keys(&self, conn: &mut Conn) -> RedisResult<String> {
         let meta = serde_json::json!({"topic": "", "created_by": null}).to_string();
         let mut pipe = redis::pipe();
         pipe.hset_nx(CHANNELS, &self.settings.default_channel, meta)
@@ -33,10 +32,7 @@ impl RedisBroker {
     }
 
     /// A number 0..1000 no other live node holds, for message ids.
-    pub(super) async fn claim_node_index(
-        &self,
-        conn: &mut deadpool_redis::Connection,
-    ) -> RedisResult<u64> {
+    pub(super) async fn claim_node_index(&self, conn: &mut Conn) -> RedisResult<u64> {
         let start = rand::random::<u64>() % 1000;
         for i in 0..1000 {
             let index = (start + i) % 1000;
@@ -61,7 +57,7 @@ impl RedisBroker {
     /// One round of upkeep: liveness, presence of local sessions, sweep of
     /// expired presence (sessions of crashed nodes).
     async fn maintain(&self, node: &Node) -> Result<(), Reject> {
-        let mut c = self.conn().await?;
+        let mut c = self.conn();
         let epoch = self.op("epoch", self.prepare_keys(&mut c)).await?;
         if epoch != *self.epoch.lock() {
             drop(c);
@@ -127,10 +123,7 @@ impl RedisBroker {
         self.metrics.broker_errors.inc();
         node.end_all_sessions(1012, "backend restarted").await;
         self.hub.reset();
-        let mut c = match self.conn().await {
-            Ok(c) => c,
-            Err(_) => return,
-        };
+        let mut c = self.conn();
         let global: Option<u64> = self
             .op("global position", c.hget(GLOBAL_META, "n"))
             .await
@@ -140,9 +133,7 @@ impl RedisBroker {
     }
 
     pub(super) async fn ping(&self) -> bool {
-        let Ok(mut c) = self.pool.get().await else {
-            return false;
-        };
+        let mut c = self.conn();
         matches!(
             tokio::time::timeout(OP_TIMEOUT, redis::cmd("PING").query_async::<String>(&mut c))
                 .await,
