@@ -190,6 +190,36 @@ async def test_execute_burst_over_budget_gets_4008_and_connection_stays_open(h):
     assert not c.closed.is_set()
 
 
+async def test_burst_of_failing_requests_in_one_write_is_answered_in_order(h):
+    """1,000 executes in one write, each earning a non-fatal error (a bad
+    cnf, an unknown event, or 4008 once the budget is spent): every answer
+    comes, in the order of the requests, and the connection stays open.
+    The node may read such a burst more slowly; it must not take its own
+    pile of replies for a client that does not read (4016). Several rounds,
+    as the node's reader outrunning its writer is a race."""
+    for _ in range(5):
+        c = await h.session()
+        requests = []
+        for i in range(1000):
+            if i % 2 == 0:
+                requests.append(({"f": 130, "t": "MESSAGE_CREATE", "s": i, "cnf": {"content": 5}}, 4011))
+            else:
+                requests.append(({"f": 130, "t": "NOT_AN_EVENT", "s": i, "cnf": {}}, 4010))
+        await c.send_batch(r for r, _ in requests)
+        seen = set()
+        for i, (request, code) in enumerate(requests):
+            m = await c.wait_for(lambda m: m.get("f") == 150, what=f"the answer to request {i} of the burst")
+            cnf = m["cnf"]
+            assert cnf.get("s") == i, f"answer {i} out of order: {m}"
+            assert cnf.get("c") in (code, 4008), f"request {i} expected {code} or 4008: {m}"
+            assert cnf.get("d") is False, f"a non-fatal error expected: {m}"
+            assert cnf.get("t") == request["t"], f"the error must echo t: {m}"
+            seen.add(cnf["c"])
+        assert seen == {4008, 4010, 4011}, f"1000 executes must exceed the budget of 120: {seen}"
+        await c.roundtrip()
+        assert not c.closed.is_set()
+
+
 # ---------------------------------------------------------------- 4010
 
 

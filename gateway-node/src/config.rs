@@ -81,7 +81,8 @@ pub struct Config {
     /// This node's id in the cluster; default: the host name or a random one.
     #[arg(long, env = "GATEWAY_NODE_ID")]
     pub node_id: Option<String>,
-    /// Heartbeat interval announced in HELLO, in ms.
+    /// Heartbeat interval announced in HELLO, in ms; also how long a
+    /// socket may take no byte before its client is a slow consumer.
     #[arg(long, env = "GATEWAY_HB_INT_MS", default_value_t = 20_000)]
     pub hb_int_ms: u64,
     /// How long a disconnected session stays resumable, in seconds.

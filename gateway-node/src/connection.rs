@@ -5,7 +5,9 @@
 //! 1. `serve` splits the socket. The **reader** task only reads frames,
 //!    reassembles fragments (refusing anything over 4096 bytes before
 //!    buffering it), and runs each message through the [`Handler`]: the
-//!    session state machine HELLO → PRESENTED → LIVE.
+//!    session state machine HELLO → PRESENTED → LIVE. Each message earns at
+//!    most one reply (READY, an error, a heartbeat answer, a pong), queued
+//!    as a control frame.
 //! 2. The **writer** task owns the write half. Woken through `Conn::wake`,
 //!    it takes the attached session's unsent dispatches and the queued
 //!    control frames, encodes them into one buffer and writes it with one
@@ -13,6 +15,19 @@
 //! 3. The **supervisor** (the task running `serve`) enforces the PRESENT
 //!    deadline and the heartbeat timeout, waits for either side to finish,
 //!    and then detaches or ends the session.
+//!
+//! # Backpressure
+//!
+//! Replies are bounded by holding back the reader, not by closing: before
+//! it reads a frame, the reader waits until fewer than `CONTROL_LIMIT`
+//! replies are queued or being written. A client that sends a burst of
+//! requests is read more slowly (TCP pushes back on its sends) and gets
+//! every answer, in order. Only a client that does not read is a slow
+//! consumer (4016): more than `outbound_limit` dispatches unsent
+//! ([`Session::deliver`]), or a socket that takes no byte for `hb_int`
+//! (the writer's stall deadline). While the reader is held back the
+//! client's heartbeats wait unread, so the heartbeat timeout leaves the
+//! verdict to the stall deadline.
 //!
 //! Reading a frame is not cancel-safe (a frame half read would be lost), so
 //! it is never raced in a `select!`: the reader runs alone and is only
@@ -28,7 +43,7 @@ use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -38,8 +53,8 @@ use tracing::{debug, Instrument};
 
 type Io = TokioIo<Upgraded>;
 
-/// Control frames (replies, errors, pongs) queued at most; a client that
-/// lets more pile up is not reading and is closed as a slow consumer.
+/// Control frames (replies, errors, pongs) queued or being written at
+/// most: the reader reads the next request only while fewer are unwritten.
 const CONTROL_LIMIT: usize = 64;
 /// Bytes of dispatches the writer takes per batch.
 const WRITE_BATCH: usize = 64 * 1024;
@@ -72,6 +87,14 @@ pub struct Conn {
     wake: Notify,
     /// Wakes the supervisor when a close is requested.
     close_signal: Notify,
+    /// Wakes the reader when replies were written or a close is requested.
+    room: Notify,
+    /// Control frames queued or taken by the writer, not yet written. The
+    /// reader waits while there are `CONTROL_LIMIT`.
+    unwritten: AtomicUsize,
+    /// Set while the reader waits for room: the client's heartbeats may be
+    /// waiting unread behind our own replies.
+    held_back: AtomicBool,
     /// Set with the close request: the writer checks it without a lock.
     closing: AtomicBool,
     /// Bumped whenever the session changes, so that the writer's copy of
@@ -90,6 +113,9 @@ impl Conn {
             id,
             wake: Notify::new(),
             close_signal: Notify::new(),
+            room: Notify::new(),
+            unwritten: AtomicUsize::new(0),
+            held_back: AtomicBool::new(false),
             closing: AtomicBool::new(false),
             session_version: AtomicU64::new(0),
             last_beat_ms: AtomicU64::new(0),
@@ -108,21 +134,48 @@ impl Conn {
         self.wake.notify_one();
     }
 
-    /// Queues a control frame. A full queue means the client is not reading:
-    /// it is closed as a slow consumer.
+    /// Queues a control frame. Never refused: the queue stays bounded
+    /// because the reader, which queues at most one reply per message,
+    /// waits for room (`room_for_reply`) before reading the next one.
     pub fn send(&self, frame: Bytes) {
         let mut inner = self.inner.lock();
         if inner.close.is_some() {
             return;
         }
-        if inner.control.len() >= CONTROL_LIMIT {
-            drop(inner);
-            self.close_fatal(ErrorCode::SlowConsumer, "outbound queue overflowed", false);
-            return;
-        }
         inner.control.push_back(frame);
+        self.unwritten.fetch_add(1, Ordering::Relaxed);
         drop(inner);
         self.wake();
+    }
+
+    /// Waits until one more reply fits, or the connection is closing.
+    /// Returns whether it had to wait. Cancel-safe; it holds no lock.
+    async fn room_for_reply(&self) -> bool {
+        let mut waited = false;
+        loop {
+            let written = self.room.notified();
+            tokio::pin!(written);
+            // Registered before the check: a write finishing in between
+            // still wakes us.
+            written.as_mut().enable();
+            if self.unwritten.load(Ordering::Acquire) < CONTROL_LIMIT
+                || self.closing.load(Ordering::Acquire)
+            {
+                self.held_back.store(false, Ordering::Release);
+                return waited;
+            }
+            self.held_back.store(true, Ordering::Release);
+            waited = true;
+            written.await;
+        }
+    }
+
+    /// The writer wrote (or dropped) `n` control frames.
+    fn replies_written(&self, n: usize) {
+        if n > 0 {
+            self.unwritten.fetch_sub(n, Ordering::Release);
+            self.room.notify_one();
+        }
     }
 
     fn request_close(&self, req: CloseRequest) {
@@ -134,6 +187,7 @@ impl Conn {
         drop(inner);
         self.wake();
         self.close_signal.notify_one();
+        self.room.notify_one();
     }
 
     /// Sends a fatal error (150 with `d: true`) and closes with its code.
@@ -243,13 +297,13 @@ where
     conn.beat();
     conn.send(node.hello_frame.clone());
 
+    let hb_int = node.config.hb_int();
     // The writer logs nothing: no span to enter on each of its many polls.
-    let writer = tokio::spawn(write_loop(Arc::clone(&conn), write));
+    let writer = tokio::spawn(write_loop(Arc::clone(&conn), write, hb_int));
     let mut reader = tokio::spawn(
         read_loop(Handler::new(Arc::clone(&node), Arc::clone(&conn)), ws).in_current_span(),
     );
 
-    let hb_int = node.config.hb_int();
     loop {
         let (deadline, code) = conn.deadline(hb_int);
         tokio::select! {
@@ -257,6 +311,14 @@ where
             _ = conn.close_signal.notified() => break,
             _ = tokio::time::sleep_until(deadline.into()) => {
                 if conn.deadline(hb_int).0 <= Instant::now() {
+                    if code == ErrorCode::SessionTimedOut && conn.held_back.load(Ordering::Acquire) {
+                        // We stopped reading, not the client: its heartbeat
+                        // may be waiting unread behind replies the writer
+                        // has yet to write. The writer's stall deadline
+                        // ends a connection whose client does not read.
+                        conn.beat();
+                        continue;
+                    }
                     let m = if code == ErrorCode::NotPresented { "no PRESENT in time" } else { "heartbeat missed" };
                     node.metrics.error_sent(code);
                     conn.close_fatal(code, m, false);
@@ -269,11 +331,13 @@ where
     // The reader ended on its own without asking to close: the peer is gone.
     conn.close_quiet();
     let mut writer = writer;
-    if tokio::time::timeout(CLOSE_FLUSH, &mut writer)
-        .await
-        .is_err()
-    {
-        writer.abort();
+    match tokio::time::timeout(CLOSE_FLUSH, &mut writer).await {
+        Ok(Ok(WriterEnd::Stalled)) => {
+            node.metrics.slow_consumers.inc();
+            debug!("socket took nothing for hb_int; closed as a slow consumer");
+        }
+        Ok(_) => {}
+        Err(_) => writer.abort(),
     }
 
     if let Some(session) = conn.session() {
@@ -289,7 +353,45 @@ where
     node.metrics.connections.dec();
 }
 
-async fn write_loop<W: AsyncWrite + Unpin>(conn: Arc<Conn>, mut io: W) {
+/// How the writer ended.
+#[derive(Debug, PartialEq, Eq)]
+enum WriterEnd {
+    /// Closed as asked, or the peer went away.
+    Closed,
+    /// The socket took nothing for the stall deadline: a slow consumer.
+    Stalled,
+}
+
+/// Why a write failed.
+enum WriteError {
+    Gone,
+    Stalled,
+}
+
+/// Writes all of `buf`, failing when the socket takes nothing for `stall`.
+///
+/// Hot path: the deadline costs a clock read per write; its timer is only
+/// registered when a write has to wait.
+async fn write_or_stall<W: AsyncWrite + Unpin>(
+    io: &mut W,
+    mut buf: &[u8],
+    stall: Duration,
+) -> Result<(), WriteError> {
+    while !buf.is_empty() {
+        match tokio::time::timeout(stall, io.write(buf)).await {
+            Err(_) => return Err(WriteError::Stalled),
+            Ok(Ok(0) | Err(_)) => return Err(WriteError::Gone),
+            Ok(Ok(n)) => buf = &buf[n..],
+        }
+    }
+    Ok(())
+}
+
+async fn write_loop<W: AsyncWrite + Unpin>(
+    conn: Arc<Conn>,
+    mut io: W,
+    stall: Duration,
+) -> WriterEnd {
     // Empty until there is something to write: idle connections hold none.
     let mut buf = BytesMut::new();
     let mut control = BytesMut::new();
@@ -319,8 +421,9 @@ async fn write_loop<W: AsyncWrite + Unpin>(conn: Arc<Conn>, mut io: W) {
                     more = session.write_unsent(conn.id, &mut buf, WRITE_BATCH).1;
                 }
             }
-            {
+            let replies = {
                 let mut inner = conn.inner.lock();
+                let replies = inner.control.len();
                 if !discard {
                     for frame in inner.control.drain(..) {
                         control.extend_from_slice(&frame);
@@ -328,16 +431,25 @@ async fn write_loop<W: AsyncWrite + Unpin>(conn: Arc<Conn>, mut io: W) {
                 } else {
                     inner.control.clear();
                 }
-            }
+                replies
+            };
             if !control.is_empty() {
                 control.extend_from_slice(&buf);
                 std::mem::swap(&mut control, &mut buf);
                 control.clear();
             }
             if !buf.is_empty() {
-                if io.write_all(&buf).await.is_err() {
-                    conn.close_quiet();
-                    return;
+                match write_or_stall(&mut io, &buf, stall).await {
+                    Ok(()) => {}
+                    Err(WriteError::Gone) => {
+                        conn.close_quiet();
+                        return WriterEnd::Closed;
+                    }
+                    Err(WriteError::Stalled) => {
+                        // Nothing more can be written: a frame may be cut.
+                        conn.close_fatal(ErrorCode::SlowConsumer, "socket not writable", false);
+                        return WriterEnd::Stalled;
+                    }
                 }
                 buf.clear();
                 // Do not keep a buffer around once the burst is written.
@@ -345,6 +457,8 @@ async fn write_loop<W: AsyncWrite + Unpin>(conn: Arc<Conn>, mut io: W) {
                     buf = BytesMut::new();
                 }
             }
+            // Written (or dropped): the reader may take the next requests.
+            conn.replies_written(replies);
             if more {
                 continue;
             }
@@ -353,7 +467,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(conn: Arc<Conn>, mut io: W) {
                     let _ = io.write_all(&close.frames).await;
                 }
                 let _ = io.shutdown().await;
-                return;
+                return WriterEnd::Closed;
             }
             break;
         }
@@ -437,6 +551,11 @@ fn complete(opcode: u8, buf: BytesMut) -> Result<Incoming, Reject> {
 async fn read_loop<R: AsyncRead + Unpin>(mut handler: Handler, mut ws: FrameReader<R>) {
     let mut partial = None;
     loop {
+        // The next frame is read only once its reply has room: a client
+        // that sends faster than it reads is read more slowly.
+        if handler.conn.room_for_reply().await {
+            handler.node.metrics.reads_held_back.inc();
+        }
         match read_frame(&mut ws, &mut partial).await {
             Ok(None) => {}
             Ok(Some(Incoming::Message(mut buf))) => {

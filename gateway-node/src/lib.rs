@@ -10,7 +10,8 @@
 //! - [`server`]: accept loop, HTTP routes (`/gateway`, `/healthz`,
 //!   `/readyz`, `/metrics`), admission cap, drain.
 //! - [`connection`]: one WebSocket: reader, writer and supervisor tasks;
-//!   the heartbeat and PRESENT deadlines; the per-connection state machine.
+//!   the heartbeat and PRESENT deadlines; backpressure on requests and the
+//!   write stall deadline; the per-connection state machine.
 //! - [`node`]: the session registry and lifecycle: PRESENT, resume, end,
 //!   expiry, GATEWAY_DOWN.
 //! - [`session`]: sequence numbers, the replay ring (also the outbound

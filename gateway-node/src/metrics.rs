@@ -27,6 +27,9 @@ pub struct Metrics {
     fanout_delay: Histogram,
     resumes: IntCounterVec,
     pub slow_consumers: IntCounter,
+    /// Times a reader stopped reading its client until its replies were
+    /// written: clients that send faster than they read.
+    pub reads_held_back: IntCounter,
     pub broker_errors: IntCounter,
     pub broker_publish: Histogram,
 }
@@ -99,6 +102,11 @@ impl Metrics {
             "Connections closed with 4016 because the client read too slowly",
         )
         .unwrap();
+        let reads_held_back = IntCounter::new(
+            "reads_held_back_total",
+            "Times a connection stopped reading requests until its replies were written",
+        )
+        .unwrap();
         let broker_errors =
             IntCounter::new("broker_errors_total", "Failed backend operations").unwrap();
         let broker_publish = Histogram::with_opts(
@@ -119,6 +127,7 @@ impl Metrics {
             Box::new(fanout_delay.clone()),
             Box::new(resumes.clone()),
             Box::new(slow_consumers.clone()),
+            Box::new(reads_held_back.clone()),
             Box::new(broker_errors.clone()),
             Box::new(broker_publish.clone()),
         ] {
@@ -147,6 +156,7 @@ impl Metrics {
             fanout_delay,
             resumes,
             slow_consumers,
+            reads_held_back,
             broker_errors,
             broker_publish,
             registry,

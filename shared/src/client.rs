@@ -18,7 +18,7 @@ use serde_json::Value;
 use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
-use tokio::io::{ReadHalf, WriteHalf};
+use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -102,8 +102,11 @@ pub enum Incoming {
 
 /// A connection to one gateway node.
 pub struct Client {
-    /// The write half; fastwebsockets masks client frames for us.
-    write: WebSocketWrite<WriteHalf<Io>>,
+    /// The write half, raw: frames are masked and encoded here, so that
+    /// several can leave in one write ([`Client::send_texts`]).
+    write: WriteHalf<Io>,
+    /// Encoded frames waiting for their write.
+    out: Vec<u8>,
     /// Parsed messages from the reader task.
     incoming: mpsc::Receiver<Incoming>,
     /// The reader task, aborted on drop so the socket goes away with us.
@@ -152,11 +155,9 @@ fn parse_url(url: &str) -> Result<(String, String), ClientError> {
     Ok((authority, path))
 }
 
-/// The two halves of a connection once the WebSocket handshake is done.
-type Halves = (WebSocketRead<ReadHalf<Io>>, WebSocketWrite<WriteHalf<Io>>);
-
-/// Connects to `url` and performs the WebSocket handshake.
-async fn handshake(url: &str) -> Result<Halves, ClientError> {
+/// Connects to `url`, performs the WebSocket handshake and returns the two
+/// halves of the stream.
+async fn handshake(url: &str) -> Result<(ReadHalf<Io>, WriteHalf<Io>), ClientError> {
     let (authority, path) = parse_url(url)?;
     let stream = TcpStream::connect(&authority).await?;
     stream.set_nodelay(true)?;
@@ -180,12 +181,15 @@ async fn handshake(url: &str) -> Result<Halves, ClientError> {
         }
         Err(e) => return Err(e.into()),
     };
-    let (read, write) = tokio::io::split(ws.into_inner());
-    Ok(fastwebsockets::after_handshake_split(
-        read,
-        write,
-        Role::Client,
-    ))
+    Ok(tokio::io::split(ws.into_inner()))
+}
+
+/// Appends `payload` as one masked client frame.
+fn encode_frame(out: &mut Vec<u8>, fin: bool, opcode: OpCode, payload: &[u8]) {
+    let mut frame = Frame::new(fin, opcode, None, Payload::Owned(payload.to_vec()));
+    frame.mask();
+    let mut scratch = Vec::new();
+    out.extend_from_slice(frame.write(&mut scratch));
 }
 
 impl Client {
@@ -193,13 +197,18 @@ impl Client {
     ///
     /// [`recv`]: Client::recv
     pub async fn connect(url: &str) -> Result<Self, ClientError> {
-        let (mut read, write) = handshake(url).await?;
+        let (read, write) = handshake(url).await?;
+        // Only the read side goes through fastwebsockets; it never writes
+        // (auto-pong and auto-close are off), hence the sink.
+        let (mut read, _) =
+            fastwebsockets::after_handshake_split(read, tokio::io::sink(), Role::Client);
         read.set_auto_close(false);
         read.set_auto_pong(false);
         let (tx, incoming) = mpsc::channel(INCOMING_QUEUE);
         let reader = tokio::spawn(async move { read_loop(&mut read, tx).await });
         Ok(Self {
             write,
+            out: Vec::new(),
             incoming,
             reader,
             closed: None,
@@ -264,6 +273,15 @@ impl Client {
         self.send_frame(true, OpCode::Text, text.as_bytes()).await
     }
 
+    /// Sends `texts` as text messages in one write, as a client that
+    /// batches its requests does: they reach the node in one read.
+    pub async fn send_texts<S: AsRef<str>>(&mut self, texts: &[S]) -> Result<(), ClientError> {
+        for text in texts {
+            encode_frame(&mut self.out, true, OpCode::Text, text.as_ref().as_bytes());
+        }
+        self.flush().await
+    }
+
     /// Sends one raw frame: for fragments, binary frames and other misuse.
     pub async fn send_frame(
         &mut self,
@@ -271,15 +289,21 @@ impl Client {
         opcode: OpCode,
         payload: &[u8],
     ) -> Result<(), ClientError> {
-        let frame = Frame::new(fin, opcode, None, Payload::Owned(payload.to_vec()));
-        self.write.write_frame(frame).await?;
-        Ok(())
+        encode_frame(&mut self.out, fin, opcode, payload);
+        self.flush().await
     }
 
     /// Closes with `code` (1000 ends the session; others leave it resumable).
     pub async fn close(&mut self, code: u16) -> Result<(), ClientError> {
-        self.write.write_frame(Frame::close(code, b"")).await?;
-        Ok(())
+        self.send_frame(true, OpCode::Close, &code.to_be_bytes())
+            .await
+    }
+
+    /// Writes the encoded frames.
+    async fn flush(&mut self) -> Result<(), ClientError> {
+        let result = self.write.write_all(&self.out).await;
+        self.out.clear();
+        Ok(result?)
     }
 
     /// Drops the TCP connection without a close frame, as a network failure
@@ -407,7 +431,8 @@ async fn read_loop(read: &mut WebSocketRead<ReadHalf<Io>>, tx: mpsc::Sender<Inco
 /// queue in between. Dropping both halves drops the TCP connection without
 /// a close frame, as a network failure would.
 pub async fn connect_raw(url: &str) -> Result<(RawReader, RawWriter), ClientError> {
-    let (mut read, write) = handshake(url).await?;
+    let (read, write) = handshake(url).await?;
+    let (mut read, write) = fastwebsockets::after_handshake_split(read, write, Role::Client);
     // Nothing is ever answered from the read half: the node sends no pings,
     // and a close from the node ends the connection for the caller.
     read.set_auto_close(false);

@@ -377,3 +377,83 @@ async fn executes_over_the_budget_get_4008_and_are_dropped() {
     peer.client.heartbeat().await.unwrap();
     peer.wait_for(|m| m.f == 120).await;
 }
+
+/// Requests in the burst below, all sent in one write.
+const BURST: usize = 1000;
+/// Rate-limit tokens of a session in the burst tests: the requests past
+/// them get 4008.
+const BURST_BUDGET: u32 = 600;
+/// Bursts per test: the reader outrunning the writer is a race, and one
+/// burst does not always lose it.
+const BURST_ROUNDS: usize = 10;
+
+fn burst_limits(c: &mut gateway_node::config::Config) {
+    c.rate_limit_count = BURST_BUDGET;
+    // No refill while the test runs: which requests get 4008 is exact.
+    c.rate_limit_window_s = u32::MAX;
+}
+
+/// One fresh session sends `BURST` executes in one write, each earning a
+/// non-fatal error: a bad `cnf` (4011) and an unknown event (4010) in
+/// turn, 4008 once the budget is spent. Every answer comes, in order, and
+/// the connection still answers a heartbeat.
+async fn a_burst_of_failing_requests_is_answered_in_order(node: &TestNode) {
+    let mut peer = Peer::join(node, "burst").await;
+    let mut texts = Vec::with_capacity(BURST);
+    let mut expected = Vec::with_capacity(BURST);
+    for i in 0..BURST {
+        let (text, code) = if i % 2 == 0 {
+            (
+                json!({"f": 130, "t": "MESSAGE_CREATE", "s": i, "cnf": {"content": 5}}),
+                4011,
+            )
+        } else {
+            (json!({"f": 130, "t": "NOPE", "s": i, "cnf": {}}), 4010)
+        };
+        texts.push(text.to_string());
+        expected.push(if i < BURST_BUDGET as usize {
+            code
+        } else {
+            4008
+        });
+    }
+    peer.client.send_texts(&texts).await.unwrap();
+    for (i, code) in expected.into_iter().enumerate() {
+        // Presence dispatches of other sessions may come in between.
+        let msg = peer.wait_for(|m| m.f != 130).await;
+        let err = msg
+            .error()
+            .unwrap_or_else(|| panic!("answer {i} is not an error: {}", msg.text));
+        assert_eq!(
+            (err.c, err.d, err.s),
+            (code, false, Some(i as i64)),
+            "answer {i}: {}",
+            msg.text
+        );
+    }
+    peer.client.heartbeat().await.unwrap();
+    let msg = peer.wait_for(|m| m.f != 130).await;
+    assert_eq!(msg.f, 120, "{}", msg.text);
+}
+
+#[tokio::test]
+async fn a_burst_of_failing_requests_is_answered_in_order_and_keeps_the_connection() {
+    let node = TestNode::with(burst_limits).await;
+    for _ in 0..BURST_ROUNDS {
+        a_burst_of_failing_requests_is_answered_in_order(&node).await;
+    }
+}
+
+#[tokio::test]
+async fn a_burst_of_failing_requests_is_answered_in_order_on_redis() {
+    let redis = crate::redis_server::RedisServer::start();
+    let url = redis.url();
+    let node = TestNode::with(|c| {
+        c.redis_url = Some(url);
+        burst_limits(c);
+    })
+    .await;
+    for _ in 0..BURST_ROUNDS {
+        a_burst_of_failing_requests_is_answered_in_order(&node).await;
+    }
+}

@@ -97,6 +97,83 @@ async fn a_client_that_stops_reading_is_closed_as_a_slow_consumer() {
     );
 }
 
+/// The sum of the counters of `node` whose lines start with `prefix` (a
+/// name, and maybe the first labels).
+async fn counter(node: &TestNode, prefix: &str) -> u64 {
+    let (_, metrics) = http_get(&node.http("/metrics")).await;
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// Waits until the node has stopped reading some client at least once.
+async fn until_reads_held_back(node: &TestNode) {
+    tokio::time::timeout(WAIT, async {
+        while counter(node, "gateway_reads_held_back_total").await == 0 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the node holds back its reads");
+}
+
+/// Sends requests that each earn a reply (heartbeats, unknown events) and
+/// never reads: the client's queue fills, then the socket buffers, then the
+/// node stops reading. Returns once the node closed the connection (the
+/// sends fail: it closed with requests unread).
+async fn flood_without_reading(client: &mut Client) {
+    let batch: Vec<String> = (0..100)
+        .map(|i| match i {
+            0 => r#"{"f":120}"#.to_owned(),
+            _ => json!({"f": 130, "t": "NOPE", "s": i}).to_string(),
+        })
+        .collect();
+    while client.send_texts(&batch).await.is_ok() {}
+}
+
+#[tokio::test]
+async fn a_client_that_sends_requests_but_never_reads_is_closed_as_a_slow_consumer() {
+    // The stall deadline is hb_int: short here so the test is quick.
+    let node = TestNode::with(|c| c.hb_int_ms = 500).await;
+    let mut deaf = Peer::join(&node, "deaf").await;
+    // Held back, its heartbeats wait unread: not a 4009 but a 4016, once
+    // the socket took nothing for hb_int.
+    tokio::time::timeout(WAIT * 3, flood_without_reading(&mut deaf.client))
+        .await
+        .expect("the node closes the connection");
+    assert!(counter(&node, "gateway_reads_held_back_total").await > 0);
+    assert_eq!(counter(&node, "gateway_slow_consumers_total").await, 1);
+    let timeouts = r#"gateway_errors_sent_total{code="4009""#;
+    assert_eq!(counter(&node, timeouts).await, 0);
+    // The session stays resumable.
+    let (mut client, _) = Client::connect_hello(&node.url()).await.unwrap();
+    assert!(
+        client
+            .present(&deaf.token, Some((deaf.session_id(), Some(deaf.last_s))))
+            .await
+            .unwrap()
+            .resumed
+    );
+}
+
+#[tokio::test]
+async fn a_drain_closes_a_connection_whose_reads_are_held_back() {
+    // hb_int stays long: only the drain can end the connection in time.
+    let node = TestNode::start().await;
+    let mut deaf = Peer::join(&node, "deaf").await;
+    let flood = tokio::spawn(async move { flood_without_reading(&mut deaf.client).await });
+    until_reads_held_back(&node).await;
+    // Its reader waits for room from now on, or will soon (the client never
+    // reads); whichever, the drain ends the connection and the run.
+    node.shutdown().await;
+    tokio::time::timeout(WAIT, flood)
+        .await
+        .expect("the connection is closed")
+        .unwrap();
+}
+
 #[tokio::test]
 async fn drain_sends_gateway_down_then_closes_with_1012() {
     let node = TestNode::start().await;
