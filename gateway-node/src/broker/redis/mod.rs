@@ -96,8 +96,10 @@ const LOG_RETAIN: usize = 10_000;
 /// Pub/sub messages queued between the connection and the hub; past it
 /// messages are dropped and recovered from the log as a gap.
 const PUSH_QUEUE: usize = 64 * 1024;
-/// Presence entries one sweep removes at most.
+/// Presence entries one sweep removes at most, per channel.
 const SWEEP_BATCH: isize = 500;
+/// Channels one upkeep round sweeps.
+const SWEEP_CHANNELS: usize = 500;
 
 fn ck(name: &str, suffix: &str) -> String {
     format!("gw:{{c:{name}}}:{suffix}")
@@ -115,13 +117,15 @@ const GLOBAL_TOPIC: &str = "gw:{g}";
 const GLOBAL_META: &str = "gw:{g}:meta";
 const GLOBAL_LOG: &str = "gw:{g}:log";
 const CHANNELS: &str = "gw:{g}:channels";
-const CONTROL_TOPIC: &str = "gw:ctl";
-const PRESENCE: &str = "gw:presence";
+const CONTROL_TOPIC: &str = "gw:{g}:ctl";
 const EPOCH: &str = "gw:{g}:epoch";
 
-/// Appends an event to a log and publishes it: the one way events enter a
-/// log, so the log order and the live order agree on every node.
+/// Appends an event to a log and publishes it: with `message.lua`, the
+/// one way events enter a log, so the log order and the live order agree
+/// on every node.
 const EMIT_LUA: &str = include_str!("lua/emit.lua");
+/// Walks a channel's history (its MESSAGE_CREATE log entries, newest first).
+const HISTORY_LUA: &str = include_str!("lua/history.lua");
 const JOIN_LUA: &str = include_str!("lua/join.lua");
 const LEAVE_LUA: &str = include_str!("lua/leave.lua");
 const MESSAGE_LUA: &str = include_str!("lua/message.lua");
@@ -130,9 +134,21 @@ const ADD_CHANNEL_LUA: &str = include_str!("lua/add_channel.lua");
 /// Takes a parked session over: it becomes live, owned by this node.
 const TAKE_LUA: &str = include_str!("lua/take.lua");
 
-/// A script with the shared `emit` function in front of `body`.
-fn script(body: &str) -> Script {
-    Script::new(&format!("{EMIT_LUA}\n{body}"))
+/// A script: `body` with the shared functions it calls in front, and on
+/// Redis Cluster sharded publishing (the topic is in the keys' slot).
+fn script(body: &str, cluster: bool) -> Script {
+    let mut text = String::new();
+    for (name, lua) in [("emit(", EMIT_LUA), ("history(", HISTORY_LUA)] {
+        if body.contains(name) {
+            text.push_str(lua);
+            text.push('\n');
+        }
+    }
+    text.push_str(body);
+    if cluster {
+        text = text.replace("'PUBLISH'", "'SPUBLISH'");
+    }
+    Script::new(&text)
 }
 
 struct Scripts {
@@ -184,6 +200,9 @@ pub struct RedisBroker {
     pending_start: Mutex<Option<PendingStart>>,
     claims: Mutex<HashMap<u64, oneshot::Sender<bool>>>,
     claim_ids: AtomicU64,
+    /// The channel registry as last read by the sweep, and how far the
+    /// sweep has walked it.
+    sweep: Mutex<(Vec<String>, usize)>,
     /// The epoch of the Redis data set this node works with.
     epoch: Mutex<String>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
@@ -220,18 +239,19 @@ impl RedisBroker {
                 .map_err(|e| format!("redis subscribe {topic}: {e}"))?;
         }
         let (subs, sub_rx) = mpsc::channel(1024);
+        let cluster = settings.cluster;
         let broker = Self {
             hub,
             cmd,
             settings,
             metrics,
             scripts: Scripts {
-                join: script(JOIN_LUA),
-                leave: script(LEAVE_LUA),
-                message: script(MESSAGE_LUA),
-                delete: script(DELETE_LUA),
-                add_channel: script(ADD_CHANNEL_LUA),
-                take: Script::new(TAKE_LUA),
+                join: script(JOIN_LUA, cluster),
+                leave: script(LEAVE_LUA, cluster),
+                message: script(MESSAGE_LUA, cluster),
+                delete: script(DELETE_LUA, cluster),
+                add_channel: script(ADD_CHANNEL_LUA, cluster),
+                take: script(TAKE_LUA, cluster),
             },
             ids: OnceLock::new(),
             node_index: AtomicU64::new(0),
@@ -240,6 +260,7 @@ impl RedisBroker {
             pending_start: Mutex::new(Some((pubsub, push_rx, sub_rx))),
             claims: Mutex::new(HashMap::new()),
             claim_ids: AtomicU64::new(1),
+            sweep: Mutex::new((Vec::new(), 0)),
             epoch: Mutex::new(String::new()),
             tasks: Mutex::new(Vec::new()),
         };
@@ -268,6 +289,23 @@ impl RedisBroker {
 
     fn ids(&self) -> &IdGenerator {
         self.ids.get().expect("set in connect")
+    }
+
+    /// Entries a channel log keeps: enough for catch-up, and at least the
+    /// history (messages are kept once, in the log).
+    fn log_retain(&self) -> usize {
+        LOG_RETAIN.max(self.settings.history_retain)
+    }
+
+    /// PUBLISH on one Redis, SPUBLISH (sharded) on a cluster.
+    fn publish_cmd(&self, topic: &str, payload: &str) -> redis::Cmd {
+        let mut cmd = redis::cmd(if self.settings.cluster {
+            "SPUBLISH"
+        } else {
+            "PUBLISH"
+        });
+        cmd.arg(topic).arg(payload);
+        cmd
     }
 
     fn window_ms(&self) -> u64 {

@@ -2,7 +2,7 @@
 //! then the join script fixes where the session starts in the channel's
 //! log. Presence entries, refreshed by the owner, and bans.
 
-use super::{channel_topic, ck, sk, RedisBroker, CHANNELS, CONTROL_TOPIC, LOG_RETAIN, PRESENCE};
+use super::{channel_topic, ck, sk, RedisBroker, CHANNELS, CONTROL_TOPIC};
 use crate::broker::memory::unix_ms;
 use crate::broker::{move_body, Ban};
 use crate::hub::LocalChannel;
@@ -19,7 +19,7 @@ fn script_int(v: Option<&redis::Value>) -> u64 {
 }
 
 /// The CHANNEL_MOVE dispatch from the join script's snapshot:
-/// `[n, member_count, listed, user JSON × listed, "<id> <body>" …]`.
+/// `[n, member_count, listed, user JSON × listed, message body …]`.
 fn move_dispatch(out: &[redis::Value], channel: &str, from: &str) -> Arc<Dispatch> {
     let count = script_int(out.get(1)) as usize;
     let listed = script_int(out.get(2)) as usize;
@@ -34,15 +34,17 @@ fn move_dispatch(out: &[redis::Value], channel: &str, from: &str) -> Arc<Dispatc
         .filter_map(|u| serde_json::from_str(u).ok())
         .collect();
     let members: Vec<&User> = members.iter().collect();
-    let history = strings
-        .iter()
-        .skip(listed)
-        .filter_map(|h| h.split_once(' ').map(|(_, body)| body.as_bytes()));
+    let history = strings.iter().skip(listed).map(|body| body.as_bytes());
     Dispatch::from_body(
         Event::ChannelMove,
         &move_body(channel, from, &members, count, history),
     )
 }
+
+/// The keys of the join and leave scripts, in their order.
+const CHANNEL_KEYS: [&str; 7] = [
+    "meta", "members", "users", "ujson", "order", "log", "presence",
+];
 
 impl RedisBroker {
     pub async fn new_session_id(&self) -> Result<u64, Reject> {
@@ -82,7 +84,7 @@ impl RedisBroker {
         let mut c = self.conn();
         let channel_json = serde_json::to_string(name).expect("string serializes");
         let mut inv = self.scripts.join.prepare_invoke();
-        for suffix in ["meta", "members", "users", "ujson", "order", "log", "hist"] {
+        for suffix in CHANNEL_KEYS {
             inv.key(ck(name, suffix));
         }
         inv.arg(session.id)
@@ -91,8 +93,10 @@ impl RedisBroker {
             .arg(self.settings.presence_threshold)
             .arg(channel_topic(name))
             .arg(channel_json)
-            .arg(LOG_RETAIN)
-            .arg(if snapshot { "1" } else { "0" });
+            .arg(self.log_retain())
+            .arg(if snapshot { "1" } else { "0" })
+            .arg(self.settings.history_retain)
+            .arg(unix_ms() + self.window_ms());
         self.op("join", inv.invoke_async(&mut c)).await
     }
 
@@ -100,29 +104,23 @@ impl RedisBroker {
         let mut c = self.conn();
         let channel_json = serde_json::to_string(name).expect("string serializes");
         let mut inv = self.scripts.leave.prepare_invoke();
-        for suffix in ["meta", "members", "users", "ujson", "order", "log"] {
+        for suffix in CHANNEL_KEYS {
             inv.key(ck(name, suffix));
         }
         inv.arg(session_id)
             .arg(self.settings.presence_threshold)
             .arg(channel_topic(name))
             .arg(channel_json)
-            .arg(LOG_RETAIN);
+            .arg(self.log_retain());
         let _: i64 = self.op("leave", inv.invoke_async(&mut c)).await?;
-        let _: () = self
-            .op("presence", c.zrem(PRESENCE, format!("{name}|{session_id}")))
-            .await?;
         Ok(())
     }
 
     pub(super) async fn touch_presence(&self, session_id: u64, name: &str) -> Result<(), Reject> {
         let mut c = self.conn();
         let expiry = unix_ms() + self.window_ms();
-        self.op(
-            "presence",
-            c.zadd(PRESENCE, format!("{name}|{session_id}"), expiry),
-        )
-        .await
+        self.op("presence", c.zadd(ck(name, "presence"), session_id, expiry))
+            .await
     }
 
     /// Enters `name`: subscribe first, then the join script, whose `n` is
@@ -152,7 +150,6 @@ impl RedisBroker {
         let out = self
             .join_script(session, name, moved_from.is_some())
             .await?;
-        self.touch_presence(session.id, name).await?;
         let n = script_int(out.first());
         let first = moved_from.map(|from| move_dispatch(&out, name, from));
         if session.is_ended() {
@@ -271,15 +268,22 @@ impl RedisBroker {
         let mut c = self.conn();
         let key = format!("gw:ban:{user_id}");
         let value = serde_json::json!({"reason": ban.reason, "until": ban.until}).to_string();
-        let mut pipe = redis::pipe();
-        match ban.until {
-            Some(until) => pipe.pset_ex(&key, value, until.saturating_sub(unix_ms()).max(1)),
-            None => pipe.set(&key, value),
+        let stored: () = match ban.until {
+            Some(until) => {
+                let ttl = until.saturating_sub(unix_ms()).max(1);
+                self.op("ban", c.pset_ex(&key, value, ttl)).await?
+            }
+            None => self.op("ban", c.set(&key, value)).await?,
         };
-        pipe.ignore();
-        pipe.publish(CONTROL_TOPIC, format!("ban {user_id}"))
-            .ignore();
-        self.op("ban", pipe.query_async::<()>(&mut c)).await
+        // Stored first: a kicked client that reconnects meets the ban.
+        let _: i64 = self
+            .op(
+                "ban",
+                self.publish_cmd(CONTROL_TOPIC, &format!("ban {user_id}"))
+                    .query_async(&mut c),
+            )
+            .await?;
+        Ok(stored)
     }
 
     pub async fn unban(&self, user_id: &str) -> Result<(), Reject> {

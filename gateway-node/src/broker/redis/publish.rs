@@ -11,7 +11,6 @@ use crate::broker::MessageBody;
 use crate::session::Session;
 use crate::wire::{Dispatch, Reject};
 use gateway_shared::protocol::{ChannelAdd, ErrorCode, Event, MessageDelete, StartTyping, User};
-use redis::AsyncCommands;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -52,15 +51,12 @@ impl RedisBroker {
         let rest = &full[r#"{"id":"""#.len()..];
         let mut c = self.conn();
         let mut inv = self.scripts.message.prepare_invoke();
-        inv.key(ck(&name, "meta"))
-            .key(ck(&name, "log"))
-            .key(ck(&name, "hist"));
+        inv.key(ck(&name, "meta")).key(ck(&name, "log"));
         inv.arg(channel_topic(&name))
             .arg(rest)
-            .arg(LOG_RETAIN)
+            .arg(self.log_retain())
             .arg(format!("{:013}", id.ms))
-            .arg(format!("{:06}", id.suffix))
-            .arg(self.settings.history_retain);
+            .arg(format!("{:06}", id.suffix));
         let (_, final_id): (u64, String) = self.op("publish", inv.invoke_async(&mut c)).await?;
         if let Some(ms) = final_id.get(..13).and_then(|ms| ms.parse::<u64>().ok()) {
             if ms > id.ms {
@@ -82,15 +78,14 @@ impl RedisBroker {
         .expect("serializes");
         let mut c = self.conn();
         let mut inv = self.scripts.delete.prepare_invoke();
-        inv.key(ck(&name, "meta"))
-            .key(ck(&name, "log"))
-            .key(ck(&name, "hist"));
+        inv.key(ck(&name, "meta")).key(ck(&name, "log"));
         inv.arg(channel_topic(&name))
             .arg(id)
             .arg(&session.user.id)
             .arg(if session.identity.admin { "1" } else { "0" })
             .arg(body)
-            .arg(LOG_RETAIN);
+            .arg(self.log_retain())
+            .arg(self.settings.history_retain);
         let n: i64 = self.op("delete", inv.invoke_async(&mut c)).await?;
         match n {
             -1 => Err(Reject::new(ErrorCode::NotFound, "unknown message")),
@@ -113,7 +108,11 @@ impl RedisBroker {
         let mut c = self.conn();
         let payload = format!("0 {} START_TYPING {body}", session.id);
         let _: () = self
-            .op("typing", c.publish(channel_topic(&name), payload))
+            .op(
+                "typing",
+                self.publish_cmd(&channel_topic(&name), &payload)
+                    .query_async(&mut c),
+            )
             .await?;
         Ok(())
     }

@@ -194,7 +194,8 @@ impl RedisBroker {
                         let _ = r
                             .op(
                                 "claim reply",
-                                r.conn().publish::<_, _, i64>(node_topic(&from), reply),
+                                r.publish_cmd(&node_topic(&from), &reply)
+                                    .query_async::<i64>(&mut r.conn()),
                             )
                             .await;
                     }

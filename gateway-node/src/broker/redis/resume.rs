@@ -3,9 +3,8 @@
 //! it over and catches it up from the logs before joining the hub.
 
 use super::publish::parse_entry;
-use super::{channel_topic, ck, node_topic, sk, RedisBroker, CLAIM_TIMEOUT, GLOBAL_LOG, PRESENCE};
+use super::{channel_topic, ck, node_topic, sk, RedisBroker, CLAIM_TIMEOUT, GLOBAL_LOG};
 use crate::auth::Identity;
-use crate::broker::memory::unix_ms;
 use crate::hub::LocalChannel;
 use crate::metrics::ResumeResult;
 use crate::node::Node;
@@ -99,14 +98,9 @@ impl RedisBroker {
                 .pexpire(&buf, window)
                 .ignore();
         }
-        pipe.zadd(
-            PRESENCE,
-            format!("{channel}|{}", session.id),
-            unix_ms() + self.window_ms(),
-        )
-        .ignore();
         let mut c = self.conn();
         self.op("park", pipe.query_async::<()>(&mut c)).await?;
+        self.touch_presence(session.id, &channel).await?;
         debug!(session = session.id, seq, ccur, gcur, "parked");
         Ok(true)
     }
@@ -124,7 +118,13 @@ impl RedisBroker {
         let (tx, rx) = oneshot::channel();
         self.claims.lock().insert(req, tx);
         let msg = format!("claim {id} {} {req}", self.settings.node_id);
-        let sent: Result<i64, _> = self.op("claim", c.publish(node_topic(owner), msg)).await;
+        let sent: Result<i64, _> = self
+            .op(
+                "claim",
+                self.publish_cmd(&node_topic(owner), &msg)
+                    .query_async(&mut c),
+            )
+            .await;
         let parked = match sent {
             Ok(_) => matches!(tokio::time::timeout(CLAIM_TIMEOUT, rx).await, Ok(Ok(true))),
             Err(e) => {

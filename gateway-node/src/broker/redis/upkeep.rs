@@ -2,8 +2,10 @@
 //! that keeps this node's liveness and presence fresh, sweeps the presence
 //! of crashed nodes' sessions, and notices a Redis that lost its data.
 
+use super::conn::Batch;
 use super::{
-    sk, Conn, RedisBroker, CHANNELS, EPOCH, GLOBAL_META, OP_TIMEOUT, PRESENCE, SWEEP_BATCH,
+    ck, sk, Conn, RedisBroker, CHANNELS, EPOCH, GLOBAL_META, OP_TIMEOUT, SWEEP_BATCH,
+    SWEEP_CHANNELS,
 };
 use crate::broker::memory::unix_ms;
 use crate::broker::Broker;
@@ -64,54 +66,86 @@ impl RedisBroker {
             self.data_lost(node, epoch).await;
             return Ok(());
         }
+        drop(c);
         let now = unix_ms();
         let window = self.window_ms();
-        let mut pipe = redis::pipe();
-        pipe.set_options(
-            format!("gw:node:{}", self.settings.node_id),
-            now,
-            redis::SetOptions::default().with_expiration(redis::SetExpiry::PX(15_000)),
-        )
-        .ignore();
+        let mut batch = Batch::new(self.settings.cluster);
+        let mut cmd = redis::cmd("SET");
+        let node_key = format!("gw:node:{}", self.settings.node_id);
+        cmd.arg(&node_key).arg(now).arg("PX").arg(15_000);
+        batch.add(&node_key, cmd);
+        let index_key = format!("gw:nodeidx:{}", self.node_index.load(Ordering::Relaxed));
+        let mut cmd = redis::cmd("PEXPIRE");
+        cmd.arg(&index_key).arg(60_000);
+        batch.add(&index_key, cmd);
         for session in node.local_sessions() {
-            let channel = session.channel();
-            pipe.zadd(PRESENCE, format!("{channel}|{}", session.id), now + window)
-                .ignore();
-            pipe.pexpire(sk(session.id), window as i64).ignore();
+            let presence = ck(&session.channel(), "presence");
+            let mut cmd = redis::cmd("ZADD");
+            cmd.arg(&presence).arg(now + window).arg(session.id);
+            batch.add(&presence, cmd);
+            let key = sk(session.id);
+            let mut cmd = redis::cmd("PEXPIRE");
+            cmd.arg(&key).arg(window);
+            batch.add(&key, cmd);
         }
-        pipe.pexpire(
-            format!("gw:nodeidx:{}", self.node_index.load(Ordering::Relaxed)),
-            60_000,
-        )
-        .ignore();
-        self.op("upkeep", pipe.query_async::<()>(&mut c)).await?;
-        let expired: Vec<String> = self
-            .op(
-                "sweep",
-                redis::cmd("ZRANGEBYSCORE")
-                    .arg(PRESENCE)
-                    .arg("-inf")
-                    .arg(now)
-                    .arg("LIMIT")
-                    .arg(0)
-                    .arg(SWEEP_BATCH)
-                    .query_async(&mut c),
-            )
+        self.op("upkeep", batch.run(&self.cmd)).await?;
+        self.sweep(node, now).await
+    }
+
+    /// Removes the presence of sessions whose owner stopped refreshing it
+    /// (a crashed node), in the next `SWEEP_CHANNELS` channels of the
+    /// registry: every node walks all channels, a slice per round.
+    async fn sweep(&self, node: &Node, now: u64) -> Result<(), Reject> {
+        let channels = self.sweep_slice().await?;
+        let reads = channels.iter().map(|channel| {
+            let mut c = self.conn();
+            let mut cmd = redis::cmd("ZRANGEBYSCORE");
+            cmd.arg(ck(channel, "presence"))
+                .arg("-inf")
+                .arg(now)
+                .arg("LIMIT")
+                .arg(0)
+                .arg(SWEEP_BATCH);
+            async move { cmd.query_async::<Vec<u64>>(&mut c).await }
+        });
+        let expired = self
+            .op("sweep", async {
+                futures_util::future::join_all(reads)
+                    .await
+                    .into_iter()
+                    .collect::<RedisResult<Vec<_>>>()
+            })
             .await?;
-        drop(c);
-        for entry in expired {
-            let Some((channel, id)) = entry.rsplit_once('|') else {
-                continue;
-            };
-            let Ok(id) = id.parse::<u64>() else { continue };
-            if node.has_session(id) {
-                continue;
+        for (channel, ids) in channels.iter().zip(expired) {
+            for id in ids {
+                if node.has_session(id) {
+                    continue;
+                }
+                // The script removes the member once, so only one node
+                // sends the ROOM_USER_REMOVE.
+                self.leave_script(id, channel).await?;
             }
-            // The script removes the member once, so only one node sends
-            // the ROOM_USER_REMOVE.
-            self.leave_script(id, channel).await?;
         }
         Ok(())
+    }
+
+    /// The next channels to sweep; the registry is read again after each
+    /// full pass.
+    async fn sweep_slice(&self) -> Result<Vec<String>, Reject> {
+        let at = {
+            let sweep = self.sweep.lock();
+            (sweep.1 < sweep.0.len()).then_some(sweep.1)
+        };
+        if at.is_none() {
+            let names = self.channel_names().await?;
+            *self.sweep.lock() = (names, 0);
+        }
+        let mut sweep = self.sweep.lock();
+        let (names, cursor) = &mut *sweep;
+        let end = (*cursor + SWEEP_CHANNELS).min(names.len());
+        let slice = names[*cursor..end].to_vec();
+        *cursor = end;
+        Ok(slice)
     }
 
     /// Redis came back without its data: every counter, log, presence

@@ -1,5 +1,6 @@
--- KEYS: meta members users ujson order log hist
+-- KEYS: meta members users ujson order log presence
 -- ARGV: sid uid user_json threshold topic channel_json retain want_snapshot
+--       history_limit presence_expiry_ms
 local n = tonumber(redis.call('HGET', KEYS[1], 'n') or '0')
 if redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2]) == 1 then
   if redis.call('HINCRBY', KEYS[3], ARGV[2], 1) == 1 then
@@ -12,6 +13,7 @@ if redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2]) == 1 then
     n = emit(KEYS[1], KEYS[6], ARGV[5], d, ARGV[7])
   end
 end
+redis.call('ZADD', KEYS[7], ARGV[10], ARGV[1])
 local out = {n, redis.call('HLEN', KEYS[3])}
 if ARGV[8] == '1' then
   local ids = redis.call('ZRANGE', KEYS[5], 0, 99)
@@ -19,6 +21,12 @@ if ARGV[8] == '1' then
   if #ids > 0 then users = redis.call('HMGET', KEYS[4], unpack(ids)) end
   table.insert(out, #users)
   for _, u in ipairs(users) do table.insert(out, u or '{}') end
-  for _, h in ipairs(redis.call('LRANGE', KEYS[7], -50, -1)) do table.insert(out, h) end
+  -- The last 50 messages, oldest first.
+  local recent = {}
+  history(KEYS[6], tonumber(ARGV[9]), function(_, d)
+    table.insert(recent, string.sub(d, 16))
+    return #recent >= 50
+  end)
+  for i = #recent, 1, -1 do table.insert(out, recent[i]) end
 end
 return out

@@ -1,5 +1,6 @@
--- KEYS: meta members users ujson order log
+-- KEYS: meta members users ujson order log presence
 -- ARGV: sid threshold topic channel_json retain
+redis.call('ZREM', KEYS[7], ARGV[1])
 local uid = redis.call('HGET', KEYS[2], ARGV[1])
 if not uid then return 0 end
 redis.call('HDEL', KEYS[2], ARGV[1])
