@@ -10,4 +10,5 @@ mod lifecycle;
 mod resume;
 
 mod cluster;
+mod redis_cluster;
 mod redis_server;
