@@ -66,10 +66,12 @@ pub struct Config {
     /// Address to listen on (WebSocket, health and metrics share it).
     #[arg(long, env = "GATEWAY_LISTEN", default_value = "0.0.0.0:8080")]
     pub listen: SocketAddr,
-    /// Redis URL for a cluster of nodes; absent, the node runs alone in memory.
+    /// Redis URL for a cluster of nodes (with --redis-cluster: one or more
+    /// seed URLs, comma-separated); absent, the node runs alone in memory.
     #[arg(long, env = "GATEWAY_REDIS_URL")]
     pub redis_url: Option<String>,
-    /// Use Redis Cluster (sharded pub/sub).
+    /// The Redis is a Redis Cluster (7.0+): sharded pub/sub, commands
+    /// routed by slot.
     #[arg(long, env = "GATEWAY_REDIS_CLUSTER", default_value_t = false)]
     pub redis_cluster: bool,
     /// HS256 secret of the cluster's tokens, at least 32 bytes.
@@ -235,9 +237,20 @@ impl Config {
         {
             return Err(invalid("--history-retain must be between 50 and 100000"));
         }
-        if let Some(url) = &self.redis_url {
-            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
-                return Err(invalid("--redis-url must start with redis:// or rediss://"));
+        if let Some(urls) = &self.redis_url {
+            let urls: Vec<&str> = urls.split(',').map(str::trim).collect();
+            if urls
+                .iter()
+                .any(|u| !(u.starts_with("redis://") || u.starts_with("rediss://")))
+            {
+                return Err(invalid(
+                    "--redis-url must be redis:// or rediss:// URLs, comma-separated",
+                ));
+            }
+            if urls.len() > 1 && !self.redis_cluster {
+                return Err(invalid(
+                    "several --redis-url seeds need --redis-cluster; a single Redis takes one URL",
+                ));
             }
         }
         if self.worker_threads.is_some_and(|n| n == 0 || n > 1024) {

@@ -67,6 +67,9 @@ struct Inner {
     /// Sessions on their way in (between looking the channel up and
     /// attaching): the channel must not be forgotten meanwhile.
     pins: usize,
+    /// The log's generation (Redis): it changes when the backend lost
+    /// events of this channel, and numbers before it mean nothing after.
+    gen: u64,
 }
 
 pub struct LocalChannel {
@@ -86,6 +89,7 @@ impl LocalChannel {
                 recent: VecDeque::new(),
                 filling: false,
                 pins: 0,
+                gen: 0,
             }),
         })
     }
@@ -261,6 +265,45 @@ impl LocalChannel {
         self.inner.lock().delivered
     }
 
+    /// The event delivered as `n`, if it is still among the recent ones.
+    pub fn delivered_event(&self, n: u64) -> Option<Arc<Dispatch>> {
+        let inner = self.inner.lock();
+        let oldest = inner.recent.front()?.0;
+        let at = n.checked_sub(oldest)? as usize;
+        inner
+            .recent
+            .get(at)
+            .filter(|e| e.0 == n)
+            .map(|e| Arc::clone(&e.1))
+    }
+
+    /// The generation of the log this channel's position refers to.
+    pub fn gen(&self) -> u64 {
+        self.inner.lock().gen
+    }
+
+    /// Sets the generation when the position is not known yet (the first
+    /// member attaches).
+    pub fn init_gen(&self, gen: u64) {
+        let mut inner = self.inner.lock();
+        if inner.delivered.is_none() {
+            inner.gen = gen;
+        }
+    }
+
+    /// Starts over at `n` of generation `gen`: the backend lost events, the
+    /// members (ended by the caller) are forgotten with everything held.
+    pub fn restart_at(&self, n: u64, gen: u64) {
+        let mut inner = self.inner.lock();
+        inner.members.clear();
+        inner.skip_until.clear();
+        inner.pending.clear();
+        inner.recent.clear();
+        inner.filling = false;
+        inner.delivered = Some(n);
+        inner.gen = gen;
+    }
+
     /// Fixes the position in the log when it is not known yet.
     pub fn init_position(&self, n: u64) {
         let mut inner = self.inner.lock();
@@ -317,6 +360,7 @@ impl LocalChannel {
             inner.pending.clear();
             inner.recent.clear();
             inner.filling = false;
+            inner.gen = 0;
             true
         } else {
             false
@@ -386,6 +430,7 @@ impl Hub {
         global.pending.clear();
         global.recent.clear();
         global.filling = false;
+        global.gen = 0;
     }
 
     /// Channels with no local member: candidates to unsubscribe. They are

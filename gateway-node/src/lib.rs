@@ -75,11 +75,6 @@ pub async fn build(config: Config, secret: &str) -> Result<Arc<Node>, StartError
             config.history_retain,
         )),
         Some(url) => {
-            if config.redis_cluster {
-                return Err(StartError::Redis(
-                    "--redis-cluster is not supported yet; use a single Redis".into(),
-                ));
-            }
             let settings = broker::redis::Settings {
                 url: url.clone(),
                 cluster: config.redis_cluster,

@@ -32,6 +32,9 @@ pub struct Metrics {
     pub reads_held_back: IntCounter,
     pub broker_errors: IntCounter,
     pub broker_publish: Histogram,
+    /// Channel logs (and the cluster-wide one) that the backend lost events
+    /// of: their sessions on this node were ended with 1012.
+    pub log_resets: IntCounter,
 }
 
 /// Outcome label of `gateway_resumes_total`.
@@ -109,6 +112,11 @@ impl Metrics {
         .unwrap();
         let broker_errors =
             IntCounter::new("broker_errors_total", "Failed backend operations").unwrap();
+        let log_resets = IntCounter::new(
+            "log_resets_total",
+            "Channel logs that lost events in the backend (failover, trim); their sessions here ended with 1012",
+        )
+        .unwrap();
         let broker_publish = Histogram::with_opts(
             HistogramOpts::new("broker_publish_seconds", "Time to publish one event").buckets(
                 vec![
@@ -130,6 +138,7 @@ impl Metrics {
             Box::new(reads_held_back.clone()),
             Box::new(broker_errors.clone()),
             Box::new(broker_publish.clone()),
+            Box::new(log_resets.clone()),
         ] {
             registry.register(c).expect("unique metric names");
         }
@@ -159,6 +168,7 @@ impl Metrics {
             reads_held_back,
             broker_errors,
             broker_publish,
+            log_resets,
             registry,
             process,
         }

@@ -328,6 +328,24 @@ impl Node {
         }
     }
 
+    /// Ends the sessions in `channel` (every session, for `None`) because
+    /// the backend lost events they should have had: each connection
+    /// closes with 1012, and a resume starts over (`resumed: false`).
+    pub async fn end_sessions_in(&self, channel: Option<&str>, reason: &str) {
+        let sessions: Vec<_> = self
+            .sessions
+            .lock()
+            .values()
+            .filter(|s| channel.is_none_or(|c| *s.channel() == *c))
+            .cloned()
+            .collect();
+        for session in sessions {
+            if let Some(conn) = self.end_session(&session).await {
+                conn.close_with(1012, reason, false);
+            }
+        }
+    }
+
     pub fn has_session(&self, id: u64) -> bool {
         self.sessions.lock().contains_key(&id)
     }

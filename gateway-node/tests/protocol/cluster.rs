@@ -1,31 +1,81 @@
-//! Several nodes on one real Redis behave as one gateway.
+//! Several nodes on one real Redis, or on a real Redis Cluster (three
+//! masters, three replicas), behave as one gateway. Every test here runs
+//! against both (modules `one_redis` and `redis_cluster` at the end), but
+//! those that stop or empty a single Redis.
 
 use crate::harness::*;
-use crate::redis_server::RedisServer;
+use crate::redis_server::{redis_cli, RedisCluster, RedisServer};
 use gateway_shared::protocol::Event;
 use gateway_shared::Client;
 use serde_json::json;
 
-async fn node_on(
-    redis: &RedisServer,
-    tune: impl FnOnce(&mut gateway_node::config::Config),
-) -> TestNode {
-    let url = redis.url();
+/// The Redis that the nodes of a test share.
+pub enum Store {
+    One(RedisServer),
+    Cluster(RedisCluster),
+}
+
+impl Store {
+    pub fn one() -> Self {
+        Self::One(RedisServer::start())
+    }
+
+    pub fn cluster() -> Self {
+        Self::Cluster(RedisCluster::start())
+    }
+
+    /// `GATEWAY_REDIS_URL`: one URL, or the cluster's seeds.
+    pub fn url(&self) -> String {
+        match self {
+            Self::One(r) => r.url(),
+            Self::Cluster(c) => c.seed_urls(),
+        }
+    }
+
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, Self::Cluster(_))
+    }
+
+    /// A node's configuration for this store.
+    pub fn configure(&self, config: &mut gateway_node::config::Config) {
+        config.redis_url = Some(self.url());
+        config.redis_cluster = self.is_cluster();
+    }
+
+    /// Runs a command with `redis-cli` where `key` lives.
+    pub fn cli(&self, key: &str, args: &[&str]) -> String {
+        match self {
+            Self::One(r) => redis_cli(r.port, args),
+            Self::Cluster(c) => redis_cli(c.master_for_key(key), args),
+        }
+    }
+
+    /// Nodes subscribed to `topic` (sharded on a cluster).
+    pub fn subscribers(&self, topic: &str) -> u64 {
+        let which = if self.is_cluster() {
+            "SHARDNUMSUB"
+        } else {
+            "NUMSUB"
+        };
+        let out = self.cli(topic, &["PUBSUB", which, topic]);
+        out.lines().nth(1).unwrap_or("0").trim().parse().unwrap()
+    }
+}
+
+async fn node_on(store: &Store, tune: impl FnOnce(&mut gateway_node::config::Config)) -> TestNode {
     TestNode::with(|c| {
-        c.redis_url = Some(url);
+        store.configure(c);
         tune(c);
     })
     .await
 }
 
-async fn two_nodes(redis: &RedisServer) -> (TestNode, TestNode) {
-    (node_on(redis, |_| {}).await, node_on(redis, |_| {}).await)
+async fn two_nodes(store: &Store) -> (TestNode, TestNode) {
+    (node_on(store, |_| {}).await, node_on(store, |_| {}).await)
 }
 
-#[tokio::test]
-async fn message_to_channel_reaches_members_on_the_other_node() {
-    let redis = RedisServer::start();
-    let (a, b) = two_nodes(&redis).await;
+async fn message_to_channel_reaches_members_on_the_other_node(store: &Store) {
+    let (a, b) = two_nodes(store).await;
     let room = fresh_channel("x");
     let mut alice = Peer::join(&a, "alice").await;
     let mut bob = Peer::join(&b, "bob").await;
@@ -72,10 +122,8 @@ async fn message_to_channel_reaches_members_on_the_other_node() {
     );
 }
 
-#[tokio::test]
-async fn channel_add_and_bans_reach_every_node() {
-    let redis = RedisServer::start();
-    let (a, b) = two_nodes(&redis).await;
+async fn channel_add_and_bans_reach_every_node(store: &Store) {
+    let (a, b) = two_nodes(store).await;
     let mut admin = Peer::admin(&a, "root").await;
     let mut far = Peer::join(&b, "far").await;
     let name = fresh_channel("new");
@@ -135,10 +183,8 @@ async fn resume_on(node: &TestNode, peer: Peer) -> Peer {
     }
 }
 
-#[tokio::test]
-async fn resume_on_the_other_node_replays_what_was_missed() {
-    let redis = RedisServer::start();
-    let (a, b) = two_nodes(&redis).await;
+async fn resume_on_the_other_node_replays_what_was_missed(store: &Store) {
+    let (a, b) = two_nodes(store).await;
     let room = fresh_channel("hop");
     let mut alice = Peer::join(&b, "alice").await;
     let mut bob = Peer::join(&a, "bob").await;
@@ -174,10 +220,8 @@ async fn resume_on_the_other_node_replays_what_was_missed() {
     assert_eq!(contents, expected, "every message once, in order");
 }
 
-#[tokio::test]
-async fn resume_elsewhere_closes_the_old_connection_with_4017() {
-    let redis = RedisServer::start();
-    let (a, b) = two_nodes(&redis).await;
+async fn resume_elsewhere_closes_the_old_connection_with_4017(store: &Store) {
+    let (a, b) = two_nodes(store).await;
     let mut old = Peer::join(&a, "dup").await;
     let (mut client, _) = Client::connect_hello(&b.url()).await.unwrap();
     let ready = client
@@ -190,10 +234,8 @@ async fn resume_elsewhere_closes_the_old_connection_with_4017() {
     assert_eq!(old.closed().await, Some(4017));
 }
 
-#[tokio::test]
-async fn another_users_session_cannot_be_resumed_on_any_node() {
-    let redis = RedisServer::start();
-    let (a, b) = two_nodes(&redis).await;
+async fn another_users_session_cannot_be_resumed_on_any_node(store: &Store) {
+    let (a, b) = two_nodes(store).await;
     let victim = Peer::join(&a, "victim").await;
     let (mut c, _) = Client::connect_hello(&b.url()).await.unwrap();
     let err = c
@@ -214,10 +256,8 @@ async fn another_users_session_cannot_be_resumed_on_any_node() {
     );
 }
 
-#[tokio::test]
-async fn drain_parks_sessions_and_they_resume_elsewhere_without_loss() {
-    let redis = RedisServer::start();
-    let (a, b) = two_nodes(&redis).await;
+async fn drain_parks_sessions_and_they_resume_elsewhere_without_loss(store: &Store) {
+    let (a, b) = two_nodes(store).await;
     let room = fresh_channel("drain");
     let mut talker = Peer::join(&b, "talker").await;
     talker.create_and_move(&room).await;
@@ -263,8 +303,11 @@ async fn drain_parks_sessions_and_they_resume_elsewhere_without_loss() {
 
 #[tokio::test]
 async fn redis_outage_gives_4018_then_recovers() {
-    let mut redis = RedisServer::start();
-    let node = node_on(&redis, |_| {}).await;
+    let mut store = Store::one();
+    let node = node_on(&store, |_| {}).await;
+    let Store::One(redis) = &mut store else {
+        unreachable!()
+    };
     let room = fresh_channel("outage");
     let mut alice = Peer::join(&node, "alice").await;
     alice.create_and_move(&room).await;
@@ -308,7 +351,7 @@ struct NodeProcess {
 }
 
 impl NodeProcess {
-    fn start(redis: &RedisServer, resume_window_s: u64) -> Self {
+    fn start(store: &Store, resume_window_s: u64) -> Self {
         use std::io::BufRead;
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -318,7 +361,8 @@ impl NodeProcess {
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_gateway-node"))
             .arg("serve")
             .env("GATEWAY_LISTEN", format!("127.0.0.1:{port}"))
-            .env("GATEWAY_REDIS_URL", redis.url())
+            .env("GATEWAY_REDIS_URL", store.url())
+            .env("GATEWAY_REDIS_CLUSTER", store.is_cluster().to_string())
             .env("GATEWAY_JWT_SECRET", SECRET)
             .env("GATEWAY_RESUME_WINDOW_S", resume_window_s.to_string())
             .env("GATEWAY_NODE_ID", format!("doomed-{port}"))
@@ -350,11 +394,9 @@ impl Drop for NodeProcess {
     }
 }
 
-#[tokio::test]
-async fn a_killed_nodes_sessions_resume_as_new_and_leave_their_channels() {
-    let redis = RedisServer::start();
-    let survivor = node_on(&redis, |c| c.resume_window_s = 2).await;
-    let mut doomed = NodeProcess::start(&redis, 2);
+async fn a_killed_nodes_sessions_resume_as_new_and_leave_their_channels(store: &Store) {
+    let survivor = node_on(store, |c| c.resume_window_s = 2).await;
+    let mut doomed = NodeProcess::start(store, 2);
     let room = fresh_channel("crash");
     let mut watcher = Peer::join(&survivor, "watcher").await;
     watcher.create_and_move(&room).await;
@@ -390,44 +432,25 @@ async fn a_killed_nodes_sessions_resume_as_new_and_leave_their_channels() {
     assert_eq!(left.cnf["user"]["id"], victim.user_id.as_str());
 }
 
-#[tokio::test]
-async fn a_node_subscribes_to_a_channel_only_while_it_has_members_there() {
-    let redis = RedisServer::start();
-    let node = node_on(&redis, |_| {}).await;
+async fn a_node_subscribes_to_a_channel_only_while_it_has_members_there(store: &Store) {
+    let node = node_on(store, |_| {}).await;
     let room = fresh_channel("subs");
     let mut peer = Peer::join(&node, "p").await;
-    let client = redis::Client::open(redis.url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let topic = format!("gw:{{c:{room}}}");
-    let numsub = |conn: &mut redis::aio::MultiplexedConnection| {
-        let mut conn = conn.clone();
-        let topic = topic.clone();
-        async move {
-            let (_, n): (String, u64) = redis::cmd("PUBSUB")
-                .arg("NUMSUB")
-                .arg(&topic)
-                .query_async(&mut conn)
-                .await
-                .unwrap();
-            n
-        }
-    };
-    assert_eq!(numsub(&mut conn).await, 0);
+    assert_eq!(store.subscribers(&topic), 0);
     peer.create_and_move(&room).await;
-    assert_eq!(numsub(&mut conn).await, 1);
+    assert_eq!(store.subscribers(&topic), 1);
     peer.move_to("general").await;
     // Unsubscribing is batched: it happens within a few seconds.
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
-    while numsub(&mut conn).await != 0 {
+    while store.subscribers(&topic) != 0 {
         assert!(tokio::time::Instant::now() < deadline, "still subscribed");
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }
 
-#[tokio::test]
-async fn a_node_that_joins_later_does_not_replay_old_cluster_events() {
-    let redis = RedisServer::start();
-    let a = node_on(&redis, |_| {}).await;
+async fn a_node_that_joins_later_does_not_replay_old_cluster_events(store: &Store) {
+    let a = node_on(store, |_| {}).await;
     let mut admin = Peer::admin(&a, "root").await;
     for _ in 0..3 {
         admin
@@ -435,7 +458,7 @@ async fn a_node_that_joins_later_does_not_replay_old_cluster_events() {
             .await;
         admin.dispatch(Event::ChannelAdd).await;
     }
-    let b = node_on(&redis, |_| {}).await;
+    let b = node_on(store, |_| {}).await;
     let mut late = Peer::join(&b, "late").await;
     let name = fresh_channel("new");
     admin.execute("CHANNEL_ADD", json!({"name": name})).await;
@@ -451,8 +474,11 @@ async fn a_node_that_joins_later_does_not_replay_old_cluster_events() {
 
 #[tokio::test]
 async fn a_redis_that_lost_its_data_ends_sessions_instead_of_leaving_gaps() {
-    let mut redis = RedisServer::start();
-    let node = node_on(&redis, |c| c.resume_window_s = 2).await;
+    let mut store = Store::one();
+    let node = node_on(&store, |c| c.resume_window_s = 2).await;
+    let Store::One(redis) = &mut store else {
+        unreachable!()
+    };
     let room = fresh_channel("lost");
     let mut alice = Peer::join(&node, "alice").await;
     alice.create_and_move(&room).await;
@@ -481,25 +507,16 @@ async fn a_redis_that_lost_its_data_ends_sessions_instead_of_leaving_gaps() {
     );
 }
 
-#[tokio::test]
-async fn a_node_whose_clock_is_behind_still_orders_its_messages_after_the_last() {
-    let redis = RedisServer::start();
-    let node = node_on(&redis, |_| {}).await;
+async fn a_node_whose_clock_is_behind_still_orders_its_messages_after_the_last(store: &Store) {
+    let node = node_on(store, |_| {}).await;
     let room = fresh_channel("skew");
     let mut alice = Peer::join(&node, "alice").await;
     alice.create_and_move(&room).await;
     // Another node, its clock an hour ahead, published the last message.
     let ahead_ms = gateway_node::broker::memory::unix_ms() + 3_600_000;
     let last = format!("{ahead_ms:013}042007");
-    let client = redis::Client::open(redis.url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let _: () = redis::cmd("HSET")
-        .arg(format!("gw:{{c:{room}}}:meta"))
-        .arg("lastid")
-        .arg(&last)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    let meta = format!("gw:{{c:{room}}}:meta");
+    store.cli(&meta, &["HSET", &meta, "lastid", &last]);
     let first: u64 = alice.say("one").await["id"]
         .as_str()
         .unwrap()
@@ -513,3 +530,34 @@ async fn a_node_whose_clock_is_behind_still_orders_its_messages_after_the_last()
     assert!(first > last.parse::<u64>().unwrap(), "{first} after {last}");
     assert!(second > first);
 }
+
+/// Each test above that takes a `Store`, on one Redis and on a cluster.
+macro_rules! on_each_store {
+    ($($test:ident),* $(,)?) => {
+        mod one_redis {
+            $(#[tokio::test]
+            async fn $test() {
+                super::$test(&super::Store::one()).await
+            })*
+        }
+        mod redis_cluster {
+            $(#[tokio::test]
+            async fn $test() {
+                super::$test(&super::Store::cluster()).await
+            })*
+        }
+    };
+}
+
+on_each_store!(
+    message_to_channel_reaches_members_on_the_other_node,
+    channel_add_and_bans_reach_every_node,
+    resume_on_the_other_node_replays_what_was_missed,
+    resume_elsewhere_closes_the_old_connection_with_4017,
+    another_users_session_cannot_be_resumed_on_any_node,
+    drain_parks_sessions_and_they_resume_elsewhere_without_loss,
+    a_killed_nodes_sessions_resume_as_new_and_leave_their_channels,
+    a_node_subscribes_to_a_channel_only_while_it_has_members_there,
+    a_node_that_joins_later_does_not_replay_old_cluster_events,
+    a_node_whose_clock_is_behind_still_orders_its_messages_after_the_last,
+);

@@ -133,6 +133,8 @@ const DELETE_LUA: &str = include_str!("lua/delete.lua");
 const ADD_CHANNEL_LUA: &str = include_str!("lua/add_channel.lua");
 /// Takes a parked session over: it becomes live, owned by this node.
 const TAKE_LUA: &str = include_str!("lua/take.lua");
+/// Checks a log against what a node delivered from it (after a failover).
+const VERIFY_LUA: &str = include_str!("lua/verify.lua");
 
 /// A script: `body` with the shared functions it calls in front, and on
 /// Redis Cluster sharded publishing (the topic is in the keys' slot).
@@ -158,6 +160,7 @@ struct Scripts {
     delete: Script,
     add_channel: Script,
     take: Script,
+    verify: Script,
 }
 
 /// What the Redis backend needs from the configuration.
@@ -182,6 +185,8 @@ type PendingStart = (PubSub, mpsc::Receiver<PushInfo>, mpsc::Receiver<SubRequest
 /// Requests to the task that owns the pub/sub connection.
 enum SubRequest {
     Subscribe(String, oneshot::Sender<RedisResult<()>>),
+    /// An unsubscribe push: ours, or Redis dropping a subscription.
+    Dropped(String),
 }
 
 pub struct RedisBroker {
@@ -252,6 +257,7 @@ impl RedisBroker {
                 delete: script(DELETE_LUA, cluster),
                 add_channel: script(ADD_CHANNEL_LUA, cluster),
                 take: script(TAKE_LUA, cluster),
+                verify: script(VERIFY_LUA, cluster),
             },
             ids: OnceLock::new(),
             node_index: AtomicU64::new(0),
@@ -353,6 +359,7 @@ impl RedisBroker {
             sub_rx,
             weak.clone(),
             self.settings.node_id.clone(),
+            self.settings.cluster,
         )));
         tasks.push(tokio::spawn(push_task(push_rx, weak.clone())));
         tasks.push(tokio::spawn(maintenance_task(weak)));

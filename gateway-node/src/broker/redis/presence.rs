@@ -19,13 +19,13 @@ fn script_int(v: Option<&redis::Value>) -> u64 {
 }
 
 /// The CHANNEL_MOVE dispatch from the join script's snapshot:
-/// `[n, member_count, listed, user JSON × listed, message body …]`.
+/// `[n, member_count, gen, listed, user JSON × listed, message body …]`.
 fn move_dispatch(out: &[redis::Value], channel: &str, from: &str) -> Arc<Dispatch> {
     let count = script_int(out.get(1)) as usize;
-    let listed = script_int(out.get(2)) as usize;
+    let listed = script_int(out.get(3)) as usize;
     let strings: Vec<String> = out
         .iter()
-        .skip(3)
+        .skip(4)
         .filter_map(|v| redis::from_redis_value::<String>(v.clone()).ok())
         .collect();
     let members: Vec<User> = strings
@@ -74,7 +74,7 @@ impl RedisBroker {
         serde_json::to_string(user).expect("user serializes")
     }
 
-    /// Runs the join script; returns `(n, member_count, snapshot)`.
+    /// Runs the join script; returns `[n, member_count, gen, snapshot…]`.
     async fn join_script(
         &self,
         session: &Session,
@@ -151,6 +151,7 @@ impl RedisBroker {
             .join_script(session, name, moved_from.is_some())
             .await?;
         let n = script_int(out.first());
+        local.init_gen(script_int(out.get(2)));
         let first = moved_from.map(|from| move_dispatch(&out, name, from));
         if session.is_ended() {
             local.unpin();

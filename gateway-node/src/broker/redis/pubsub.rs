@@ -8,17 +8,29 @@ use super::{
     GLOBAL_TOPIC, OP_TIMEOUT,
 };
 use crate::broker::Broker;
-use crate::hub::Gap;
+use crate::hub::{Gap, LocalChannel};
 use crate::node::Node;
 use crate::wire::{Dispatch, Reject};
 use gateway_shared::protocol::{ErrorCode, Event};
-use redis::{AsyncCommands, PushInfo, PushKind};
+use redis::{PushInfo, PushKind};
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
+
+/// `"reset <gen> <n>"`: the log starts over (see `lua/verify.lua`).
+fn parse_reset(payload: &[u8]) -> Option<(u64, u64)> {
+    let text = std::str::from_utf8(payload.strip_prefix(b"reset ")?).ok()?;
+    let (gen, n) = text.split_once(' ')?;
+    Some((gen.parse().ok()?, n.parse().ok()?))
+}
+
+/// A delivered event as its log entry stores it: `"<EVENT> <body>"`.
+fn log_entry(d: &Dispatch) -> String {
+    format!("{} {}", d.event.name(), String::from_utf8_lossy(d.body()))
+}
 
 /// `"<n> <except> <EVENT> <body>"`.
 fn parse_live(payload: &[u8]) -> Option<(u64, u64, Event, &[u8])> {
@@ -43,31 +55,44 @@ impl RedisBroker {
         }
     }
 
+    /// The local channel `name` (`None`: the global stream) and its keys:
+    /// meta, log, topic.
+    fn stream(&self, name: Option<&str>) -> Option<(Arc<LocalChannel>, String, String, String)> {
+        match name {
+            Some(name) => Some((
+                self.hub.get(name)?,
+                ck(name, "meta"),
+                ck(name, "log"),
+                channel_topic(name),
+            )),
+            None => Some((
+                Arc::clone(&self.hub.global),
+                GLOBAL_META.to_owned(),
+                GLOBAL_LOG.to_owned(),
+                GLOBAL_TOPIC.to_owned(),
+            )),
+        }
+    }
+
     /// Fills a gap of `channel` (`None`: the global stream) from its log.
-    async fn fill(&self, channel: Option<&str>, from: u64, to: u64) {
-        let (local, log) = match channel {
-            Some(name) => match self.hub.get(name) {
-                Some(local) => (local, ck(name, "log")),
-                None => return,
-            },
-            None => (Arc::clone(&self.hub.global), GLOBAL_LOG.to_owned()),
+    /// Events gone from the log are a loss: the channel starts over.
+    async fn fill(&self, node: &Node, channel: Option<&str>, from: u64, to: u64) {
+        let Some((local, _, log, _)) = self.stream(channel) else {
+            return;
         };
         let mut range = Some((from, to));
         while let Some((from, to)) = range.take() {
             match self.read_log(&log, from - 1).await {
-                Ok(Some(events)) => {
-                    let complete = events.iter().any(|e| e.0 >= to);
+                Ok(Some(events)) if events.iter().any(|e| e.0 >= to) => {
                     for (n, d) in events {
                         let _ = local.on_event(n, d);
                     }
-                    if !complete {
-                        warn!(channel = ?channel, from, to, "events missing from the log; skipping them");
-                        local.skip_gap();
-                    }
                 }
-                Ok(None) => {
-                    warn!(channel = ?channel, from, to, "events trimmed from the log; skipping them");
-                    local.skip_gap();
+                Ok(_) => {
+                    warn!(channel = ?channel, from, to, "events gone from the log");
+                    local.fill_done();
+                    self.lost_events(node, channel).await;
+                    return;
                 }
                 Err(_) => {
                     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -79,45 +104,110 @@ impl RedisBroker {
         }
     }
 
-    /// After the pub/sub connection came back: read what every local
-    /// channel may have missed.
-    async fn resync(&self) {
-        let mut c = self.conn();
-        let mut targets: Vec<(Option<Arc<str>>, String)> = self
-            .hub
-            .names()
-            .into_iter()
-            .map(|n| (Some(Arc::clone(&n)), ck(&n, "meta")))
-            .collect();
-        targets.push((None, GLOBAL_META.to_owned()));
-        for (name, meta) in targets {
-            let n: Option<u64> = match self.op("resync", c.hget(&meta, "n")).await {
-                Ok(n) => n,
-                Err(_) => return,
-            };
-            let local = match &name {
-                Some(name) => self.hub.get(name),
-                None => Some(Arc::clone(&self.hub.global)),
-            };
-            let (Some(n), Some(local)) = (n, local) else {
-                continue;
-            };
-            if let Some(pos) = local.position() {
-                if n > pos {
-                    self.fill(name.as_deref(), pos + 1, n).await;
-                }
-            }
+    /// Events this node's sessions in `channel` should have had are gone:
+    /// they end, and the channel starts over at the log's head.
+    async fn lost_events(&self, node: &Node, channel: Option<&str>) {
+        let Some((_, meta, _, _)) = self.stream(channel) else {
+            return;
+        };
+        let head: Result<(Option<u64>, Option<u64>), _> = self
+            .op(
+                "log head",
+                redis::cmd("HMGET")
+                    .arg(&meta)
+                    .arg("n")
+                    .arg("gen")
+                    .query_async(&mut self.conn()),
+            )
+            .await;
+        if let Ok((n, gen)) = head {
+            self.restart_stream(node, channel, n.unwrap_or(0), gen.unwrap_or(0))
+                .await;
         }
     }
 
-    async fn handle_push(&self, node: &Arc<Node>, info: PushInfo) {
-        if info.kind == PushKind::Disconnection {
-            warn!("redis pub/sub connection lost; it resubscribes when it returns");
-            self.healthy.store(false, Ordering::Relaxed);
+    /// After the subscriptions were lost (a reconnect, a failover): checks
+    /// every local channel's log against what was delivered from it, and
+    /// reads what was missed.
+    /// False when Redis failed meanwhile (the caller tries again later).
+    pub(super) async fn resync(&self, node: &Node) -> bool {
+        let mut streams: Vec<Option<Arc<str>>> = self.hub.names().into_iter().map(Some).collect();
+        streams.push(None);
+        for name in streams {
+            if let Err(e) = self.verify(node, name.as_deref()).await {
+                debug!(error = %e.message, "resync stopped; it runs again when Redis is back");
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Checks one stream with `lua/verify.lua`: a log that lost what this
+    /// node delivered (a failover to a replica that lagged) starts over in
+    /// a new generation, on every node; otherwise reads what was missed.
+    pub(super) async fn verify(&self, node: &Node, name: Option<&str>) -> Result<(), Reject> {
+        let Some((local, meta, log, topic)) = self.stream(name) else {
+            return Ok(());
+        };
+        let Some(pos) = local.position() else {
+            return Ok(());
+        };
+        let entry = local
+            .delivered_event(pos)
+            .map(|d| log_entry(&d))
+            .unwrap_or_default();
+        let mut inv = self.scripts.verify.prepare_invoke();
+        inv.key(meta).key(log);
+        inv.arg(pos).arg(entry).arg(local.gen()).arg(topic);
+        let (status, gen, n): (String, u64, u64) = self
+            .op("verify", inv.invoke_async(&mut self.conn()))
+            .await?;
+        if status == "reset" {
+            self.restart_stream(node, name, n, gen).await;
+        } else if n > pos {
+            self.fill(node, name, pos + 1, n).await;
+        }
+        Ok(())
+    }
+
+    /// The log of `name` lost events (generation `gen` starts at `n`): the
+    /// sessions there end with 1012, so that their clients start over
+    /// (`resumed: false`) instead of missing events silently.
+    pub(super) async fn restart_stream(&self, node: &Node, name: Option<&str>, n: u64, gen: u64) {
+        let Some((local, ..)) = self.stream(name) else {
+            return;
+        };
+        if local.gen() == gen && local.position() == Some(n) && local.member_count() == 0 {
             return;
         }
-        if info.kind == PushKind::Subscribe {
-            return;
+        tracing::error!(channel = ?name, gen, n, "the backend lost events of this log; its sessions here end so that clients start over");
+        self.metrics.log_resets.inc();
+        local.restart_at(n, gen);
+        node.end_sessions_in(name, "events lost in the backend; resume to start over")
+            .await;
+    }
+
+    async fn handle_push(&self, node: &Arc<Node>, info: PushInfo) {
+        match info.kind {
+            PushKind::Disconnection => {
+                warn!("a redis connection was lost; subscriptions are checked when it returns");
+                self.healthy.store(false, Ordering::Relaxed);
+                return;
+            }
+            PushKind::Unsubscribe | PushKind::SUnsubscribe => {
+                // Ours, or Redis dropping a slot's subscriptions (it moved
+                // or failed over): the subscription task tells them apart.
+                if let Some(topic) = info
+                    .data
+                    .first()
+                    .and_then(|t| redis::from_redis_value::<String>(t.clone()).ok())
+                {
+                    let _ = self.subs.send(SubRequest::Dropped(topic)).await;
+                }
+                return;
+            }
+            PushKind::Subscribe | PushKind::SSubscribe => return,
+            _ => {}
         }
         let Some(msg) = redis::Msg::from_push_info(info) else {
             return;
@@ -146,6 +236,16 @@ impl RedisBroker {
     }
 
     fn on_channel_message(&self, node: &Arc<Node>, name: Option<&str>, payload: &[u8]) {
+        if let Some((gen, n)) = parse_reset(payload) {
+            let node = Arc::clone(node);
+            let name = name.map(str::to_owned);
+            tokio::spawn(async move {
+                if let Broker::Redis(r) = &node.broker {
+                    r.restart_stream(&node, name.as_deref(), n, gen).await;
+                }
+            });
+            return;
+        }
         let Some((n, except, event, body)) = parse_live(payload) else {
             self.metrics.broker_errors.inc();
             return;
@@ -168,7 +268,7 @@ impl RedisBroker {
             let name = name.map(str::to_owned);
             tokio::spawn(async move {
                 if let Broker::Redis(r) = &node.broker {
-                    r.fill(name.as_deref(), from, to).await;
+                    r.fill(&node, name.as_deref(), from, to).await;
                 }
             });
         }
@@ -213,13 +313,26 @@ impl RedisBroker {
     }
 }
 
-/// Owns the pub/sub connection: every (un)subscribe goes through here, in
+/// The stream a topic carries: a chat channel's, the global one (`None`),
+/// or none at all (control topics).
+fn stream_of(topic: &str) -> Option<Option<&str>> {
+    if topic == GLOBAL_TOPIC {
+        return Some(None);
+    }
+    topic
+        .strip_prefix("gw:{c:")
+        .and_then(|t| t.strip_suffix('}'))
+        .map(Some)
+}
+
+/// Owns the subscriptions: every (un)subscribe goes through here, in
 /// order, so a subscribe is never undone by an older unsubscribe.
 pub(super) async fn subscription_task(
     mut pubsub: PubSub,
     mut requests: mpsc::Receiver<SubRequest>,
     node: Weak<Node>,
     node_id: String,
+    cluster: bool,
 ) {
     let mut subscribed: HashSet<String> = [
         GLOBAL_TOPIC.to_owned(),
@@ -240,29 +353,69 @@ pub(super) async fn subscription_task(
                     }
                     let _ = ack.send(result);
                 }
+                Some(SubRequest::Dropped(topic)) => {
+                    // Our own unsubscribes left `subscribed` before they
+                    // were sent: this one is Redis dropping a slot's
+                    // subscriptions (it moved, or its master failed over).
+                    if !subscribed.contains(&topic) {
+                        continue;
+                    }
+                    let Some(node) = node.upgrade() else { return };
+                    let Broker::Redis(r) = &node.broker else { return };
+                    warn!(topic, "redis dropped a subscription; subscribing again");
+                    if pubsub.subscribe(&topic).await.is_err() {
+                        // Retried with every subscription on the next tick.
+                        r.healthy.store(false, Ordering::Relaxed);
+                        continue;
+                    }
+                    if let Some(stream) = stream_of(&topic) {
+                        let stream = stream.map(str::to_owned);
+                        let node = Arc::clone(&node);
+                        tokio::spawn(async move {
+                            if let Broker::Redis(r) = &node.broker {
+                                if r.verify(&node, stream.as_deref()).await.is_err() {
+                                    r.healthy.store(false, Ordering::Relaxed);
+                                }
+                            }
+                        });
+                    }
+                }
             },
             _ = tick.tick() => {
                 // Keeps the connection checked: a lost one reconnects and
                 // resubscribes on this command.
                 let Some(node) = node.upgrade() else { return };
-                let ok = pubsub.ping().await;
-                if let Broker::Redis(r) = &node.broker {
-                    let was = r.healthy.swap(ok && r.ping().await, Ordering::Relaxed);
-                    if ok && !was {
-                        info!("redis is back; reading what the channels missed");
+                let Broker::Redis(r) = &node.broker else { return };
+                let ok = pubsub.ping().await && r.ping().await;
+                let was = r.healthy.swap(ok, Ordering::Relaxed);
+                if ok && !was {
+                    info!("redis is back; checking the subscriptions and what the channels missed");
+                    // On a cluster the slot of a subscription may have a new
+                    // master: subscribing again is harmless where it has not.
+                    if cluster {
+                        for topic in &subscribed {
+                            if pubsub.subscribe(topic).await.is_err() {
+                                r.healthy.store(false, Ordering::Relaxed);
+                                break;
+                            }
+                        }
+                    }
+                    if r.healthy.load(Ordering::Relaxed) {
                         let node = Arc::clone(&node);
                         tokio::spawn(async move {
                             if let Broker::Redis(r) = &node.broker {
-                                r.resync().await;
+                                if !r.resync(&node).await {
+                                    r.healthy.store(false, Ordering::Relaxed);
+                                }
                             }
                         });
                     }
-                    // Channels with no local member: unsubscribe, batched.
-                    let empty: Vec<String> = r.hub.take_empty().iter().map(|n| channel_topic(n)).filter(|t| subscribed.contains(t)).collect();
-                    if !empty.is_empty() && pubsub.unsubscribe(&empty).await.is_ok() {
-                        for t in empty {
-                            subscribed.remove(&t);
-                        }
+                }
+                // Channels with no local member: unsubscribe, batched.
+                let empty: Vec<String> = r.hub.take_empty().iter().map(|n| channel_topic(n)).filter(|t| subscribed.contains(t)).collect();
+                if !empty.is_empty() && pubsub.unsubscribe(&empty).await.is_ok() {
+                    for t in empty {
+                        subscribed.remove(&t);
                     }
                 }
             }

@@ -3,7 +3,9 @@
 //! it over and catches it up from the logs before joining the hub.
 
 use super::publish::parse_entry;
-use super::{channel_topic, ck, node_topic, sk, RedisBroker, CLAIM_TIMEOUT, GLOBAL_LOG};
+use super::{
+    channel_topic, ck, node_topic, sk, RedisBroker, CLAIM_TIMEOUT, GLOBAL_LOG, GLOBAL_META,
+};
 use crate::auth::Identity;
 use crate::hub::LocalChannel;
 use crate::metrics::ResumeResult;
@@ -28,6 +30,9 @@ struct StoredSession {
     seq: u64,
     ccur: u64,
     gcur: u64,
+    /// Generations of the channel and global logs the cursors refer to.
+    cgen: u64,
+    ggen: u64,
 }
 
 impl StoredSession {
@@ -47,6 +52,8 @@ impl StoredSession {
             seq: num("seq"),
             ccur: num("ccur"),
             gcur: num("gcur"),
+            cgen: num("cgen"),
+            ggen: num("ggen"),
         })
     }
 }
@@ -56,11 +63,12 @@ impl RedisBroker {
     /// log cursors go to Redis. The caller closes its connection.
     pub async fn park(&self, session: &Arc<Session>) -> Result<bool, Reject> {
         let channel = session.channel();
-        let ccur = self
-            .hub
-            .get(&channel)
+        let local = self.hub.get(&channel);
+        let cgen = local.as_ref().map_or(0, |c| c.gen());
+        let ccur = local
             .and_then(|c| c.detach_with_cursor(session.id))
             .unwrap_or(0);
+        let ggen = self.hub.global.gen();
         let gcur = self.hub.global.detach_with_cursor(session.id).unwrap_or(0);
         let Some((_conn, seq, ring)) = session.park() else {
             return Ok(false);
@@ -76,6 +84,8 @@ impl RedisBroker {
                 ("seq", seq.to_string()),
                 ("ccur", ccur.to_string()),
                 ("gcur", gcur.to_string()),
+                ("cgen", cgen.to_string()),
+                ("ggen", ggen.to_string()),
                 ("ch", channel.to_string()),
             ],
         )
@@ -203,8 +213,8 @@ impl RedisBroker {
             .collect();
         let session = Session::restore(
             id,
-            stored.identity,
-            stored.enc_key,
+            stored.identity.clone(),
+            stored.enc_key.clone(),
             Arc::from(stored.channel.as_str()),
             stored.seq,
             ring,
@@ -214,9 +224,7 @@ impl RedisBroker {
         // Subscribe first, then read the logs: whatever is published after
         // the read arrives live and the hub drops what the read covered.
         let local = self.hub.pin(&stored.channel);
-        let caught_up = self
-            .catch_up(&session, &local, &stored.channel, stored.ccur, stored.gcur)
-            .await;
+        let caught_up = self.catch_up(&session, &local, &stored).await;
         match caught_up {
             Ok(true) => {
                 self.touch_presence(id, &stored.channel).await?;
@@ -235,15 +243,38 @@ impl RedisBroker {
         }
     }
 
+    /// Whether a log still holds what a parked cursor refers to: the same
+    /// generation, and a counter not behind the cursor (a replica that
+    /// lagged before a failover can be, until some node notices).
+    async fn log_intact(&self, meta: &str, cursor: u64, gen: u64) -> Result<bool, Reject> {
+        let (n, now): (Option<u64>, Option<u64>) = self
+            .op(
+                "log head",
+                redis::cmd("HMGET")
+                    .arg(meta)
+                    .arg("n")
+                    .arg("gen")
+                    .query_async(&mut self.conn()),
+            )
+            .await?;
+        Ok(n.unwrap_or(0) >= cursor && now.unwrap_or(0) == gen)
+    }
+
     async fn catch_up(
         &self,
         session: &Arc<Session>,
         local: &LocalChannel,
-        channel: &str,
-        ccur: u64,
-        gcur: u64,
+        stored: &StoredSession,
     ) -> Result<bool, Reject> {
+        let (channel, ccur, gcur) = (stored.channel.as_str(), stored.ccur, stored.gcur);
         self.subscribe(channel_topic(channel)).await?;
+        if !self.log_intact(GLOBAL_META, gcur, stored.ggen).await?
+            || !self
+                .log_intact(&ck(channel, "meta"), ccur, stored.cgen)
+                .await?
+        {
+            return Ok(false);
+        }
         let Some(global) = self.read_log(GLOBAL_LOG, gcur).await? else {
             return Ok(false);
         };

@@ -1,7 +1,8 @@
 -- KEYS: meta members users ujson order log presence
 -- ARGV: sid uid user_json threshold topic channel_json retain want_snapshot
 --       history_limit presence_expiry_ms
-local n = tonumber(redis.call('HGET', KEYS[1], 'n') or '0')
+local meta = redis.call('HMGET', KEYS[1], 'n', 'gen')
+local n = tonumber(meta[1] or '0')
 if redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2]) == 1 then
   if redis.call('HINCRBY', KEYS[3], ARGV[2], 1) == 1 then
     local ord = redis.call('HINCRBY', KEYS[1], 'ord', 1)
@@ -14,7 +15,7 @@ if redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2]) == 1 then
   end
 end
 redis.call('ZADD', KEYS[7], ARGV[10], ARGV[1])
-local out = {n, redis.call('HLEN', KEYS[3])}
+local out = {n, redis.call('HLEN', KEYS[3]), meta[2] or '0'}
 if ARGV[8] == '1' then
   local ids = redis.call('ZRANGE', KEYS[5], 0, 99)
   local users = {}

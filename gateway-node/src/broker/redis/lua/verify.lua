@@ -1,0 +1,29 @@
+-- KEYS: meta log
+-- ARGV: position entry gen topic
+-- A node checks, after its subscription was lost (a reconnect, a failover),
+-- that the log still holds what it delivered: the counter is not behind
+-- `position`, and the entry at `position` is the one it delivered (`entry`,
+-- when it still holds it). A promoted replica can lack the last events of
+-- its master, and would give their numbers to new events. Then the log
+-- starts a new generation, and every node ends the sessions of the channel
+-- (their clients resume to `resumed: false`): a loss is never silent.
+-- Returns {status, gen, n}: 'ok', or 'reset' with the generation to follow.
+local meta = redis.call('HMGET', KEYS[1], 'n', 'gen')
+local n = tonumber(meta[1] or '0')
+local gen = meta[2] or '0'
+if gen ~= ARGV[3] then return {'reset', gen, n} end
+local pos = tonumber(ARGV[1])
+local lost = n < pos
+if not lost and ARGV[2] ~= '' then
+  local at = redis.call('XRANGE', KEYS[2], '0-' .. pos, '0-' .. pos)
+  lost = at[1] ~= nil and at[1][2][2] ~= ARGV[2]
+end
+if not lost then return {'ok', gen, n} end
+gen = tostring(redis.call('HINCRBY', KEYS[1], 'gen', 1))
+-- New events are numbered past anything a node may have delivered.
+if n < pos then
+  n = pos
+  redis.call('HSET', KEYS[1], 'n', n)
+end
+redis.call('PUBLISH', ARGV[4], 'reset ' .. gen .. ' ' .. n)
+return {'reset', gen, n}
