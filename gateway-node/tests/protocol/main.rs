@@ -10,5 +10,6 @@ mod lifecycle;
 mod resume;
 
 mod cluster;
+mod failover;
 mod redis_cluster;
 mod redis_server;

@@ -1,0 +1,326 @@
+//! Redis failing under the gateway: the master of a busy channel's slot
+//! killed under traffic, and a channel log that went back (what a replica
+//! that lagged its master brings after a failover). Every session stays
+//! gapless in `s` (checked by `Peer::next`), nothing is delivered twice,
+//! and no accepted message is lost silently: each member receives it, or
+//! is closed with 1012 and starts over (`resumed: false`), as
+//! docs/PROTOCOL.md says.
+
+use crate::cluster::Store;
+use crate::harness::*;
+use crate::redis_server::RedisCluster;
+use gateway_shared::protocol::{Event, FunctionCode};
+use gateway_shared::{Client, ClientError};
+use serde_json::json;
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// What one member saw.
+struct Seen {
+    name: String,
+    /// MESSAGE_CREATE contents, in order of arrival.
+    received: Vec<String>,
+    /// Own messages sent (as `s` 1, 2, …) and those refused with an error.
+    sent: u64,
+    refused: HashSet<u64>,
+    /// How its connection ended, if it did before "done".
+    closed: Option<Option<u16>>,
+}
+
+impl Seen {
+    /// Own messages the gateway accepted: sent and not refused.
+    fn accepted(&self) -> Vec<String> {
+        (1..=self.sent)
+            .filter(|s| !self.refused.contains(s))
+            .map(|s| format!("{}-{s}", self.name))
+            .collect()
+    }
+}
+
+/// Shared by the members of a test.
+struct Traffic {
+    /// MESSAGE_CREATE dispatches received by all members.
+    received: AtomicU64,
+    /// Publishers done talking whose every message was answered (echoed
+    /// or refused), or that were closed.
+    settled: AtomicU64,
+}
+
+/// Reads everything until a "done" message or the close; while `talk`
+/// says so and `publish` is set, also sends a message every 10 ms.
+async fn member(
+    mut peer: Peer,
+    name: String,
+    publish: bool,
+    mut talk: watch::Receiver<bool>,
+    traffic: Arc<Traffic>,
+) -> (Seen, Peer) {
+    let mut seen = Seen {
+        name,
+        received: Vec::new(),
+        sent: 0,
+        refused: HashSet::new(),
+        closed: None,
+    };
+    let own = format!("{}-", seen.name);
+    let mut echoed = 0;
+    let mut settled = !publish;
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    loop {
+        let talking = publish && *talk.borrow();
+        if !talking && !settled && echoed + seen.refused.len() as u64 >= seen.sent {
+            settled = true;
+            traffic.settled.fetch_add(1, Ordering::Relaxed);
+        }
+        tokio::select! {
+            _ = tick.tick(), if talking => {
+                let s = seen.sent + 1;
+                let content = format!("{}-{s}", seen.name);
+                if peer
+                    .client
+                    .execute("MESSAGE_CREATE", json!({ "content": content }), Some(s))
+                    .await
+                    .is_ok()
+                {
+                    seen.sent = s;
+                }
+            }
+            _ = talk.changed(), if talking => {}
+            msg = peer.next() => match msg {
+                Ok(m) if m.is_dispatch(Event::MessageCreate) => {
+                    let content = m.cnf["content"].as_str().unwrap().to_owned();
+                    traffic.received.fetch_add(1, Ordering::Relaxed);
+                    if content.starts_with(&own) {
+                        echoed += 1;
+                    }
+                    if content == "done" {
+                        break;
+                    }
+                    seen.received.push(content);
+                }
+                Ok(m) if m.f == FunctionCode::Error.code() => {
+                    let err = m.error().unwrap();
+                    assert!(matches!(err.c, 4018 | 4000), "{}: {}", seen.name, m.text);
+                    let s = err.s.unwrap_or_else(|| panic!("{}: {}", seen.name, m.text));
+                    seen.refused.insert(s as u64);
+                }
+                Ok(_) => {}
+                Err(ClientError::Closed(code)) => {
+                    seen.closed = Some(code);
+                    break;
+                }
+                Err(e) => panic!("{}: {e}", seen.name),
+            }
+        }
+    }
+    if !settled {
+        traffic.settled.fetch_add(1, Ordering::Relaxed);
+    }
+    (seen, peer)
+}
+
+/// Polls `counter` until it reaches `target` (bounded by the harness'
+/// wait): the members report progress through it.
+async fn until(counter: &AtomicU64, target: u64) {
+    let deadline = tokio::time::Instant::now() + WAIT * 3;
+    while counter.load(Ordering::Relaxed) < target {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "stuck at {} of {target}",
+            counter.load(Ordering::Relaxed)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Checks what the members saw: nobody got a message twice, and every
+/// accepted message reached every member that was not closed with 1012;
+/// those closed resume to a new session.
+async fn check(seen: &[(Seen, Peer)], url: &str) -> (usize, usize) {
+    let accepted: Vec<String> = seen.iter().flat_map(|(s, _)| s.accepted()).collect();
+    let mut reset = 0;
+    for (s, peer) in seen {
+        let unique: HashSet<&String> = s.received.iter().collect();
+        assert_eq!(
+            unique.len(),
+            s.received.len(),
+            "{} got a message twice",
+            s.name
+        );
+        match s.closed {
+            None => {
+                let missing: Vec<&String> =
+                    accepted.iter().filter(|m| !unique.contains(m)).collect();
+                assert!(missing.is_empty(), "{} silently missed {missing:?}", s.name);
+            }
+            Some(Some(1012)) => {
+                reset += 1;
+                let (mut client, _) = Client::connect_hello(url).await.unwrap();
+                let ready = client
+                    .present(&peer.token, Some((peer.session_id(), Some(peer.last_s))))
+                    .await
+                    .unwrap();
+                assert!(!ready.resumed, "{} resumed after a reset", s.name);
+            }
+            Some(other) => panic!("{} closed with {other:?}", s.name),
+        }
+    }
+    (accepted.len(), reset)
+}
+
+#[tokio::test]
+async fn a_master_failover_under_traffic_loses_nothing_silently() {
+    let mut cluster = RedisCluster::start();
+    let url = cluster.seed_urls();
+    let node = |url: String| {
+        TestNode::with(move |c| {
+            c.redis_url = Some(url);
+            c.redis_cluster = true;
+            c.rate_limit_count = 1_000_000;
+        })
+    };
+    let (a, b) = (node(url.clone()).await, node(url).await);
+    let room = fresh_channel("failover");
+    // The admin stays out of the room (unread, it would back up) until the end.
+    let mut admin = Peer::admin(&a, "admin").await;
+    admin.execute("CHANNEL_ADD", json!({ "name": room })).await;
+    admin.dispatch(Event::ChannelAdd).await;
+    let (talk_tx, talk) = watch::channel(true);
+    let traffic = Arc::new(Traffic {
+        received: AtomicU64::new(0),
+        settled: AtomicU64::new(0),
+    });
+    // Two publishers (one per node) and two readers, all in the room
+    // before anyone talks.
+    let mut peers = Vec::new();
+    for (i, node) in [&a, &b, &a, &b].into_iter().enumerate() {
+        let mut peer = Peer::join(node, &format!("m{i}")).await;
+        peer.move_to(&room).await;
+        peers.push(peer);
+    }
+    let mut tasks = Vec::new();
+    for (i, peer) in peers.into_iter().enumerate() {
+        tasks.push(tokio::spawn(member(
+            peer,
+            format!("m{i}"),
+            i < 2,
+            talk.clone(),
+            Arc::clone(&traffic),
+        )));
+    }
+    until(&traffic.received, 100).await;
+
+    let master = cluster.master_for_key(&format!("gw:{{c:{room}}}:meta"));
+    cluster.kill(master);
+    let promoted = tokio::task::spawn_blocking(move || {
+        let promoted = cluster.wait_failover(master);
+        (cluster, promoted)
+    });
+    let (cluster, promoted) = promoted.await.unwrap();
+    // Traffic flows again through the promoted master.
+    let before = traffic.received.load(Ordering::Relaxed);
+    until(&traffic.received, before + 100).await;
+    talk_tx.send(false).unwrap();
+    until(&traffic.settled, 2).await;
+
+    // Everyone reads until this last message, or was closed.
+    admin.move_to(&room).await;
+    admin.say("done").await;
+    let mut seen = Vec::new();
+    for task in tasks {
+        seen.push(tokio::time::timeout(WAIT * 3, task).await.unwrap().unwrap());
+    }
+    let (accepted, reset) = check(&seen, &a.url()).await;
+    let refused: usize = seen.iter().map(|(s, _)| s.refused.len()).sum();
+    eprintln!(
+        "failover :{master} -> :{promoted}: {accepted} accepted, {refused} refused (4018), {reset} sessions reset"
+    );
+    assert!(accepted > 0);
+    drop(cluster);
+}
+
+/// The channel's counter and log set back by `back` events, as a promoted
+/// replica that had not received them would have them; with `rewrite`,
+/// other events then take those numbers (published by a node that did not
+/// notice, so other nodes drop them as duplicates). Then every node's
+/// connection to Redis is cut, so that they check their logs.
+fn set_back(store: &Store, room: &str, back: u64, rewrite: bool) {
+    let meta = format!("gw:{{c:{room}}}:meta");
+    let log = format!("gw:{{c:{room}}}:log");
+    let topic = format!("gw:{{c:{room}}}");
+    let n: u64 = store.cli(&meta, &["HGET", &meta, "n"]).parse().unwrap();
+    for k in n - back + 1..=n {
+        store.cli(&log, &["XDEL", &log, &format!("0-{k}")]);
+    }
+    store.cli(&meta, &["HSET", &meta, "n", &(n - back).to_string()]);
+    store.cli(&log, &["XSETID", &log, &format!("0-{}", n - back)]);
+    if rewrite {
+        for k in n - back + 1..=n {
+            let d = format!(
+                r#"MESSAGE_CREATE {{"id":"{k}","channel":"{room}","author":{{"id":"ghost","name":"ghost"}},"content":"other-{k}","ts":1}}"#
+            );
+            store.cli(&log, &["XADD", &log, &format!("0-{k}"), "d", &d]);
+            store.cli(&meta, &["HSET", &meta, "n", &k.to_string()]);
+            store.cli(&topic, &["PUBLISH", &topic, &format!("{k} 0 {d}")]);
+        }
+    }
+    store.cli(&topic, &["CLIENT", "KILL", "TYPE", "pubsub"]);
+}
+
+async fn a_log_that_went_back_ends_its_sessions(rewrite: bool) {
+    let store = Store::one();
+    let node = |store: &Store| {
+        let url = store.url();
+        TestNode::with(move |c| c.redis_url = Some(url))
+    };
+    let (a, b) = (node(&store).await, node(&store).await);
+    let room = fresh_channel("back");
+    let mut alice = Peer::join(&a, "alice").await;
+    alice.create_and_move(&room).await;
+    let mut bob = Peer::join(&b, "bob").await;
+    bob.move_to(&room).await;
+    let mut carol = Peer::join(&b, "carol").await; // elsewhere: untouched
+    for i in 0..3 {
+        let sent = alice.say(&format!("m{i}")).await;
+        assert_eq!(bob.dispatch(Event::MessageCreate).await.cnf, sent);
+    }
+    set_back(&store, &room, 2, rewrite);
+
+    // Both nodes notice: the room's sessions end, and start over.
+    for (peer, node) in [(&mut alice, &a), (&mut bob, &b)] {
+        assert_eq!(peer.closed().await, Some(1012));
+        let (mut client, _) = Client::connect_hello(&node.url()).await.unwrap();
+        let ready = client
+            .present(&peer.token, Some((peer.session_id(), Some(peer.last_s))))
+            .await
+            .unwrap();
+        assert!(!ready.resumed);
+    }
+    // The channel goes on, numbered past everything delivered before.
+    let mut alice = Peer::join(&a, "alice2").await;
+    alice.move_to(&room).await;
+    let mut bob = Peer::join(&b, "bob2").await;
+    bob.move_to(&room).await;
+    let sent = alice.say("after").await;
+    assert_eq!(bob.dispatch(Event::MessageCreate).await.cnf, sent);
+    // A session in another channel lives on.
+    carol.client.heartbeat().await.unwrap();
+    carol
+        .wait_for(|m| m.f == FunctionCode::Heartbeat.code())
+        .await;
+    let (_, metrics) = http_get(&b.http("/metrics")).await;
+    assert!(metrics.contains("gateway_log_resets_total{"), "{metrics}");
+}
+
+#[tokio::test]
+async fn a_log_whose_counter_went_back_ends_its_sessions() {
+    a_log_that_went_back_ends_its_sessions(false).await;
+}
+
+#[tokio::test]
+async fn a_log_whose_numbers_were_reused_ends_its_sessions() {
+    a_log_that_went_back_ends_its_sessions(true).await;
+}
