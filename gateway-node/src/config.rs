@@ -74,6 +74,12 @@ pub struct Config {
     /// routed by slot.
     #[arg(long, env = "GATEWAY_REDIS_CLUSTER", default_value_t = false)]
     pub redis_cluster: bool,
+    /// Redis ACL user (overrides one in the URL).
+    #[arg(long, env = "GATEWAY_REDIS_USERNAME")]
+    pub redis_username: Option<String>,
+    /// Redis password, for AUTH (overrides one in the URL).
+    #[arg(long, env = "GATEWAY_REDIS_PASSWORD", hide_env_values = true)]
+    pub redis_password: Option<String>,
     /// HS256 secret of the cluster's tokens, at least 32 bytes.
     #[arg(long, env = "GATEWAY_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
@@ -138,6 +144,8 @@ impl Default for Config {
             listen: "127.0.0.1:0".parse().expect("valid address"),
             redis_url: None,
             redis_cluster: false,
+            redis_username: None,
+            redis_password: None,
             jwt_secret: None,
             jwt_secret_file: None,
             node_id: None,

@@ -78,6 +78,8 @@ pub async fn build(config: Config, secret: &str) -> Result<Arc<Node>, StartError
             let settings = broker::redis::Settings {
                 url: url.clone(),
                 cluster: config.redis_cluster,
+                username: config.redis_username.clone(),
+                password: config.redis_password.clone(),
                 node_id: node_id.clone(),
                 default_channel: config.default_channel.clone(),
                 presence_threshold: config.presence_threshold,

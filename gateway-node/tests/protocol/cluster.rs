@@ -50,6 +50,14 @@ impl Store {
         }
     }
 
+    /// Every server's port (masters and replicas).
+    pub fn ports(&self) -> Vec<u16> {
+        match self {
+            Self::One(r) => vec![r.port],
+            Self::Cluster(c) => c.running().collect(),
+        }
+    }
+
     /// Nodes subscribed to `topic` (sharded on a cluster).
     pub fn subscribers(&self, topic: &str) -> u64 {
         let which = if self.is_cluster() {
@@ -531,6 +539,103 @@ async fn a_node_whose_clock_is_behind_still_orders_its_messages_after_the_last(s
     assert!(second > first);
 }
 
+#[tokio::test]
+async fn channels_and_their_subscriptions_spread_over_every_master() {
+    let store = Store::cluster();
+    let node = node_on(&store, |_| {}).await;
+    let Store::Cluster(cluster) = &store else {
+        unreachable!()
+    };
+    let masters = cluster.masters();
+    // Two channels on each master, chosen by where their slot is.
+    let mut chosen: Vec<(u16, String)> = Vec::new();
+    while masters
+        .iter()
+        .any(|m| chosen.iter().filter(|(o, _)| o == m).count() < 2)
+    {
+        let room = fresh_channel("spread");
+        let owner = cluster.master_for_key(&format!("gw:{{c:{room}}}"));
+        if chosen.iter().filter(|(o, _)| *o == owner).count() < 2 {
+            chosen.push((owner, room));
+        }
+    }
+    let mut peers = Vec::new();
+    for (_, room) in &chosen {
+        let mut peer = Peer::join(&node, "spread").await;
+        peer.create_and_move(room).await;
+        peer.say("here").await;
+        peers.push(peer);
+    }
+    for (owner, room) in &chosen {
+        // Asked directly (no -c): another master would answer MOVED.
+        for suffix in ["meta", "log", "members", "presence"] {
+            let key = format!("gw:{{c:{room}}}:{suffix}");
+            assert_eq!(
+                redis_cli(*owner, &["EXISTS", &key]),
+                "1",
+                "{key} on :{owner}"
+            );
+        }
+        let topic = format!("gw:{{c:{room}}}");
+        let subscribed = redis_cli(*owner, &["PUBSUB", "SHARDCHANNELS", &topic]);
+        assert_eq!(subscribed, topic, "sharded subscription on :{owner}");
+    }
+}
+
+async fn a_redis_that_requires_auth_takes_a_password_or_an_acl_user(store: &Store) {
+    let url = store.url();
+    let configure =
+        |c: &mut gateway_node::config::Config, user: Option<&str>, password: Option<&str>| {
+            c.redis_url = Some(url.clone());
+            c.redis_cluster = store.is_cluster();
+            c.redis_username = user.map(str::to_owned);
+            c.redis_password = password.map(str::to_owned);
+        };
+    // From here on every server requires AUTH: the default user has a
+    // password, and user `gw` its own (channels included: `&*`).
+    for port in store.ports() {
+        redis_cli(
+            port,
+            &[
+                "ACL", "SETUSER", "gw", "on", ">gw-pass", "~*", "&*", "+@all",
+            ],
+        );
+        redis_cli(port, &["CONFIG", "SET", "masterauth", "main-pass"]);
+        redis_cli(port, &["CONFIG", "SET", "requirepass", "main-pass"]);
+    }
+    let start = |user: Option<&str>, password: Option<&str>| {
+        let mut config = gateway_node::config::Config::default();
+        configure(&mut config, user, password);
+        async move { gateway_node::build(config, SECRET).await.map(|_| ()) }
+    };
+    let refused = start(None, None).await.unwrap_err().to_string();
+    assert!(
+        refused.contains("uthenticat") || refused.contains("NOAUTH"),
+        "{refused}"
+    );
+    let refused = start(Some("gw"), Some("wrong"))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        refused.contains("WRONGPASS") || refused.contains("uthenticat"),
+        "{refused}"
+    );
+
+    let with = |user: Option<&'static str>, password: &'static str| {
+        TestNode::with(move |c| configure(c, user, Some(password)))
+    };
+    let a = with(None, "main-pass").await;
+    let b = with(Some("gw"), "gw-pass").await;
+    let room = fresh_channel("auth");
+    let mut alice = Peer::join(&a, "alice").await;
+    alice.create_and_move(&room).await;
+    let mut bob = Peer::join(&b, "bob").await;
+    bob.move_to(&room).await;
+    let sent = alice.say("behind a password").await;
+    assert_eq!(bob.dispatch(Event::MessageCreate).await.cnf, sent);
+}
+
 /// Each test above that takes a `Store`, on one Redis and on a cluster.
 macro_rules! on_each_store {
     ($($test:ident),* $(,)?) => {
@@ -560,4 +665,5 @@ on_each_store!(
     a_node_subscribes_to_a_channel_only_while_it_has_members_there,
     a_node_that_joins_later_does_not_replay_old_cluster_events,
     a_node_whose_clock_is_behind_still_orders_its_messages_after_the_last,
+    a_redis_that_requires_auth_takes_a_password_or_an_acl_user,
 );

@@ -510,7 +510,8 @@ impl RedisCluster {
             .any(|n| n.port == port && n.child.is_some())
     }
 
-    fn running(&self) -> impl Iterator<Item = u16> + '_ {
+    /// Ports of the nodes still running, masters and replicas.
+    pub fn running(&self) -> impl Iterator<Item = u16> + '_ {
         self.nodes
             .iter()
             .filter(|n| n.child.is_some())

@@ -20,11 +20,13 @@
 //! Cluster mode is this file's difference: scripts and pipelines are the
 //! same on both, because every script touches one slot.
 
-use super::OP_TIMEOUT;
+use super::{Settings, OP_TIMEOUT};
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
-use redis::{Cmd, Pipeline, PushInfo, RedisFuture, RedisResult, Value};
+use redis::{
+    Cmd, ConnectionInfo, IntoConnectionInfo, Pipeline, PushInfo, RedisFuture, RedisResult, Value,
+};
 use std::time::Duration;
 
 /// The command handle (cheap to clone: clones share the socket).
@@ -154,6 +156,25 @@ fn hash_tag(key: &str) -> &str {
         .unwrap_or(key)
 }
 
+/// One URL's connection settings, with RESP3 (pushes) and the configured
+/// credentials.
+fn connection_info(url: &str, settings: &Settings) -> Result<ConnectionInfo, String> {
+    let info = url
+        .into_connection_info()
+        .map_err(|e| format!("redis url {url:?}: {e}"))?;
+    let mut redis = info
+        .redis_settings()
+        .clone()
+        .set_protocol(redis::ProtocolVersion::RESP3);
+    if let Some(username) = &settings.username {
+        redis = redis.set_username(username);
+    }
+    if let Some(password) = &settings.password {
+        redis = redis.set_password(password);
+    }
+    Ok(info.set_redis_settings(redis))
+}
+
 /// `--redis-url` as seed URLs: one for a single Redis, one or more
 /// (comma-separated) for a cluster.
 pub(super) fn seed_urls(url: &str, cluster: bool) -> Result<Vec<String>, String> {
@@ -173,17 +194,20 @@ pub(super) fn seed_urls(url: &str, cluster: bool) -> Result<Vec<String>, String>
 /// Opens the connection: `push` receives the pub/sub messages.
 pub(super) async fn connect(
     urls: &[String],
-    cluster: bool,
+    settings: &Settings,
     push: impl Fn(PushInfo) + Send + Sync + 'static,
 ) -> Result<(Conn, PubSub), String> {
+    let mut infos = urls
+        .iter()
+        .map(|url| connection_info(url, settings))
+        .collect::<Result<Vec<_>, _>>()?;
     let push = move |info: PushInfo| {
         push(info);
         Ok::<(), redis::aio::SendError>(())
     };
     let shown = urls.join(",");
-    if cluster {
-        let client = ClusterClientBuilder::new(urls.to_vec())
-            .use_protocol(redis::ProtocolVersion::RESP3)
+    if settings.cluster {
+        let client = ClusterClientBuilder::new(infos)
             .push_sender(push)
             .connection_timeout(OP_TIMEOUT)
             .response_timeout(OP_TIMEOUT)
@@ -195,10 +219,17 @@ pub(super) async fn connect(
             .map_err(|e| format!("redis cluster connection: {e}"))?;
         return Ok((Conn::Cluster(conn.clone()), PubSub::Cluster(conn)));
     }
-    let url = &urls[0];
-    let sep = if url.contains('?') { '&' } else { '?' };
-    let client = redis::Client::open(format!("{url}{sep}protocol=resp3"))
-        .map_err(|e| format!("redis url: {e}"))?;
+    let client =
+        redis::Client::open(infos.swap_remove(0)).map_err(|e| format!("redis url: {e}"))?;
+    // One plain attempt first: a refused AUTH or a wrong address is told
+    // as it is, where the connection manager would retry until timed out.
+    let probe = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(OP_TIMEOUT))
+        .set_response_timeout(Some(OP_TIMEOUT));
+    client
+        .get_multiplexed_async_connection_with_config(&probe)
+        .await
+        .map_err(|e| format!("redis connection to {shown}: {e}"))?;
     let config = ConnectionManagerConfig::new()
         .set_push_sender(push)
         .set_automatic_resubscription()

@@ -170,6 +170,9 @@ pub struct Settings {
     pub url: String,
     /// Redis Cluster: sharded pub/sub, commands routed by slot.
     pub cluster: bool,
+    /// AUTH credentials, where the URLs do not carry them.
+    pub username: Option<String>,
+    pub password: Option<String>,
     pub node_id: String,
     pub default_channel: String,
     pub presence_threshold: usize,
@@ -223,7 +226,7 @@ impl RedisBroker {
         let urls = conn::seed_urls(&settings.url, settings.cluster)?;
         let (push_tx, push_rx) = mpsc::channel(PUSH_QUEUE);
         let push_metrics = Arc::clone(&metrics);
-        let (cmd, mut pubsub) = conn::connect(&urls, settings.cluster, move |info| {
+        let (cmd, mut pubsub) = conn::connect(&urls, &settings, move |info| {
             // Full: drop it; the hub sees the gap and re-reads the log.
             if push_tx.try_send(info).is_err() {
                 push_metrics.broker_errors.inc();
