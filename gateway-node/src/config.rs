@@ -27,6 +27,8 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+// Parsed once at start: the size of a variant does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum Command {
     /// Run a gateway node (the default).
     Serve(Config),
