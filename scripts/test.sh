@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs every test of the project: the Rust workspace (unit, protocol and
-# Redis tests), the black-box conformance suite against a single node and
-# against a two-node cluster, and the Helm chart checks. Installs what the
-# tests need when it is missing.
+# Redis tests, each Redis test on one Redis and on a Redis Cluster), the
+# black-box conformance suite against a single node, against two nodes on
+# one Redis and against two nodes on a Redis Cluster, and the Helm chart
+# checks. Installs what the tests need when it is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,6 +29,9 @@ bash conformance/run.sh
 
 step "conformance suite against two nodes on one Redis (resume across nodes, drain)"
 bash scripts/cluster-conformance.sh
+
+step "conformance suite against two nodes on a Redis Cluster (3 masters + 3 replicas, sharded pub/sub)"
+REDIS_MODE=cluster bash scripts/cluster-conformance.sh
 
 step "Helm chart: lint, render, strict schema validation"
 bash scripts/check-chart.sh
