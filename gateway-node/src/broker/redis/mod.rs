@@ -1,31 +1,36 @@
-//! The Redis backend: any number of nodes sharing one Redis behave as one
-//! gateway.
+//! The Redis backend: any number of nodes sharing one Redis, or one Redis
+//! Cluster, behave as one gateway.
 //!
 //! # Layout
 //!
 //! Every key of one chat channel shares the hash tag `{c:NAME}`, every key
 //! of one session `{s:ID}`, the cluster-wide ones `{g}`, so each script
-//! touches one slot.
+//! touches one slot, and on a Redis Cluster each channel lives on the
+//! master of its slot. Nothing on the path of a message or a heartbeat
+//! touches a key outside the channel's or the session's slot.
 //!
 //! | key | type | holds |
 //! |---|---|---|
 //! | `gw:{g}:channels` | hash | name → meta JSON |
-//! | `gw:{g}:meta`, `gw:{g}:log` | hash, stream | `n` and log of cluster-wide events |
-//! | `gw:{c:NAME}:meta` | hash | `n` (last event), `lastid` (last message id), `ord` |
-//! | `gw:{c:NAME}:log` | stream | the channel's events, entry id `0-n` |
-//! | `gw:{c:NAME}:hist` | list | `"<id> <MESSAGE_CREATE body>"`, oldest first |
+//! | `gw:{g}:meta`, `gw:{g}:log` | hash, stream | `n`, `gen` and log of cluster-wide events |
+//! | `gw:{g}:epoch` | string | random id of the data set (a Redis that lost it has another) |
+//! | `gw:{c:NAME}:meta` | hash | `n` (last event), `gen` (log generation), `lastid` (last message id), `ord` |
+//! | `gw:{c:NAME}:log` | stream | the channel's events, entry id `0-n`; also its history: a message is stored once, here |
 //! | `gw:{c:NAME}:members` | hash | session id → user id |
 //! | `gw:{c:NAME}:users`, `:ujson`, `:order` | hash, hash, zset | per user: sessions, JSON, join order |
-//! | `gw:{s:ID}` | hash | session: user, channel, owner, state, seq, cursors; TTL = resume window |
+//! | `gw:{c:NAME}:presence` | zset | session id → expiry (ms), refreshed by the owner |
+//! | `gw:{s:ID}` | hash | session: user, channel, owner, state, seq, cursors and their generations; TTL = resume window |
 //! | `gw:{s:ID}:buf` | list | `"<seq> <EVENT> <body>"` parked for a resume |
-//! | `gw:presence` | zset | `"<channel>\|<session>"` → expiry (ms), refreshed by the owner |
 //! | `gw:ban:USER` | string | the ban; TTL = its duration |
 //! | `gw:sid` | counter | session ids |
 //! | `gw:node:ID`, `gw:nodeidx:I` | strings | node liveness and message-id bits, with TTLs |
 //!
-//! Pub/sub: `gw:{c:NAME}` and `gw:{g}` carry `"<n> <except> <EVENT> <body>"`
-//! (`n = 0`: not logged, e.g. START_TYPING, not for session `except`);
-//! `gw:ctl` carries `"ban <user>"`; `gw:{n:ID}` carries claims and replies.
+//! Pub/sub (classic on one Redis, sharded on a cluster, each topic in its
+//! keys' slot): `gw:{c:NAME}` and `gw:{g}` carry
+//! `"<n> <except> <EVENT> <body>"` (`n = 0`: not logged, e.g.
+//! START_TYPING, not for session `except`) and `"reset <gen> <n>"` (the
+//! log starts a new generation); `gw:{g}:ctl` carries `"ban <user>"`;
+//! `gw:{n:ID}` claims and replies.
 //!
 //! # Flow
 //!
@@ -45,6 +50,15 @@
 //! parks every session the same way; a crashed node parks nothing, so its
 //! sessions resume as new ones (`resumed: false`), never with a gap.
 //!
+//! Failover: replication is asynchronous, so a promoted replica can lack
+//! the last events of its master, and would number new events with `n`s
+//! that nodes already delivered. After any lost connection a node checks
+//! each of its streams (`lua/verify.lua`): a counter behind what it
+//! delivered, or another event at its position, starts a new generation
+//! of that log (`reset`), and every node ends that channel's sessions with
+//! 1012; their clients resume to `resumed: false`. A gap the log no longer
+//! holds ends them the same way. A loss is never silent.
+//!
 //! # Files
 //!
 //! One file per part of the flow, each adding to `impl RedisBroker`:
@@ -52,12 +66,13 @@
 //! | file | part |
 //! |---|---|
 //! | `mod.rs` | the broker, its settings, `connect`, key names, the deadline every operation runs under |
+//! | `conn.rs` | the one connection (commands and pub/sub), one Redis or a cluster; per-slot batches |
 //! | `publish.rs` | publishing (messages, deletes, typing, new channels) and reading the logs |
-//! | `pubsub.rs` | the pub/sub connection: subscriptions, live messages to the hub, gap fills, claim requests |
+//! | `pubsub.rs` | subscriptions, live messages to the hub, gap fills, checks after a lost connection, claim requests |
 //! | `presence.rs` | sessions entering, moving between and leaving channels; presence; bans |
 //! | `resume.rs` | parking a session, claiming it from its owner, taking it over, catching it up |
-//! | `upkeep.rs` | start-up keys and node index, liveness, presence sweep, a Redis that lost its data |
-//! | `lua/` | the scripts, one a file; `emit.lua`, the one way events enter a log, is put in front of those that log |
+//! | `upkeep.rs` | start-up keys and node index, liveness, presence refresh and sweep, a Redis that lost its data |
+//! | `lua/` | the scripts, one a file; `emit.lua` (the one way events other than messages enter a log) and `history.lua` are put in front of those that call them |
 
 mod conn;
 mod presence;
