@@ -125,6 +125,8 @@ for dep in deployments:
         problems.append("exactly one of GATEWAY_JWT_SECRET / GATEWAY_JWT_SECRET_FILE must be set")
     if "GATEWAY_JWT_SECRET" in env and "secretKeyRef" not in env["GATEWAY_JWT_SECRET"].get("valueFrom", {}):
         problems.append("GATEWAY_JWT_SECRET must come from a secretKeyRef")
+    if "GATEWAY_REDIS_PASSWORD" in env and "secretKeyRef" not in env["GATEWAY_REDIS_PASSWORD"].get("valueFrom", {}):
+        problems.append("GATEWAY_REDIS_PASSWORD must come from a secretKeyRef")
     for name, e in env.items():
         if "value" in e and not isinstance(e["value"], str):
             problems.append(f"env {name} value is not a string")
