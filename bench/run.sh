@@ -10,7 +10,9 @@
 # `rust` runs target/release/gateway-node (build it first:
 # cargo build --release -p gateway-node -p gateway-loadtest); `node` runs
 # bench/node-peer (npm ci there first). NODES=1 runs a single node;
-# WORKER_THREADS=N gives each Rust node N runtime threads.
+# WORKER_THREADS=N gives each Rust node N runtime threads; REDIS_MODE=cluster
+# puts the Rust nodes on a Redis Cluster of 3 masters and 3 replicas instead
+# of one Redis (the report then has Redis CPU per server).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NAME="$1"; IMPL="$2"; shift 2
@@ -19,56 +21,74 @@ LT=target/release/loadtest
 [ -x "$LT" ] || { echo "build target/release/loadtest first" >&2; exit 2; }
 
 source scripts/lib-processes.sh
-start_redis
+if [ "${REDIS_MODE:-single}" = cluster ]; then
+  start_redis_cluster
+  REDIS_PORTS="$REDIS_CLUSTER_PORTS"
+  REDIS_ENV=(GATEWAY_REDIS_URL="$REDIS_CLUSTER_URLS" GATEWAY_REDIS_CLUSTER=true)
+else
+  start_redis
+  REDIS_PORTS="$REDIS_PORT"
+  REDIS_ENV=(GATEWAY_REDIS_URL="redis://127.0.0.1:$REDIS_PORT/")
+fi
 
+NODE_PIDS=()
 SECRET=bench-secret-bench-secret-bench-secret-0123
 URLS=""
 for i in $(seq 1 "$NODES"); do
   port="$(free_port)"
   if [ "$IMPL" = rust ]; then
-    GATEWAY_JWT_SECRET="$SECRET" GATEWAY_LISTEN="127.0.0.1:$port" GATEWAY_REDIS_URL="redis://127.0.0.1:$REDIS_PORT/" \
+    env GATEWAY_JWT_SECRET="$SECRET" GATEWAY_LISTEN="127.0.0.1:$port" "${REDIS_ENV[@]}" \
       GATEWAY_RATE_LIMIT_COUNT=1000000 GATEWAY_NODE_ID="bench-$i" GATEWAY_LOG=warn \
-      env ${WORKER_THREADS:+GATEWAY_WORKER_THREADS=$WORKER_THREADS} target/release/gateway-node serve >"$TMP/node$i.log" 2>&1 &
+      ${WORKER_THREADS:+GATEWAY_WORKER_THREADS=$WORKER_THREADS} target/release/gateway-node serve >"$TMP/node$i.log" 2>&1 &
   else
     REDIS_URL="redis://127.0.0.1:$REDIS_PORT" JWT_SECRET="$SECRET" PORT="$port" \
       node bench/node-peer/server.js >"$TMP/node$i.log" 2>&1 &
   fi
   PIDS+=($!)
+  NODE_PIDS+=($!)
   until curl -fsS "http://127.0.0.1:$port/metrics" >/dev/null 2>&1; do sleep 0.05; done
   URLS="${URLS:+$URLS,}ws://127.0.0.1:$port/gateway"
 done
 
 cpu() { # CPU seconds used so far by the node processes (from /proc, in ticks)
   local ticks=0
-  for pid in "${PIDS[@]:1}"; do
+  for pid in "${NODE_PIDS[@]}"; do
     t=$(awk '{print $14 + $15}' "/proc/$pid/stat" 2>/dev/null || echo 0)
     ticks=$((ticks + t))
   done
   python3 -c "import os; print($ticks / os.sysconf('SC_CLK_TCK'))"
 }
 
-redis_cpu() { # Redis' CPU seconds so far (user + sys, from INFO cpu)
-  redis-cli -p "$REDIS_PORT" info cpu | tr -d '\r' |
-    awk -F: '$1 == "used_cpu_sys" || $1 == "used_cpu_user" { t += $2 } END { printf "%.3f\n", t }'
+redis_cpu() { # CPU seconds so far (user + sys, from INFO cpu) of each Redis server, "port=s ..."
+  for port in $REDIS_PORTS; do
+    redis-cli -p "$port" info cpu | tr -d '\r' |
+      awk -F: -v p="$port" '$1 == "used_cpu_sys" || $1 == "used_cpu_user" { t += $2 } END { printf "%s=%.3f ", p, t }'
+  done
 }
 
 mkdir -p bench/results
 echo "bench: $NAME ($IMPL, $NODES node(s)): loadtest $*" >&2
-redis-cli -p "$REDIS_PORT" config resetstat >/dev/null
+for port in $REDIS_PORTS; do redis-cli -p "$port" config resetstat >/dev/null; done
 RCPU0=$(redis_cpu)
 CPU0=$(cpu)
 rc=0
 "$LT" "$@" --urls "$URLS" --jwt-secret "$SECRET" --json "bench/results/$NAME.json" --quiet || rc=$?
 CPU1=$(cpu)
 RCPU1=$(redis_cpu)
-redis-cli -p "$REDIS_PORT" info commandstats | tr -d '\r' | grep '^cmdstat_' >"$TMP/commandstats" || true
+for port in $REDIS_PORTS; do
+  redis-cli -p "$port" info commandstats | tr -d '\r' | grep '^cmdstat_' || true
+done >"$TMP/commandstats"
 # Node and Redis CPU per delivered / published message, added to the report.
-python3 - "bench/results/$NAME.json" "$CPU0" "$CPU1" "$IMPL" "$NODES" "$RCPU0" "$RCPU1" "$TMP/commandstats" <<'PY'
+python3 - "bench/results/$NAME.json" "$CPU0" "$CPU1" "$IMPL" "$NODES" "$RCPU0" "$RCPU1" "$TMP/commandstats" "${REDIS_MODE:-single}" <<'PY'
 import json, sys
 path, c0, c1, impl, nodes = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), sys.argv[4], int(sys.argv[5])
-r0, r1 = float(sys.argv[6]), float(sys.argv[7])
+per0 = dict(kv.split("=") for kv in sys.argv[6].split())
+per1 = dict(kv.split("=") for kv in sys.argv[7].split())
+per = {port: round(float(per1[port]) - float(per0[port]), 3) for port in per1}
+r0, r1 = 0.0, sum(per.values())
 r = json.load(open(path))
-r["bench"] = {"impl": impl, "nodes": nodes, "node_cpu_s": round(c1 - c0, 3), "redis_cpu_s": round(r1 - r0, 3)}
+r["bench"] = {"impl": impl, "nodes": nodes, "redis_mode": sys.argv[9], "node_cpu_s": round(c1 - c0, 3),
+              "redis_cpu_s": round(r1 - r0, 3), "redis_cpu_s_per_server": per}
 if r.get("delivered"):
     r["bench"]["node_cpu_us_per_delivery"] = round((c1 - c0) / r["delivered"] * 1e6, 3)
 if r.get("sent"):
@@ -78,11 +98,15 @@ stats = {}
 for line in open(sys.argv[8]):
     name, _, fields = line.strip().partition(":")
     f = dict(kv.split("=", 1) for kv in fields.split(","))
-    stats[name.removeprefix("cmdstat_")] = {"calls": int(f["calls"]), "usec": int(f["usec"])}
+    s = stats.setdefault(name.removeprefix("cmdstat_"), {"calls": 0, "usec": 0})
+    s["calls"] += int(f["calls"])
+    s["usec"] += int(f["usec"])
 r["bench"]["redis_commands"] = dict(sorted(stats.items(), key=lambda kv: -kv[1]["calls"]))
 json.dump(r, open(path, "w"), indent=2)
 print(f"  node cpu               {c1 - c0:.2f} s" + (f" ({r['bench']['node_cpu_us_per_delivery']} us per delivery)" if r.get("delivered") else ""))
 print(f"  redis cpu              {r1 - r0:.2f} s" + (f" ({r['bench']['redis_cpu_us_per_message']} us per message sent)" if r.get("sent") else ""))
+if len(per) > 1:
+    print("  redis cpu per server   " + ", ".join(f":{p} {v:.2f} s" for p, v in per.items()))
 print("  redis commands         " + ", ".join(f"{k} {v['calls']}" for k, v in list(r["bench"]["redis_commands"].items())[:8]))
 PY
 exit "$rc"
