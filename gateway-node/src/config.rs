@@ -82,6 +82,10 @@ pub struct Config {
     /// Redis password, for AUTH (overrides one in the URL).
     #[arg(long, env = "GATEWAY_REDIS_PASSWORD", hide_env_values = true)]
     pub redis_password: Option<String>,
+    /// PEM file of the CA that signed the Redis servers' certificates
+    /// (rediss://); default: the system's trusted roots.
+    #[arg(long, env = "GATEWAY_REDIS_CA_FILE")]
+    pub redis_ca_file: Option<PathBuf>,
     /// HS256 secret of the cluster's tokens, at least 32 bytes.
     #[arg(long, env = "GATEWAY_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
@@ -148,6 +152,7 @@ impl Default for Config {
             redis_cluster: false,
             redis_username: None,
             redis_password: None,
+            redis_ca_file: None,
             jwt_secret: None,
             jwt_secret_file: None,
             node_id: None,

@@ -80,6 +80,7 @@ pub async fn build(config: Config, secret: &str) -> Result<Arc<Node>, StartError
                 cluster: config.redis_cluster,
                 username: config.redis_username.clone(),
                 password: config.redis_password.clone(),
+                ca_file: config.redis_ca_file.clone(),
                 node_id: node_id.clone(),
                 default_channel: config.default_channel.clone(),
                 presence_threshold: config.presence_threshold,

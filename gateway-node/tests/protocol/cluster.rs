@@ -636,6 +636,41 @@ async fn a_redis_that_requires_auth_takes_a_password_or_an_acl_user(store: &Stor
     assert_eq!(bob.dispatch(Event::MessageCreate).await.cnf, sent);
 }
 
+#[tokio::test]
+async fn a_redis_over_tls_with_a_private_ca() {
+    let redis = RedisServer::start_tls();
+    let (url, ca) = (redis.tls_url(), redis.ca_file());
+    // The CA is not among the system's roots: refused, and said so.
+    let config = gateway_node::config::Config {
+        redis_url: Some(url.clone()),
+        ..Default::default()
+    };
+    let refused = gateway_node::build(config, SECRET)
+        .await
+        .map(|_| ())
+        .unwrap_err();
+    assert!(
+        refused.to_string().to_lowercase().contains("certificate"),
+        "{refused}"
+    );
+
+    let node = || {
+        let (url, ca) = (url.clone(), ca.clone());
+        TestNode::with(move |c| {
+            c.redis_url = Some(url);
+            c.redis_ca_file = Some(ca);
+        })
+    };
+    let (a, b) = (node().await, node().await);
+    let room = fresh_channel("tls");
+    let mut alice = Peer::join(&a, "alice").await;
+    alice.create_and_move(&room).await;
+    let mut bob = Peer::join(&b, "bob").await;
+    bob.move_to(&room).await;
+    let sent = alice.say("encrypted").await;
+    assert_eq!(bob.dispatch(Event::MessageCreate).await.cnf, sent);
+}
+
 /// Each test above that takes a `Store`, on one Redis and on a cluster.
 macro_rules! on_each_store {
     ($($test:ident),* $(,)?) => {

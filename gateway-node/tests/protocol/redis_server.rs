@@ -14,6 +14,8 @@ pub struct RedisServer {
     pub port: u16,
     dir: PathBuf,
     child: Option<Child>,
+    /// With `start_tls`: the TLS port (beside the plain one, for admin).
+    tls_port: Option<u16>,
 }
 
 static DIRS: AtomicU64 = AtomicU64::new(0);
@@ -93,9 +95,106 @@ impl RedisServer {
             port: free_port(),
             dir,
             child: None,
+            tls_port: None,
         };
         server.spawn();
         server
+    }
+
+    /// A server that also listens with TLS, its certificate (for
+    /// 127.0.0.1) signed by a CA made for it (`ca_file`).
+    pub fn start_tls() -> Self {
+        let dir = temp_dir("redis-tls");
+        let openssl = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(&dir)
+                .output()
+                .unwrap_or_else(|e| panic!("cannot run openssl ({e})"));
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        openssl(
+            &[
+                &["req", "-x509"][..],
+                &ec,
+                &[
+                    "-keyout",
+                    "ca.key",
+                    "-out",
+                    "ca.crt",
+                    "-days",
+                    "1",
+                    "-subj",
+                    "/CN=gateway test CA",
+                ],
+            ]
+            .concat(),
+        );
+        openssl(
+            &[
+                &["req"][..],
+                &ec,
+                &[
+                    "-keyout",
+                    "redis.key",
+                    "-out",
+                    "redis.csr",
+                    "-subj",
+                    "/CN=127.0.0.1",
+                ],
+            ]
+            .concat(),
+        );
+        std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "redis.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "redis.crt",
+            "-days",
+            "1",
+            "-extfile",
+            "san.ext",
+        ]);
+        let mut server = Self {
+            port: free_port(),
+            dir,
+            child: None,
+            tls_port: Some(free_port()),
+        };
+        server.spawn();
+        server
+    }
+
+    /// `rediss://` URL of a server started with `start_tls`.
+    pub fn tls_url(&self) -> String {
+        format!(
+            "rediss://127.0.0.1:{}/",
+            self.tls_port.expect("started with TLS")
+        )
+    }
+
+    /// The CA that signed the certificate of a `start_tls` server.
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.join("ca.crt")
     }
 
     pub fn url(&self) -> String {
@@ -105,9 +204,26 @@ impl RedisServer {
     /// Starts the process and waits for its "Ready to accept connections".
     fn spawn(&mut self) {
         // Data survives a restart, as with any production Redis.
-        let persistence = ["--appendonly", "yes", "--appendfsync", "always"];
-        let child =
-            spawn_redis(self.port, &self.dir, &persistence).unwrap_or_else(|e| panic!("{e}"));
+        let mut args: Vec<String> = ["--appendonly", "yes", "--appendfsync", "always"]
+            .map(String::from)
+            .to_vec();
+        if let Some(tls_port) = self.tls_port {
+            let file = |name: &str| self.dir.join(name).display().to_string();
+            args.extend([
+                "--tls-port".into(),
+                tls_port.to_string(),
+                "--tls-cert-file".into(),
+                file("redis.crt"),
+                "--tls-key-file".into(),
+                file("redis.key"),
+                "--tls-ca-cert-file".into(),
+                file("ca.crt"),
+                "--tls-auth-clients".into(),
+                "no".into(),
+            ]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let child = spawn_redis(self.port, &self.dir, &args).unwrap_or_else(|e| panic!("{e}"));
         self.child = Some(child);
     }
 

@@ -25,7 +25,8 @@ use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
 use redis::{
-    Cmd, ConnectionInfo, IntoConnectionInfo, Pipeline, PushInfo, RedisFuture, RedisResult, Value,
+    Cmd, ConnectionInfo, IntoConnectionInfo, Pipeline, PushInfo, RedisFuture, RedisResult,
+    TlsCertificates, Value,
 };
 use std::time::Duration;
 
@@ -156,6 +157,27 @@ fn hash_tag(key: &str) -> &str {
         .unwrap_or(key)
 }
 
+/// TLS (`rediss://`) with rustls and its ring provider; the CA from
+/// `--redis-ca-file`, or the system's roots. `None` without a CA file.
+fn tls_certificates(
+    urls: &[String],
+    settings: &Settings,
+) -> Result<Option<TlsCertificates>, String> {
+    if urls.iter().any(|u| u.starts_with("rediss://")) {
+        // Several providers could be compiled in; name the one we ship.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
+    let Some(path) = &settings.ca_file else {
+        return Ok(None);
+    };
+    let pem =
+        std::fs::read(path).map_err(|e| format!("--redis-ca-file {}: {e}", path.display()))?;
+    Ok(Some(TlsCertificates {
+        client_tls: None,
+        root_cert: Some(pem),
+    }))
+}
+
 /// One URL's connection settings, with RESP3 (pushes) and the configured
 /// credentials.
 fn connection_info(url: &str, settings: &Settings) -> Result<ConnectionInfo, String> {
@@ -206,8 +228,13 @@ pub(super) async fn connect(
         Ok::<(), redis::aio::SendError>(())
     };
     let shown = urls.join(",");
+    let certs = tls_certificates(urls, settings)?;
     if settings.cluster {
-        let client = ClusterClientBuilder::new(infos)
+        let mut builder = ClusterClientBuilder::new(infos);
+        if let Some(certs) = certs {
+            builder = builder.certs(certs);
+        }
+        let client = builder
             .push_sender(push)
             .connection_timeout(OP_TIMEOUT)
             .response_timeout(OP_TIMEOUT)
@@ -219,8 +246,12 @@ pub(super) async fn connect(
             .map_err(|e| format!("redis cluster connection: {e}"))?;
         return Ok((Conn::Cluster(conn.clone()), PubSub::Cluster(conn)));
     }
-    let client =
-        redis::Client::open(infos.swap_remove(0)).map_err(|e| format!("redis url: {e}"))?;
+    let info = infos.swap_remove(0);
+    let client = match certs {
+        Some(certs) => redis::Client::build_with_tls(info, certs),
+        None => redis::Client::open(info),
+    }
+    .map_err(|e| format!("redis url: {e}"))?;
     // One plain attempt first: a refused AUTH or a wrong address is told
     // as it is, where the connection manager would retry until timed out.
     let probe = redis::AsyncConnectionConfig::new()

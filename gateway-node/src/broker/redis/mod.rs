@@ -188,6 +188,8 @@ pub struct Settings {
     /// AUTH credentials, where the URLs do not carry them.
     pub username: Option<String>,
     pub password: Option<String>,
+    /// CA of the servers' certificates, for `rediss://` URLs.
+    pub ca_file: Option<std::path::PathBuf>,
     pub node_id: String,
     pub default_channel: String,
     pub presence_threshold: usize,
