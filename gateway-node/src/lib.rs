@@ -81,6 +81,7 @@ pub async fn build(config: Config, secret: &str) -> Result<Arc<Node>, StartError
                 username: config.redis_username.clone(),
                 password: config.redis_password.clone(),
                 ca_file: config.redis_ca_file.clone(),
+                publish_window: std::time::Duration::from_micros(config.redis_publish_batch_us),
                 node_id: node_id.clone(),
                 default_channel: config.default_channel.clone(),
                 presence_threshold: config.presence_threshold,

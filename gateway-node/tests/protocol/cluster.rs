@@ -671,6 +671,53 @@ async fn a_redis_over_tls_with_a_private_ca() {
     assert_eq!(bob.dispatch(Event::MessageCreate).await.cnf, sent);
 }
 
+async fn batched_publishing_keeps_every_senders_order(store: &Store) {
+    // Messages gathered for 3 ms before they go to Redis together.
+    let node = || {
+        node_on(store, |c| {
+            c.redis_publish_batch_us = 3_000;
+            c.rate_limit_count = 1_000_000;
+        })
+    };
+    let (a, b) = (node().await, node().await);
+    let room = fresh_channel("batch");
+    let mut admin = Peer::admin(&a, "admin").await;
+    admin.create_and_move(&room).await;
+    let mut senders = Vec::new();
+    for (i, node) in [&a, &b, &a].into_iter().enumerate() {
+        let mut p = Peer::join(node, &format!("s{i}")).await;
+        p.move_to(&room).await;
+        senders.push(p);
+    }
+    let mut reader = Peer::join(&b, "reader").await;
+    reader.move_to(&room).await;
+    // Every sender sends 50 messages in one write: they race each other.
+    for (i, p) in senders.iter_mut().enumerate() {
+        let frames: Vec<String> = (0..50)
+            .map(|k| {
+                json!({"f": 130, "t": "MESSAGE_CREATE", "cnf": {"content": format!("s{i}-{k}")}})
+                    .to_string()
+            })
+            .collect();
+        p.client.send_texts(&frames).await.unwrap();
+    }
+    let mut seen: Vec<Vec<u32>> = vec![Vec::new(); 3];
+    while seen.iter().map(Vec::len).sum::<usize>() < 150 {
+        let m = reader.dispatch(Event::MessageCreate).await;
+        let content = m.cnf["content"].as_str().unwrap();
+        let (who, k) = content.split_once('-').unwrap();
+        let who: usize = who[1..].parse().unwrap();
+        seen[who].push(k.parse().unwrap());
+    }
+    for (i, ks) in seen.iter().enumerate() {
+        assert_eq!(
+            *ks,
+            (0..50).collect::<Vec<u32>>(),
+            "sender {i}: every message once, in order"
+        );
+    }
+}
+
 /// Each test above that takes a `Store`, on one Redis and on a cluster.
 macro_rules! on_each_store {
     ($($test:ident),* $(,)?) => {
@@ -701,4 +748,5 @@ on_each_store!(
     a_node_that_joins_later_does_not_replay_old_cluster_events,
     a_node_whose_clock_is_behind_still_orders_its_messages_after_the_last,
     a_redis_that_requires_auth_takes_a_password_or_an_acl_user,
+    batched_publishing_keeps_every_senders_order,
 );

@@ -108,6 +108,8 @@ const OP_TIMEOUT: Duration = Duration::from_secs(2);
 const CLAIM_TIMEOUT: Duration = Duration::from_secs(3);
 /// Events a channel log keeps (for catch-up on resume and gap fills).
 const LOG_RETAIN: usize = 10_000;
+/// Messages waiting for the publisher task; past it, sessions wait.
+const PUBLISH_QUEUE: usize = 4096;
 /// Pub/sub messages queued between the connection and the hub; past it
 /// messages are dropped and recovered from the log as a gap.
 const PUSH_QUEUE: usize = 64 * 1024;
@@ -171,7 +173,6 @@ fn script(body: &str, cluster: bool) -> Script {
 struct Scripts {
     join: Script,
     leave: Script,
-    message: Script,
     delete: Script,
     add_channel: Script,
     take: Script,
@@ -190,6 +191,8 @@ pub struct Settings {
     pub password: Option<String>,
     /// CA of the servers' certificates, for `rediss://` URLs.
     pub ca_file: Option<std::path::PathBuf>,
+    /// How long messages are gathered before they go to Redis together.
+    pub publish_window: Duration,
     pub node_id: String,
     pub default_channel: String,
     pub presence_threshold: usize,
@@ -213,6 +216,8 @@ pub struct RedisBroker {
     hub: Arc<Hub>,
     /// The shared command connection (see `conn`).
     cmd: Conn,
+    /// Messages to publish, batched by `publish::publish_task`.
+    publisher: mpsc::Sender<publish::PublishJob>,
     settings: Settings,
     metrics: Arc<Metrics>,
     scripts: Scripts,
@@ -265,15 +270,24 @@ impl RedisBroker {
         }
         let (subs, sub_rx) = mpsc::channel(1024);
         let cluster = settings.cluster;
+        let message = Arc::new(script(MESSAGE_LUA, cluster));
+        let (publisher, jobs) = mpsc::channel(PUBLISH_QUEUE);
+        let publish_task = tokio::spawn(publish::publish_task(
+            jobs,
+            cmd.clone(),
+            Arc::clone(&message),
+            LOG_RETAIN.max(settings.history_retain),
+            settings.publish_window,
+        ));
         let broker = Self {
             hub,
             cmd,
+            publisher,
             settings,
             metrics,
             scripts: Scripts {
                 join: script(JOIN_LUA, cluster),
                 leave: script(LEAVE_LUA, cluster),
-                message: script(MESSAGE_LUA, cluster),
                 delete: script(DELETE_LUA, cluster),
                 add_channel: script(ADD_CHANNEL_LUA, cluster),
                 take: script(TAKE_LUA, cluster),
@@ -288,7 +302,7 @@ impl RedisBroker {
             claim_ids: AtomicU64::new(1),
             sweep: Mutex::new((Vec::new(), 0)),
             epoch: Mutex::new(String::new()),
-            tasks: Mutex::new(Vec::new()),
+            tasks: Mutex::new(vec![publish_task]),
         };
         let mut conn = broker.conn();
         let epoch = broker
