@@ -203,19 +203,6 @@ impl RedisBroker {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn log_entries_parse() {
-        let d = parse_entry(r#"ROOM_USER_ADD {"a":1}"#).unwrap();
-        assert_eq!(d.body(), br#"{"a":1}"#);
-        assert_eq!(entry_n("0-42"), Some(42));
-        assert_eq!(entry_n("5-1"), None);
-    }
-}
-
 /// A message on its way to Redis, and who waits for the script's reply.
 pub(super) struct PublishJob {
     channel: Arc<str>,
@@ -282,5 +269,18 @@ pub(super) async fn publish_task(
             });
             futures_util::future::join_all(runs).await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_entries_parse() {
+        let d = parse_entry(r#"ROOM_USER_ADD {"a":1}"#).unwrap();
+        assert_eq!(d.body(), br#"{"a":1}"#);
+        assert_eq!(entry_n("0-42"), Some(42));
+        assert_eq!(entry_n("5-1"), None);
     }
 }
