@@ -9,13 +9,18 @@ cd "$(dirname "$0")/.."
 
 step() { printf '\n==> %s\n' "$*"; }
 
-# Redis tests start their own redis-server processes on free ports.
-if ! command -v redis-server >/dev/null 2>&1; then
-  step "installing redis-server (Debian package)"
+# Redis tests start their own redis-server processes (and clusters of
+# them) on free ports; the TLS test makes its certificates with openssl.
+missing=()
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+if [ ${#missing[@]} -gt 0 ]; then
+  step "installing ${missing[*]} (Debian packages)"
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
   else
-    echo "redis-server is missing: install it (e.g. 'sudo apt-get install redis-server')" >&2
+    echo "missing: ${missing[*]}: install them (e.g. 'sudo apt-get install ${missing[*]}')" >&2
     exit 1
   fi
 fi
