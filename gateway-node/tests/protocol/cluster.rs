@@ -78,6 +78,19 @@ async fn node_on(store: &Store, tune: impl FnOnce(&mut gateway_node::config::Con
     .await
 }
 
+/// A message from a member on `a` reaches a member on `b` (in a fresh
+/// channel), and returns the two members.
+pub async fn message_crosses(a: &TestNode, b: &TestNode, tag: &str) -> (Peer, Peer) {
+    let room = fresh_channel(tag);
+    let mut alice = Peer::join(a, "alice").await;
+    alice.create_and_move(&room).await;
+    let mut bob = Peer::join(b, "bob").await;
+    bob.move_to(&room).await;
+    let sent = alice.say(&format!("{tag} across")).await;
+    assert_eq!(bob.dispatch(Event::MessageCreate).await.cnf, sent);
+    (alice, bob)
+}
+
 async fn two_nodes(store: &Store) -> (TestNode, TestNode) {
     (node_on(store, |_| {}).await, node_on(store, |_| {}).await)
 }
@@ -627,13 +640,7 @@ async fn a_redis_that_requires_auth_takes_a_password_or_an_acl_user(store: &Stor
     };
     let a = with(None, "main-pass").await;
     let b = with(Some("gw"), "gw-pass").await;
-    let room = fresh_channel("auth");
-    let mut alice = Peer::join(&a, "alice").await;
-    alice.create_and_move(&room).await;
-    let mut bob = Peer::join(&b, "bob").await;
-    bob.move_to(&room).await;
-    let sent = alice.say("behind a password").await;
-    assert_eq!(bob.dispatch(Event::MessageCreate).await.cnf, sent);
+    message_crosses(&a, &b, "auth").await;
 }
 
 #[tokio::test]
@@ -662,13 +669,7 @@ async fn a_redis_over_tls_with_a_private_ca() {
         })
     };
     let (a, b) = (node().await, node().await);
-    let room = fresh_channel("tls");
-    let mut alice = Peer::join(&a, "alice").await;
-    alice.create_and_move(&room).await;
-    let mut bob = Peer::join(&b, "bob").await;
-    bob.move_to(&room).await;
-    let sent = alice.say("encrypted").await;
-    assert_eq!(bob.dispatch(Event::MessageCreate).await.cnf, sent);
+    message_crosses(&a, &b, "tls").await;
 }
 
 async fn batched_publishing_keeps_every_senders_order(store: &Store) {

@@ -121,7 +121,7 @@ impl RedisBroker {
             )
             .await;
         if let Ok((n, gen)) = head {
-            self.restart_stream(node, channel, n.unwrap_or(0), gen.unwrap_or(0))
+            self.restart_local(node, channel, n.unwrap_or(0), gen.unwrap_or(0))
                 .await;
         }
     }
@@ -170,17 +170,24 @@ impl RedisBroker {
         Ok(())
     }
 
-    /// The log of `name` lost events (generation `gen` starts at `n`): the
-    /// sessions there end with 1012, so that their clients start over
-    /// (`resumed: false`) instead of missing events silently.
+    /// A `reset` to generation `gen` at `n` (from `verify` here or on
+    /// another node): applied once, as generations only grow.
     pub(super) async fn restart_stream(&self, node: &Node, name: Option<&str>, n: u64, gen: u64) {
+        match self.stream(name) {
+            Some((local, ..)) if local.gen() < gen => self.restart_local(node, name, n, gen).await,
+            _ => {}
+        }
+    }
+
+    /// This node's sessions in `name` miss events the log no longer has:
+    /// they end with 1012, so that their clients start over
+    /// (`resumed: false`) instead of missing events silently, and the
+    /// stream goes on at `n` of generation `gen`.
+    async fn restart_local(&self, node: &Node, name: Option<&str>, n: u64, gen: u64) {
         let Some((local, ..)) = self.stream(name) else {
             return;
         };
-        if local.gen() == gen && local.position() == Some(n) && local.member_count() == 0 {
-            return;
-        }
-        tracing::error!(channel = ?name, gen, n, "the backend lost events of this log; its sessions here end so that clients start over");
+        tracing::error!(channel = ?name, gen, n, "events of this log are lost; its sessions here end so that clients start over");
         self.metrics.log_resets.inc();
         local.restart_at(n, gen);
         node.end_sessions_in(name, "events lost in the backend; resume to start over")
@@ -386,7 +393,7 @@ pub(super) async fn subscription_task(
                 // resubscribes on this command.
                 let Some(node) = node.upgrade() else { return };
                 let Broker::Redis(r) = &node.broker else { return };
-                let ok = pubsub.ping().await && r.ping().await;
+                let ok = pubsub.ping().await;
                 let was = r.healthy.swap(ok, Ordering::Relaxed);
                 if ok && !was {
                     info!("redis is back; checking the subscriptions and what the channels missed");

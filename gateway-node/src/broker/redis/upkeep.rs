@@ -3,10 +3,7 @@
 //! of crashed nodes' sessions, and notices a Redis that lost its data.
 
 use super::conn::Batch;
-use super::{
-    ck, sk, Conn, RedisBroker, CHANNELS, EPOCH, GLOBAL_META, OP_TIMEOUT, SWEEP_BATCH,
-    SWEEP_CHANNELS,
-};
+use super::{ck, sk, Conn, RedisBroker, CHANNELS, EPOCH, GLOBAL_META, SWEEP_BATCH, SWEEP_CHANNELS};
 use crate::broker::memory::unix_ms;
 use crate::broker::Broker;
 use crate::node::Node;
@@ -164,15 +161,6 @@ impl RedisBroker {
             .unwrap_or(None);
         self.hub.global.init_position(global.unwrap_or(0));
         *self.epoch.lock() = epoch;
-    }
-
-    pub(super) async fn ping(&self) -> bool {
-        let mut c = self.conn();
-        matches!(
-            tokio::time::timeout(OP_TIMEOUT, redis::cmd("PING").query_async::<String>(&mut c))
-                .await,
-            Ok(Ok(_))
-        )
     }
 }
 
