@@ -269,7 +269,7 @@ impl RedisBroker {
         let mut c = self.conn();
         let key = format!("gw:ban:{user_id}");
         let value = serde_json::json!({"reason": ban.reason, "until": ban.until}).to_string();
-        let stored: () = match ban.until {
+        let () = match ban.until {
             Some(until) => {
                 let ttl = until.saturating_sub(unix_ms()).max(1);
                 self.op("ban", c.pset_ex(&key, value, ttl)).await?
@@ -284,7 +284,7 @@ impl RedisBroker {
                     .query_async(&mut c),
             )
             .await?;
-        Ok(stored)
+        Ok(())
     }
 
     pub async fn unban(&self, user_id: &str) -> Result<(), Reject> {
