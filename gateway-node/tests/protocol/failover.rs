@@ -242,20 +242,20 @@ async fn a_master_failover_under_traffic_loses_nothing_silently() {
     drop(cluster);
 }
 
-/// The channel's counter and log set back by `back` events, as a promoted
+/// The channel's log set back by `back` events, as a promoted
 /// replica that had not received them would have them; with `rewrite`,
 /// other events then take those numbers (published by a node that did not
 /// notice, so other nodes drop them as duplicates). Then every node's
 /// connection to Redis is cut, so that they check their logs.
 fn set_back(store: &Store, room: &str, back: u64, rewrite: bool) {
-    let meta = format!("gw:{{c:{room}}}:meta");
     let log = format!("gw:{{c:{room}}}:log");
     let topic = format!("gw:{{c:{room}}}");
-    let n: u64 = store.cli(&meta, &["HGET", &meta, "n"]).parse().unwrap();
+    // The last entry's id is `0-n`.
+    let last = store.cli(&log, &["XREVRANGE", &log, "+", "-", "COUNT", "1"]);
+    let n: u64 = last.lines().next().unwrap()[2..].parse().unwrap();
     for k in n - back + 1..=n {
         store.cli(&log, &["XDEL", &log, &format!("0-{k}")]);
     }
-    store.cli(&meta, &["HSET", &meta, "n", &(n - back).to_string()]);
     store.cli(&log, &["XSETID", &log, &format!("0-{}", n - back)]);
     if rewrite {
         for k in n - back + 1..=n {
@@ -263,7 +263,6 @@ fn set_back(store: &Store, room: &str, back: u64, rewrite: bool) {
                 r#"MESSAGE_CREATE {{"id":"{k}","channel":"{room}","author":{{"id":"ghost","name":"ghost"}},"content":"other-{k}","ts":1}}"#
             );
             store.cli(&log, &["XADD", &log, &format!("0-{k}"), "d", &d]);
-            store.cli(&meta, &["HSET", &meta, "n", &k.to_string()]);
             store.cli(&topic, &["PUBLISH", &topic, &format!("{k} 0 {d}")]);
         }
     }

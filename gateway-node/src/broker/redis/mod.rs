@@ -143,6 +143,10 @@ const EPOCH: &str = "gw:{g}:epoch";
 const EMIT_LUA: &str = include_str!("lua/emit.lua");
 /// Walks a channel's history (its MESSAGE_CREATE log entries, newest first).
 const HISTORY_LUA: &str = include_str!("lua/history.lua");
+/// The `n` of a log's last event (the stream's last id).
+const HEAD_LUA: &str = include_str!("lua/head.lua");
+/// A log's `n` and generation.
+const LOG_HEAD_LUA: &str = include_str!("lua/log_head.lua");
 const JOIN_LUA: &str = include_str!("lua/join.lua");
 const LEAVE_LUA: &str = include_str!("lua/leave.lua");
 const MESSAGE_LUA: &str = include_str!("lua/message.lua");
@@ -157,7 +161,11 @@ const VERIFY_LUA: &str = include_str!("lua/verify.lua");
 /// Redis Cluster sharded publishing (the topic is in the keys' slot).
 fn script(body: &str, cluster: bool) -> Script {
     let mut text = String::new();
-    for (name, lua) in [("emit(", EMIT_LUA), ("history(", HISTORY_LUA)] {
+    for (name, lua) in [
+        ("emit(", EMIT_LUA),
+        ("history(", HISTORY_LUA),
+        ("head(", HEAD_LUA),
+    ] {
         if body.contains(name) {
             text.push_str(lua);
             text.push('\n');
@@ -177,6 +185,7 @@ struct Scripts {
     add_channel: Script,
     take: Script,
     verify: Script,
+    log_head: Script,
 }
 
 /// What the Redis backend needs from the configuration.
@@ -292,6 +301,7 @@ impl RedisBroker {
                 add_channel: script(ADD_CHANNEL_LUA, cluster),
                 take: script(TAKE_LUA, cluster),
                 verify: script(VERIFY_LUA, cluster),
+                log_head: script(LOG_HEAD_LUA, cluster),
             },
             ids: OnceLock::new(),
             node_index: AtomicU64::new(0),
@@ -310,13 +320,12 @@ impl RedisBroker {
             .await
             .map_err(|e| format!("redis: {e}"))?;
         *broker.epoch.lock() = epoch;
-        let global: Option<u64> = redis::cmd("HGET")
-            .arg(GLOBAL_META)
-            .arg("n")
-            .query_async(&mut conn)
+        let (global, gen) = broker
+            .log_head(GLOBAL_META, GLOBAL_LOG)
             .await
-            .map_err(|e| format!("redis: {e}"))?;
-        broker.hub.global.init_position(global.unwrap_or(0));
+            .map_err(|r| format!("redis: {}", r.message))?;
+        broker.hub.global.init_gen(gen);
+        broker.hub.global.init_position(global);
         let index = broker
             .claim_node_index(&mut conn)
             .await
@@ -335,6 +344,14 @@ impl RedisBroker {
     /// history (messages are kept once, in the log).
     fn log_retain(&self) -> usize {
         LOG_RETAIN.max(self.settings.history_retain)
+    }
+
+    /// Where a log is (`n` of its last event) and its generation.
+    async fn log_head(&self, meta: &str, log: &str) -> Result<(u64, u64), Reject> {
+        let mut inv = self.scripts.log_head.prepare_invoke();
+        inv.key(meta).key(log);
+        self.op("log head", inv.invoke_async(&mut self.conn()))
+            .await
     }
 
     /// PUBLISH on one Redis, SPUBLISH (sharded) on a cluster.

@@ -4,9 +4,7 @@
 //! joins and resumes.
 
 use super::conn::Conn;
-use super::{
-    channel_topic, ck, RedisBroker, CHANNELS, GLOBAL_LOG, GLOBAL_META, GLOBAL_TOPIC, LOG_RETAIN,
-};
+use super::{channel_topic, ck, RedisBroker, CHANNELS, GLOBAL_LOG, GLOBAL_TOPIC, LOG_RETAIN};
 use crate::broker::memory::unix_ms;
 use crate::broker::MessageBody;
 use crate::session::Session;
@@ -147,7 +145,7 @@ impl RedisBroker {
         let meta = serde_json::json!({"topic": topic, "created_by": created_by}).to_string();
         let mut c = self.conn();
         let mut inv = self.scripts.add_channel.prepare_invoke();
-        inv.key(CHANNELS).key(GLOBAL_META).key(GLOBAL_LOG);
+        inv.key(CHANNELS).key(GLOBAL_LOG);
         inv.arg(name)
             .arg(meta)
             .arg(self.settings.max_channels)

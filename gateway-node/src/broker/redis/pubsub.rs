@@ -107,22 +107,11 @@ impl RedisBroker {
     /// Events this node's sessions in `channel` should have had are gone:
     /// they end, and the channel starts over at the log's head.
     async fn lost_events(&self, node: &Node, channel: Option<&str>) {
-        let Some((_, meta, _, _)) = self.stream(channel) else {
+        let Some((_, meta, log, _)) = self.stream(channel) else {
             return;
         };
-        let head: Result<(Option<u64>, Option<u64>), _> = self
-            .op(
-                "log head",
-                redis::cmd("HMGET")
-                    .arg(&meta)
-                    .arg("n")
-                    .arg("gen")
-                    .query_async(&mut self.conn()),
-            )
-            .await;
-        if let Ok((n, gen)) = head {
-            self.restart_local(node, channel, n.unwrap_or(0), gen.unwrap_or(0))
-                .await;
+        if let Ok((n, gen)) = self.log_head(&meta, &log).await {
+            self.restart_local(node, channel, n, gen).await;
         }
     }
 

@@ -246,18 +246,15 @@ impl RedisBroker {
     /// Whether a log still holds what a parked cursor refers to: the same
     /// generation, and a counter not behind the cursor (a replica that
     /// lagged before a failover can be, until some node notices).
-    async fn log_intact(&self, meta: &str, cursor: u64, gen: u64) -> Result<bool, Reject> {
-        let (n, now): (Option<u64>, Option<u64>) = self
-            .op(
-                "log head",
-                redis::cmd("HMGET")
-                    .arg(meta)
-                    .arg("n")
-                    .arg("gen")
-                    .query_async(&mut self.conn()),
-            )
-            .await?;
-        Ok(n.unwrap_or(0) >= cursor && now.unwrap_or(0) == gen)
+    async fn log_intact(
+        &self,
+        meta: &str,
+        log: &str,
+        cursor: u64,
+        gen: u64,
+    ) -> Result<bool, Reject> {
+        let (n, now) = self.log_head(meta, log).await?;
+        Ok(n >= cursor && now == gen)
     }
 
     async fn catch_up(
@@ -268,9 +265,11 @@ impl RedisBroker {
     ) -> Result<bool, Reject> {
         let (channel, ccur, gcur) = (stored.channel.as_str(), stored.ccur, stored.gcur);
         self.subscribe(channel_topic(channel)).await?;
-        if !self.log_intact(GLOBAL_META, gcur, stored.ggen).await?
+        if !self
+            .log_intact(GLOBAL_META, GLOBAL_LOG, gcur, stored.ggen)
+            .await?
             || !self
-                .log_intact(&ck(channel, "meta"), ccur, stored.cgen)
+                .log_intact(&ck(channel, "meta"), &ck(channel, "log"), ccur, stored.cgen)
                 .await?
         {
             return Ok(false);

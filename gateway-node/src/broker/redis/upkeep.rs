@@ -3,12 +3,15 @@
 //! of crashed nodes' sessions, and notices a Redis that lost its data.
 
 use super::conn::Batch;
-use super::{ck, sk, Conn, RedisBroker, CHANNELS, EPOCH, GLOBAL_META, SWEEP_BATCH, SWEEP_CHANNELS};
+use super::{
+    ck, sk, Conn, RedisBroker, CHANNELS, EPOCH, GLOBAL_LOG, GLOBAL_META, SWEEP_BATCH,
+    SWEEP_CHANNELS,
+};
 use crate::broker::memory::unix_ms;
 use crate::broker::Broker;
 use crate::node::Node;
 use crate::wire::Reject;
-use redis::{AsyncCommands, RedisResult};
+use redis::RedisResult;
 use std::sync::atomic::Ordering;
 use std::sync::Weak;
 use std::time::Duration;
@@ -154,12 +157,12 @@ impl RedisBroker {
         self.metrics.broker_errors.inc();
         node.end_all_sessions(1012, "backend restarted").await;
         self.hub.reset();
-        let mut c = self.conn();
-        let global: Option<u64> = self
-            .op("global position", c.hget(GLOBAL_META, "n"))
+        let (global, gen) = self
+            .log_head(GLOBAL_META, GLOBAL_LOG)
             .await
-            .unwrap_or(None);
-        self.hub.global.init_position(global.unwrap_or(0));
+            .unwrap_or((0, 0));
+        self.hub.global.init_gen(gen);
+        self.hub.global.init_position(global);
         *self.epoch.lock() = epoch;
     }
 }

@@ -1,8 +1,7 @@
 -- KEYS: meta members users ujson order log presence
 -- ARGV: sid uid user_json threshold topic channel_json retain want_snapshot
 --       history_limit presence_expiry_ms
-local meta = redis.call('HMGET', KEYS[1], 'n', 'gen')
-local n = tonumber(meta[1] or '0')
+local n = head(KEYS[6])
 if redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2]) == 1 then
   if redis.call('HINCRBY', KEYS[3], ARGV[2], 1) == 1 then
     local ord = redis.call('HINCRBY', KEYS[1], 'ord', 1)
@@ -11,11 +10,11 @@ if redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2]) == 1 then
   end
   if redis.call('HLEN', KEYS[3]) <= tonumber(ARGV[4]) then
     local d = 'ROOM_USER_ADD {"channel":' .. ARGV[6] .. ',"user":' .. ARGV[3] .. ',"session_id":' .. ARGV[1] .. '}'
-    n = emit(KEYS[1], KEYS[6], ARGV[5], d, ARGV[7])
+    n = emit(KEYS[6], ARGV[5], d, ARGV[7])
   end
 end
 redis.call('ZADD', KEYS[7], ARGV[10], ARGV[1])
-local out = {n, redis.call('HLEN', KEYS[3]), meta[2] or '0'}
+local out = {n, redis.call('HLEN', KEYS[3]), redis.call('HGET', KEYS[1], 'gen') or '0'}
 if ARGV[8] == '1' then
   local ids = redis.call('ZRANGE', KEYS[5], 0, 99)
   local users = {}

@@ -7,7 +7,7 @@ redis.call('HDEL', KEYS[2], ARGV[1])
 local ujson = redis.call('HGET', KEYS[4], uid) or '{}'
 if redis.call('HLEN', KEYS[3]) <= tonumber(ARGV[2]) then
   local d = 'ROOM_USER_REMOVE {"channel":' .. ARGV[4] .. ',"user":' .. ujson .. ',"session_id":' .. ARGV[1] .. '}'
-  emit(KEYS[1], KEYS[6], ARGV[3], d, ARGV[5])
+  emit(KEYS[6], ARGV[3], d, ARGV[5])
 end
 if redis.call('HINCRBY', KEYS[3], uid, -1) <= 0 then
   redis.call('HDEL', KEYS[3], uid)

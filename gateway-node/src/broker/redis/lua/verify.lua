@@ -8,9 +8,8 @@
 -- starts a new generation, and every node ends the sessions of the channel
 -- (their clients resume to `resumed: false`): a loss is never silent.
 -- Returns {status, gen, n}: 'ok', or 'reset' with the generation to follow.
-local meta = redis.call('HMGET', KEYS[1], 'n', 'gen')
-local n = tonumber(meta[1] or '0')
-local gen = meta[2] or '0'
+local n = head(KEYS[2])
+local gen = redis.call('HGET', KEYS[1], 'gen') or '0'
 if gen ~= ARGV[3] then return {'reset', gen, n} end
 local pos = tonumber(ARGV[1])
 local lost = n < pos
@@ -23,7 +22,12 @@ gen = tostring(redis.call('HINCRBY', KEYS[1], 'gen', 1))
 -- New events are numbered past anything a node may have delivered.
 if n < pos then
   n = pos
-  redis.call('HSET', KEYS[1], 'n', n)
+  if redis.call('EXISTS', KEYS[2]) == 0 then
+    -- XSETID needs the stream: make it, empty, with its last id at `pos`.
+    redis.call('XADD', KEYS[2], '0-' .. pos, 'd', '')
+    redis.call('XDEL', KEYS[2], '0-' .. pos)
+  end
+  redis.call('XSETID', KEYS[2], '0-' .. pos)
 end
 redis.call('PUBLISH', ARGV[4], 'reset ' .. gen .. ' ' .. n)
 return {'reset', gen, n}
