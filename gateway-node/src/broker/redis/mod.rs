@@ -12,10 +12,10 @@
 //! | key | type | holds |
 //! |---|---|---|
 //! | `gw:{g}:channels` | hash | name → meta JSON |
-//! | `gw:{g}:meta`, `gw:{g}:log` | hash, stream | `n`, `gen` and log of cluster-wide events |
+//! | `gw:{g}:meta`, `gw:{g}:log` | hash, stream | `gen`, and the log of cluster-wide events |
 //! | `gw:{g}:epoch` | string | random id of the data set (a Redis that lost it has another) |
-//! | `gw:{c:NAME}:meta` | hash | `n` (last event), `gen` (log generation), `lastid` (last message id), `ord` |
-//! | `gw:{c:NAME}:log` | stream | the channel's events, entry id `0-n`; also its history: a message is stored once, here |
+//! | `gw:{c:NAME}:meta` | hash | `gen` (log generation), `lastid` (last message id), `ord` |
+//! | `gw:{c:NAME}:log` | stream | the channel's events, entry id `0-n` (`XADD 0-*`: the log counts its events); also its history: a message is stored once, here |
 //! | `gw:{c:NAME}:members` | hash | session id → user id |
 //! | `gw:{c:NAME}:users`, `:ujson`, `:order` | hash, hash, zset | per user: sessions, JSON, join order |
 //! | `gw:{c:NAME}:presence` | zset | session id → expiry (ms), refreshed by the owner |
@@ -34,7 +34,8 @@
 //!
 //! # Flow
 //!
-//! Publishing is one script: count `n`, append to the log, publish. A node
+//! Publishing is one script: append to the log (whose entry id is the
+//! event's `n`), publish. A node
 //! subscribes to a channel while it has a local member there, and hands
 //! every message to the [`Hub`], which delivers in `n` order and asks for
 //! a re-read of the log when it sees a gap (a dropped subscription, a
