@@ -35,12 +35,12 @@
 //! # Flow
 //!
 //! Publishing is one script: append to the log (whose entry id is the
-//! event's `n`), publish. A node
-//! subscribes to a channel while it has a local member there, and hands
-//! every message to the [`Hub`], which delivers in `n` order and asks for
-//! a re-read of the log when it sees a gap (a dropped subscription, a
-//! queue overflow). A session entering a channel subscribes first, then
-//! runs the join script, whose result fixes its position in the log.
+//! event's `n`), publish. A node subscribes to a channel while it has a
+//! local member there, and hands every message to the [`Hub`], which
+//! delivers in `n` order and asks for a re-read of the log when it sees a
+//! gap (a dropped subscription, a queue overflow). A session entering a
+//! channel subscribes first, then runs the join script, whose result fixes
+//! its position in the log.
 //!
 //! Resume elsewhere: the new node asks the owner to park the session
 //! (`claim`). The owner closes the old socket (4017), leaves the hub,
