@@ -288,6 +288,7 @@ impl RedisBroker {
             Arc::clone(&message),
             LOG_RETAIN.max(settings.history_retain),
             settings.publish_window,
+            cluster,
         ));
         let broker = Self {
             hub,

@@ -217,16 +217,17 @@ const PUBLISH_BATCH: usize = 256;
 
 /// Sends the messages of every session of this node to Redis. The messages
 /// that arrive within `window` of the first waiting one (with a zero
-/// window: those already waiting) are sent together: their scripts go out
-/// in one write, and Redis reads, runs and answers them in one wake-up,
-/// which is most of what Redis spends per message at moderate rates. A
-/// batch does not wait for the one before it.
+/// window: those already waiting) are sent together, in one script call
+/// (on a cluster, one per channel, all in one write): Redis reads, runs and
+/// answers them in one wake-up, which is most of what it spends per
+/// message at moderate rates. A batch does not wait for the one before it.
 pub(super) async fn publish_task(
     mut jobs: mpsc::Receiver<PublishJob>,
     conn: Conn,
     script: Arc<Script>,
     log_retain: usize,
     window: Duration,
+    cluster: bool,
 ) {
     loop {
         let Some(first) = jobs.recv().await else {
@@ -248,25 +249,59 @@ pub(super) async fn publish_task(
                 None => break,
             }
         }
+        // One script call per group: the whole batch on one Redis; on a
+        // cluster, the messages of each channel (a call stays in one slot).
+        let mut groups: Vec<Vec<PublishJob>> = Vec::new();
+        for job in batch {
+            match groups
+                .iter_mut()
+                .find(|g| !cluster || g[0].channel == job.channel)
+            {
+                Some(group) => group.push(job),
+                None => groups.push(vec![job]),
+            }
+        }
         let (conn, script) = (conn.clone(), Arc::clone(&script));
         tokio::spawn(async move {
-            let runs = batch.into_iter().map(|job| {
+            let runs = groups.into_iter().map(|group| {
                 let mut conn = conn.clone();
                 let script = &script;
                 async move {
                     let mut inv = script.prepare_invoke();
-                    inv.key(ck(&job.channel, "meta"))
-                        .key(ck(&job.channel, "log"));
-                    inv.arg(channel_topic(&job.channel))
-                        .arg(&job.body[r#"{"id":"""#.len()..])
-                        .arg(log_retain)
-                        .arg(format!("{:013}", job.ms))
-                        .arg(format!("{:06}", job.suffix));
-                    let _ = job.reply.send(inv.invoke_async(&mut conn).await);
+                    inv.arg(log_retain);
+                    for job in &group {
+                        inv.key(ck(&job.channel, "meta"))
+                            .key(ck(&job.channel, "log"));
+                        inv.arg(channel_topic(&job.channel))
+                            .arg(&job.body[r#"{"id":"""#.len()..])
+                            .arg(format!("{:013}", job.ms))
+                            .arg(format!("{:06}", job.suffix));
+                    }
+                    let result: RedisResult<Vec<(u64, String)>> = inv.invoke_async(&mut conn).await;
+                    match result {
+                        Ok(done) if done.len() == group.len() => {
+                            for (job, done) in group.into_iter().zip(done) {
+                                let _ = job.reply.send(Ok(done));
+                            }
+                        }
+                        Ok(_) => reply_all(group, "the message script answered a batch short"),
+                        Err(e) => reply_all(group, &e.to_string()),
+                    }
                 }
             });
             futures_util::future::join_all(runs).await;
         });
+    }
+}
+
+/// Fails every message of a batch with `why`.
+fn reply_all(group: Vec<PublishJob>, why: &str) {
+    for job in group {
+        let _ = job.reply.send(Err(redis::RedisError::from((
+            redis::ErrorKind::Client,
+            "publish failed",
+            why.to_owned(),
+        ))));
     }
 }
 
