@@ -644,6 +644,23 @@ async fn a_redis_that_requires_auth_takes_a_password_or_an_acl_user(store: &Stor
 }
 
 #[tokio::test]
+async fn a_redis_cluster_over_tls_with_a_private_ca() {
+    let cluster = RedisCluster::start_tls();
+    let (url, ca) = (cluster.seed_urls(), cluster.ca_file());
+    assert!(url.starts_with("rediss://"), "{url}");
+    let node = || {
+        let (url, ca) = (url.clone(), ca.clone());
+        TestNode::with(move |c| {
+            c.redis_url = Some(url);
+            c.redis_cluster = true;
+            c.redis_ca_file = Some(ca);
+        })
+    };
+    let (a, b) = (node().await, node().await);
+    message_crosses(&a, &b, "tls-cluster").await;
+}
+
+#[tokio::test]
 async fn a_redis_over_tls_with_a_private_ca() {
     let redis = RedisServer::start_tls();
     let (url, ca) = (redis.tls_url(), redis.ca_file());

@@ -88,6 +88,110 @@ fn spawn_redis(port: u16, dir: &Path, extra: &[&str]) -> Result<Child, String> {
     Ok(child)
 }
 
+/// Makes, in `dir`, a CA (`ca.crt`) and a certificate for 127.0.0.1
+/// signed by it (`redis.crt`, `redis.key`), with openssl.
+fn make_certs(dir: &Path) {
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run openssl ({e})"));
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    openssl(
+        &[
+            &["req", "-x509"][..],
+            &ec,
+            &[
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.crt",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=gateway test CA",
+            ],
+        ]
+        .concat(),
+    );
+    openssl(
+        &[
+            &["req"][..],
+            &ec,
+            &[
+                "-keyout",
+                "redis.key",
+                "-out",
+                "redis.csr",
+                "-subj",
+                "/CN=127.0.0.1",
+            ],
+        ]
+        .concat(),
+    );
+    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "redis.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "redis.crt",
+        "-days",
+        "1",
+        "-extfile",
+        "san.ext",
+    ]);
+}
+
+/// The TLS flags of a server whose certificates `make_certs` made in
+/// `dir`, listening with TLS on `tls_port`.
+fn tls_args(dir: &Path, tls_port: u16) -> Vec<String> {
+    let file = |name: &str| dir.join(name).display().to_string();
+    vec![
+        "--tls-port".into(),
+        tls_port.to_string(),
+        "--tls-cert-file".into(),
+        file("redis.crt"),
+        "--tls-key-file".into(),
+        file("redis.key"),
+        "--tls-ca-cert-file".into(),
+        file("ca.crt"),
+        "--tls-auth-clients".into(),
+        "no".into(),
+    ]
+}
+
+/// Ports that speak only TLS, with the CA that signed their certificate:
+/// admin calls to them add `--tls --cacert`.
+static TLS_ONLY: std::sync::Mutex<Vec<(u16, PathBuf)>> = std::sync::Mutex::new(Vec::new());
+
+fn tls_ca_of(port: u16) -> Option<PathBuf> {
+    let ports = TLS_ONLY.lock().unwrap();
+    ports
+        .iter()
+        .find(|(p, _)| *p == port)
+        .map(|(_, ca)| ca.clone())
+}
+
 impl RedisServer {
     pub fn start() -> Self {
         let dir = temp_dir("redis");
@@ -105,75 +209,7 @@ impl RedisServer {
     /// 127.0.0.1) signed by a CA made for it (`ca_file`).
     pub fn start_tls() -> Self {
         let dir = temp_dir("redis-tls");
-        let openssl = |args: &[&str]| {
-            let out = Command::new("openssl")
-                .args(args)
-                .current_dir(&dir)
-                .output()
-                .unwrap_or_else(|e| panic!("cannot run openssl ({e})"));
-            assert!(
-                out.status.success(),
-                "openssl {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
-        let ec = [
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-        ];
-        openssl(
-            &[
-                &["req", "-x509"][..],
-                &ec,
-                &[
-                    "-keyout",
-                    "ca.key",
-                    "-out",
-                    "ca.crt",
-                    "-days",
-                    "1",
-                    "-subj",
-                    "/CN=gateway test CA",
-                ],
-            ]
-            .concat(),
-        );
-        openssl(
-            &[
-                &["req"][..],
-                &ec,
-                &[
-                    "-keyout",
-                    "redis.key",
-                    "-out",
-                    "redis.csr",
-                    "-subj",
-                    "/CN=127.0.0.1",
-                ],
-            ]
-            .concat(),
-        );
-        std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
-        openssl(&[
-            "x509",
-            "-req",
-            "-in",
-            "redis.csr",
-            "-CA",
-            "ca.crt",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            "redis.crt",
-            "-days",
-            "1",
-            "-extfile",
-            "san.ext",
-        ]);
+        make_certs(&dir);
         let mut server = Self {
             port: free_port(),
             dir,
@@ -208,19 +244,7 @@ impl RedisServer {
             .map(String::from)
             .to_vec();
         if let Some(tls_port) = self.tls_port {
-            let file = |name: &str| self.dir.join(name).display().to_string();
-            args.extend([
-                "--tls-port".into(),
-                tls_port.to_string(),
-                "--tls-cert-file".into(),
-                file("redis.crt"),
-                "--tls-key-file".into(),
-                file("redis.key"),
-                "--tls-ca-cert-file".into(),
-                file("ca.crt"),
-                "--tls-auth-clients".into(),
-                "no".into(),
-            ]);
+            args.extend(tls_args(&self.dir, tls_port));
         }
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let child = spawn_redis(self.port, &self.dir, &args).unwrap_or_else(|e| panic!("{e}"));
@@ -266,6 +290,9 @@ pub struct RedisCluster {
     nodes: Vec<ClusterNode>,
     /// What `kill` saw of a master just before killing it.
     killed: HashMap<u16, Killed>,
+    /// With `start_tls`: the directory of the certificates; every node then
+    /// speaks only TLS, to clients, replicas and the cluster bus.
+    tls: Option<PathBuf>,
 }
 
 struct ClusterNode {
@@ -352,7 +379,11 @@ fn free_cluster_ports(n: usize, taken: &[u16]) -> Vec<u16> {
 /// Runs `redis-cli -e -h 127.0.0.1 -p <port> <args>`: its output, or `None`
 /// if it fails (the node is down, or the reply is an error: `-e`).
 fn try_redis_cli(port: u16, args: &[&str]) -> Option<String> {
-    let out = Command::new("redis-cli")
+    let mut cli = Command::new("redis-cli");
+    if let Some(ca) = tls_ca_of(port) {
+        cli.arg("--tls").arg("--cacert").arg(ca);
+    }
+    let out = cli
         .args(["-e", "-h", "127.0.0.1", "-p", &port.to_string()])
         .args(args)
         .stdin(Stdio::null())
@@ -432,14 +463,30 @@ impl RedisCluster {
     /// serving slots and 3 replicas, and every replica's link to its master
     /// is up.
     pub fn start() -> Self {
+        Self::start_with(None)
+    }
+
+    /// The same cluster with TLS only (`rediss://` seeds), its certificates
+    /// signed by a CA made for it (`ca_file`).
+    pub fn start_tls() -> Self {
+        let dir = temp_dir("redis-cluster-tls");
+        make_certs(&dir);
+        Self::start_with(Some(dir))
+    }
+
+    fn start_with(tls: Option<PathBuf>) -> Self {
         let mut cluster = Self {
             nodes: Vec::new(),
             killed: HashMap::new(),
+            tls,
         };
         for port in free_cluster_ports(6, &[]) {
             cluster.spawn_node(port);
         }
         let mut create = Command::new("redis-cli");
+        if let Some(dir) = &cluster.tls {
+            create.arg("--tls").arg("--cacert").arg(dir.join("ca.crt"));
+        }
         create.args(["--cluster", "create"]);
         for node in &cluster.nodes {
             create.arg(format!("127.0.0.1:{}", node.port));
@@ -469,9 +516,21 @@ impl RedisCluster {
     pub fn seed_urls(&self) -> String {
         self.masters()
             .iter()
-            .map(|p| format!("redis://127.0.0.1:{p}"))
+            .map(|p| {
+                let scheme = if self.tls.is_some() {
+                    "rediss"
+                } else {
+                    "redis"
+                };
+                format!("{scheme}://127.0.0.1:{p}")
+            })
             .collect::<Vec<_>>()
             .join(",")
+    }
+
+    /// The CA of a `start_tls` cluster.
+    pub fn ca_file(&self) -> PathBuf {
+        self.tls.as_ref().expect("started with TLS").join("ca.crt")
     }
 
     /// Ports of the masters that are running and not flagged as failing,
@@ -600,7 +659,16 @@ impl RedisCluster {
         let mut port = port;
         for attempt in 1.. {
             let dir = self.nodes.last().unwrap().dir.clone();
-            match spawn_redis(port, &dir, &CLUSTER_NODE_ARGS) {
+            let mut args: Vec<String> = CLUSTER_NODE_ARGS.map(String::from).to_vec();
+            if let Some(certs) = &self.tls {
+                // TLS only: the plain port is off, the bus and replication too.
+                args.extend(["--port".into(), "0".into()]);
+                args.extend(tls_args(certs, port));
+                args.extend(["--tls-cluster", "yes", "--tls-replication", "yes"].map(String::from));
+                TLS_ONLY.lock().unwrap().push((port, certs.join("ca.crt")));
+            }
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            match spawn_redis(port, &dir, &args) {
                 Ok(child) => {
                     let node = self.nodes.last_mut().unwrap();
                     node.port = port;
@@ -716,6 +784,12 @@ impl Drop for RedisCluster {
                 let _ = child.wait();
             }
             let _ = std::fs::remove_dir_all(&node.dir);
+        }
+        if let Some(dir) = self.tls.take() {
+            // The ports may serve a plain server of another test next.
+            let ports: Vec<u16> = self.nodes.iter().map(|n| n.port).collect();
+            TLS_ONLY.lock().unwrap().retain(|(p, _)| !ports.contains(p));
+            let _ = std::fs::remove_dir_all(dir);
         }
     }
 }
