@@ -72,6 +72,20 @@ struct Inner {
     gen: u64,
 }
 
+impl Inner {
+    /// Forgets members and everything held, at position `delivered` of log
+    /// generation `gen` (`None`: not known yet).
+    fn start_over(&mut self, delivered: Option<u64>, gen: u64) {
+        self.members.clear();
+        self.skip_until.clear();
+        self.pending.clear();
+        self.recent.clear();
+        self.filling = false;
+        self.delivered = delivered;
+        self.gen = gen;
+    }
+}
+
 pub struct LocalChannel {
     pub name: Arc<str>,
     inner: Mutex<Inner>,
@@ -294,14 +308,7 @@ impl LocalChannel {
     /// Starts over at `n` of generation `gen`: the backend lost events, the
     /// members (ended by the caller) are forgotten with everything held.
     pub fn restart_at(&self, n: u64, gen: u64) {
-        let mut inner = self.inner.lock();
-        inner.members.clear();
-        inner.skip_until.clear();
-        inner.pending.clear();
-        inner.recent.clear();
-        inner.filling = false;
-        inner.delivered = Some(n);
-        inner.gen = gen;
+        self.inner.lock().start_over(Some(n), gen);
     }
 
     /// Fixes the position in the log when it is not known yet.
@@ -356,11 +363,7 @@ impl LocalChannel {
     pub fn reset_if_empty(&self) -> bool {
         let mut inner = self.inner.lock();
         if inner.members.is_empty() {
-            inner.delivered = None;
-            inner.pending.clear();
-            inner.recent.clear();
-            inner.filling = false;
-            inner.gen = 0;
+            inner.start_over(None, 0);
             true
         } else {
             false
@@ -423,14 +426,7 @@ impl Hub {
     /// (the backend lost its data and starts over).
     pub fn reset(&self) {
         self.channels.lock().clear();
-        let mut global = self.global.inner.lock();
-        global.delivered = None;
-        global.members.clear();
-        global.skip_until.clear();
-        global.pending.clear();
-        global.recent.clear();
-        global.filling = false;
-        global.gen = 0;
+        self.global.inner.lock().start_over(None, 0);
     }
 
     /// Channels with no local member: candidates to unsubscribe. They are

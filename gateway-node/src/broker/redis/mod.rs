@@ -211,6 +211,14 @@ pub struct Settings {
     pub resume_window: Duration,
 }
 
+impl Settings {
+    /// Entries a channel log keeps: enough for catch-up, and at least the
+    /// history (messages are kept once, in the log).
+    fn log_retain(&self) -> usize {
+        LOG_RETAIN.max(self.history_retain)
+    }
+}
+
 /// The pub/sub connection, its messages and the subscription requests,
 /// waiting for `start` to hand them to their tasks.
 type PendingStart = (PubSub, mpsc::Receiver<PushInfo>, mpsc::Receiver<SubRequest>);
@@ -286,7 +294,7 @@ impl RedisBroker {
             jobs,
             cmd.clone(),
             Arc::clone(&message),
-            LOG_RETAIN.max(settings.history_retain),
+            settings.log_retain(),
             settings.publish_window,
             cluster,
         ));
@@ -340,12 +348,6 @@ impl RedisBroker {
 
     fn ids(&self) -> &IdGenerator {
         self.ids.get().expect("set in connect")
-    }
-
-    /// Entries a channel log keeps: enough for catch-up, and at least the
-    /// history (messages are kept once, in the log).
-    fn log_retain(&self) -> usize {
-        LOG_RETAIN.max(self.settings.history_retain)
     }
 
     /// Where a log is (`n` of its last event) and its generation.

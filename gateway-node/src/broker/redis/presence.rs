@@ -93,7 +93,7 @@ impl RedisBroker {
             .arg(self.settings.presence_threshold)
             .arg(channel_topic(name))
             .arg(channel_json)
-            .arg(self.log_retain())
+            .arg(self.settings.log_retain())
             .arg(if snapshot { "1" } else { "0" })
             .arg(self.settings.history_retain)
             .arg(unix_ms() + self.window_ms());
@@ -111,7 +111,7 @@ impl RedisBroker {
             .arg(self.settings.presence_threshold)
             .arg(channel_topic(name))
             .arg(channel_json)
-            .arg(self.log_retain());
+            .arg(self.settings.log_retain());
         let _: i64 = self.op("leave", inv.invoke_async(&mut c)).await?;
         Ok(())
     }

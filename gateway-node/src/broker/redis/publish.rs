@@ -1,7 +1,8 @@
 //! Publishing and the logs: messages, deletes, typing and new channels.
-//! A logged event is counted, appended to its log and published in one
-//! script (`lua/emit.lua`); `read_log` reads a log back for gap fills,
-//! joins and resumes.
+//! A logged event is appended to its log, whose entry id is its `n`, and
+//! published in the same script (`lua/emit.lua`; messages go through the
+//! per-node `publish_task`, in batches, with `lua/message.lua`);
+//! `read_log` reads a log back for gap fills, joins and resumes.
 
 use super::conn::Conn;
 use super::{channel_topic, ck, RedisBroker, CHANNELS, GLOBAL_LOG, GLOBAL_TOPIC, LOG_RETAIN};
@@ -97,7 +98,7 @@ impl RedisBroker {
             .arg(&session.user.id)
             .arg(if session.identity.admin { "1" } else { "0" })
             .arg(body)
-            .arg(self.log_retain())
+            .arg(self.settings.log_retain())
             .arg(self.settings.history_retain);
         let n: i64 = self.op("delete", inv.invoke_async(&mut c)).await?;
         match n {
