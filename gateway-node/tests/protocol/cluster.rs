@@ -507,11 +507,7 @@ async fn a_redis_that_lost_its_data_ends_sessions_instead_of_leaving_gaps() {
     redis.restart_empty();
     // The node notices the new data set and closes its sessions.
     assert_eq!(alice.closed().await, Some(1012));
-    let (mut client, _) = Client::connect_hello(&node.url()).await.unwrap();
-    let ready = client
-        .present(&alice.token, Some((alice.session_id(), Some(alice.last_s))))
-        .await
-        .unwrap();
+    let (client, ready) = alice.resume_at(&node.url()).await;
     assert!(!ready.resumed, "nothing to resume from");
     let mut alice = Peer {
         client,

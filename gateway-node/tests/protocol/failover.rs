@@ -10,7 +10,7 @@ use crate::cluster::Store;
 use crate::harness::*;
 use crate::redis_server::RedisCluster;
 use gateway_shared::protocol::{Event, FunctionCode};
-use gateway_shared::{Client, ClientError};
+use gateway_shared::ClientError;
 use serde_json::json;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -158,11 +158,7 @@ async fn check(seen: &[(Seen, Peer)], url: &str) -> (usize, usize) {
             }
             Some(Some(1012)) => {
                 reset += 1;
-                let (mut client, _) = Client::connect_hello(url).await.unwrap();
-                let ready = client
-                    .present(&peer.token, Some((peer.session_id(), Some(peer.last_s))))
-                    .await
-                    .unwrap();
+                let (_, ready) = peer.resume_at(url).await;
                 assert!(!ready.resumed, "{} resumed after a reset", s.name);
             }
             Some(other) => panic!("{} closed with {other:?}", s.name),
@@ -291,12 +287,7 @@ async fn a_log_that_went_back_ends_its_sessions(rewrite: bool) {
     // Both nodes notice: the room's sessions end, and start over.
     for (peer, node) in [(&mut alice, &a), (&mut bob, &b)] {
         assert_eq!(peer.closed().await, Some(1012));
-        let (mut client, _) = Client::connect_hello(&node.url()).await.unwrap();
-        let ready = client
-            .present(&peer.token, Some((peer.session_id(), Some(peer.last_s))))
-            .await
-            .unwrap();
-        assert!(!ready.resumed);
+        assert!(!peer.resume_at(&node.url()).await.1.resumed);
     }
     // The channel goes on, numbered past everything delivered before.
     let mut alice = Peer::join(&a, "alice2").await;

@@ -126,6 +126,17 @@ impl Peer {
         self.ready.session_id
     }
 
+    /// Presents this peer's session again on a new connection to `url`
+    /// (after the last dispatch it got); returns the client and READY.
+    pub async fn resume_at(&self, url: &str) -> (Client, Ready) {
+        let (mut client, _) = Client::connect_hello(url).await.unwrap();
+        let ready = client
+            .present(&self.token, Some((self.session_id(), Some(self.last_s))))
+            .await
+            .unwrap();
+        (client, ready)
+    }
+
     /// The next message, checking dispatch numbering.
     pub async fn next(&mut self) -> Result<ServerMessage, ClientError> {
         let msg = self.client.next_message(WAIT).await?;

@@ -19,12 +19,7 @@ async fn a_missed_heartbeat_is_fatal_4009_and_the_session_stays_resumable() {
     let err = peer.error().await;
     assert_eq!((err.c, err.d), (4009, true));
     assert_eq!(peer.closed().await, Some(4009));
-    let (mut client, _) = Client::connect_hello(&node.url()).await.unwrap();
-    let ready = client
-        .present(&peer.token, Some((peer.session_id(), Some(peer.last_s))))
-        .await
-        .unwrap();
-    assert!(ready.resumed);
+    assert!(peer.resume_at(&node.url()).await.1.resumed);
 }
 
 #[tokio::test]
@@ -87,14 +82,7 @@ async fn a_client_that_stops_reading_is_closed_as_a_slow_consumer() {
     };
     assert_eq!(code, Some(4016));
     // The session stays resumable, with nothing lost.
-    let (mut client, _) = Client::connect_hello(&node.url()).await.unwrap();
-    assert!(
-        client
-            .present(&slow.token, Some((slow.session_id(), Some(slow.last_s))))
-            .await
-            .unwrap()
-            .resumed
-    );
+    assert!(slow.resume_at(&node.url()).await.1.resumed);
 }
 
 /// The sum of the counters of `node` whose lines start with `prefix` (a
@@ -148,14 +136,7 @@ async fn a_client_that_sends_requests_but_never_reads_is_closed_as_a_slow_consum
     let timeouts = r#"gateway_errors_sent_total{code="4009""#;
     assert_eq!(counter(&node, timeouts).await, 0);
     // The session stays resumable.
-    let (mut client, _) = Client::connect_hello(&node.url()).await.unwrap();
-    assert!(
-        client
-            .present(&deaf.token, Some((deaf.session_id(), Some(deaf.last_s))))
-            .await
-            .unwrap()
-            .resumed
-    );
+    assert!(deaf.resume_at(&node.url()).await.1.resumed);
 }
 
 #[tokio::test]
