@@ -144,9 +144,14 @@ pub struct Config {
     /// Log format.
     #[arg(long, env = "GATEWAY_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
-    /// Development mode: allows the built-in development secret.
+    /// Development mode: allows the built-in development secret and serves
+    /// `POST /dev/token`, which mints a token for any name. Implied when a
+    /// lone node starts without a secret.
     #[arg(long, env = "GATEWAY_DEV", default_value_t = false)]
     pub dev: bool,
+    /// Serve the demo chat page at `/` (`--demo false` turns it off).
+    #[arg(long, env = "GATEWAY_DEMO", default_value_t = true, action = clap::ArgAction::Set)]
+    pub demo: bool,
 }
 
 impl Default for Config {
@@ -177,6 +182,7 @@ impl Default for Config {
             log_format: LogFormat::Text,
             worker_threads: None,
             dev: false,
+            demo: true,
         }
     }
 }
@@ -337,7 +343,16 @@ mod tests {
         assert_eq!(c.resume_window_s, 60);
         assert_eq!(c.listen.to_string(), "0.0.0.0:8080");
         assert_eq!(c.default_channel, "general");
+        assert!(c.demo, "the demo page is on unless turned off");
+        assert!(!c.dev);
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn the_demo_page_is_turned_off_with_demo_false() {
+        assert!(!parse(&["--demo", "false"]).unwrap().demo);
+        assert!(parse(&["--demo", "true"]).unwrap().demo);
+        assert!(parse(&["--demo", "maybe"]).is_err());
     }
 
     #[test]

@@ -30,6 +30,7 @@ pub mod auth;
 pub mod broker;
 pub mod config;
 pub mod connection;
+pub mod demo;
 pub mod events;
 pub mod frame;
 pub mod hub;

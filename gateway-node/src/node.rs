@@ -36,6 +36,8 @@ pub struct Node {
     /// Pre-encoded HELLO, the same for every connection.
     pub hello_frame: Bytes,
     pub limits: Limits,
+    /// The secret `POST /dev/token` signs with, in development mode only.
+    pub dev_secret: Option<Box<[u8]>>,
     /// Sessions owned by this node, connected or within their resume window.
     sessions: Mutex<HashMap<u64, Arc<Session>>>,
     /// Set when the node starts draining: `/readyz` fails, no new sockets.
@@ -117,6 +119,7 @@ impl Node {
         Self {
             hello_frame: wire::hello_frame(config.hb_int_ms),
             verifier: Verifier::new(secret),
+            dev_secret: config.dev.then(|| secret.into()),
             limits,
             config,
             node_id,

@@ -4,6 +4,7 @@
 mod harness;
 
 mod connect;
+mod demo;
 mod errors;
 mod events;
 mod lifecycle;
