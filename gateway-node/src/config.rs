@@ -122,6 +122,15 @@ pub struct Config {
     /// WebSocket connections this node admits at once.
     #[arg(long, env = "GATEWAY_MAX_CONNECTIONS", default_value_t = 100_000)]
     pub max_connections: usize,
+    /// WebSocket connections one client address may hold at once (429
+    /// beyond); 0 turns the cap off. Leave it off behind a proxy or load
+    /// balancer that hides client addresses.
+    #[arg(long, env = "GATEWAY_MAX_CONNECTIONS_PER_IP", default_value_t = 0)]
+    pub max_connections_per_ip: usize,
+    /// How long a client may take to send an HTTP request head (the
+    /// WebSocket upgrade included), in ms; then the connection is closed.
+    #[arg(long, env = "GATEWAY_HTTP_HEADER_TIMEOUT_MS", default_value_t = 10_000)]
+    pub http_header_timeout_ms: u64,
     /// How long a draining node waits for its clients to go, in seconds.
     #[arg(long, env = "GATEWAY_DRAIN_GRACE_S", default_value_t = 10)]
     pub drain_grace_s: u64,
@@ -174,6 +183,8 @@ impl Default for Config {
             rate_limit_window_s: 60,
             outbound_limit: 1024,
             max_connections: 100_000,
+            max_connections_per_ip: 0,
+            http_header_timeout_ms: 10_000,
             drain_grace_s: 10,
             default_channel: "general".into(),
             presence_threshold: 1000,
@@ -205,6 +216,10 @@ impl Config {
 
     pub fn resume_window(&self) -> Duration {
         Duration::from_secs(self.resume_window_s)
+    }
+
+    pub fn http_header_timeout(&self) -> Duration {
+        Duration::from_millis(self.http_header_timeout_ms)
     }
 
     pub fn drain_grace(&self) -> Duration {
@@ -251,6 +266,16 @@ impl Config {
         }
         if self.max_connections == 0 || self.max_connections > (u32::MAX >> 3) as usize {
             return Err(invalid("--max-connections must be positive"));
+        }
+        if self.max_connections_per_ip > self.max_connections {
+            return Err(invalid(
+                "--max-connections-per-ip must be at most --max-connections (0: off)",
+            ));
+        }
+        if !(100..=600_000).contains(&self.http_header_timeout_ms) {
+            return Err(invalid(
+                "--http-header-timeout-ms must be between 100 and 600000",
+            ));
         }
         if !gateway_shared::protocol::is_valid_channel_name(&self.default_channel) {
             return Err(invalid(
@@ -344,6 +369,8 @@ mod tests {
         assert_eq!(c.listen.to_string(), "0.0.0.0:8080");
         assert_eq!(c.default_channel, "general");
         assert!(c.demo, "the demo page is on unless turned off");
+        assert_eq!(c.max_connections_per_ip, 0, "no per-address cap by default");
+        assert_eq!(c.http_header_timeout_ms, 10_000);
         assert!(!c.dev);
         c.validate().unwrap();
     }
@@ -383,6 +410,12 @@ mod tests {
         assert!(c.validate().is_ok());
         let c = parse(&["--redis-url", "redis://a:1,http://b:2", "--redis-cluster"]).unwrap();
         assert!(c.validate().is_err());
+        let c = parse(&["--http-header-timeout-ms", "50"]).unwrap();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("--http-header-timeout-ms"), "{err}");
+        let c = parse(&["--max-connections", "10", "--max-connections-per-ip", "11"]).unwrap();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("--max-connections-per-ip"), "{err}");
         let c = parse(&["--redis-publish-batch-us", "100001"]).unwrap();
         let err = c.validate().unwrap_err().to_string();
         assert!(err.contains("--redis-publish-batch-us"), "{err}");

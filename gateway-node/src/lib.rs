@@ -8,7 +8,8 @@
 //!
 //! - [`config`]: every setting, parsed and validated once.
 //! - [`server`]: accept loop, HTTP routes (`/gateway`, `/healthz`,
-//!   `/readyz`, `/metrics`), admission cap, drain.
+//!   `/readyz`, `/metrics`), HTTP abuse limits, drain.
+//! - [`admission`]: the connection caps, per node and per client address.
 //! - [`connection`]: one WebSocket: reader, writer and supervisor tasks;
 //!   the heartbeat and PRESENT deadlines; backpressure on requests and the
 //!   write stall deadline; the per-connection state machine.
@@ -26,6 +27,7 @@
 //! - [`auth`]: HS256 token verification.
 //! - [`metrics`]: the Prometheus registry.
 
+pub mod admission;
 pub mod auth;
 pub mod broker;
 pub mod config;

@@ -2,9 +2,16 @@
 //!
 //! One port serves the WebSocket (`/gateway` and `/`), `/healthz`,
 //! `/readyz`, `/metrics`, and the demo chat page (`/`, `/static/…`) with
-//! its development token endpoint (`POST /dev/token`). A semaphore caps WebSocket connections; a
-//! permit moves into each connection task and is released when it ends.
+//! its development token endpoint (`POST /dev/token`). [`Admission`] caps
+//! WebSocket connections, per node and per client address; its ticket moves
+//! into each connection task and is released when it ends.
+//!
+//! Abuse limits on the HTTP side (docs/DEPLOY.md, "Security and abuse
+//! limits"): a request head must arrive within `--http-header-timeout-ms`
+//! and fit in [`MAX_HEAD_BYTES`], or the connection is closed (431 for a
+//! head too large).
 
+use crate::admission::{Admission, Refusal};
 use crate::node::Node;
 use crate::{connection, demo};
 use bytes::Bytes;
@@ -17,14 +24,16 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tracing::{debug, info, warn};
 
-/// How long a client may take to send its HTTP request head.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest HTTP request head (request line and headers) read; a larger one
+/// gets 431. Also hyper's read buffer cap, so a connection still sending its
+/// head holds at most this much (hyper's default is about 400 KiB).
+pub const MAX_HEAD_BYTES: usize = 16 * 1024;
 
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
@@ -47,7 +56,8 @@ fn version_ok(query: Option<&str>) -> bool {
 
 async fn route(
     node: Arc<Node>,
-    admission: Arc<Semaphore>,
+    admission: Arc<Admission>,
+    peer: IpAddr,
     mut req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let path = req.uri().path();
@@ -97,8 +107,17 @@ async fn route(
             if node.is_draining() {
                 return Ok(text(StatusCode::SERVICE_UNAVAILABLE, "node is draining\n"));
             }
-            let Ok(permit) = admission.try_acquire_owned() else {
-                return Ok(text(StatusCode::SERVICE_UNAVAILABLE, "node is full\n"));
+            let ticket = match admission.admit(peer) {
+                Ok(ticket) => ticket,
+                Err(Refusal::NodeFull) => {
+                    return Ok(text(StatusCode::SERVICE_UNAVAILABLE, "node is full\n"))
+                }
+                Err(Refusal::AddressFull) => {
+                    return Ok(text(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "too many connections from your address\n",
+                    ))
+                }
             };
             let (response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
                 Ok(ok) => ok,
@@ -114,7 +133,7 @@ async fn route(
                     Ok(ws) => connection::serve(node, ws.into_inner()).await,
                     Err(e) => debug!(error = %e, "upgrade failed"),
                 }
-                drop(permit);
+                drop(ticket);
             });
             let (parts, _) = response.into_parts();
             Ok(Response::from_parts(parts, Full::new(Bytes::new())))
@@ -130,7 +149,10 @@ async fn route(
 /// and 1012 to every session, and waits up to the drain grace for them to
 /// go.
 pub async fn serve(node: Arc<Node>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
-    let admission = Arc::new(Semaphore::new(node.config.max_connections));
+    let admission = Arc::new(Admission::new(
+        node.config.max_connections,
+        node.config.max_connections_per_ip,
+    ));
     let sweeper = {
         let node = Arc::clone(&node);
         tokio::spawn(async move {
@@ -168,11 +190,15 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener, shutdown: impl Future
         let node = Arc::clone(&node);
         let admission = Arc::clone(&admission);
         tokio::spawn(async move {
-            let service =
-                service_fn(move |req| route(Arc::clone(&node), Arc::clone(&admission), req));
+            let header_timeout = node.config.http_header_timeout();
+            let service = service_fn(move |req| {
+                route(Arc::clone(&node), Arc::clone(&admission), peer.ip(), req)
+            });
             let result = http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
+                .header_read_timeout(header_timeout)
+                .max_header_size(MAX_HEAD_BYTES)
+                .max_buf_size(MAX_HEAD_BYTES)
                 .serve_connection(TokioIo::new(stream), service)
                 .with_upgrades()
                 .await;
@@ -184,12 +210,7 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener, shutdown: impl Future
     drop(listener);
     info!("draining");
     node.announce_shutdown();
-    let all = node.config.max_connections as u32;
-    let grace = node.config.drain_grace();
-    if tokio::time::timeout(grace, admission.acquire_many(all))
-        .await
-        .is_err()
-    {
+    if !admission.wait_empty(node.config.drain_grace()).await {
         warn!("drain grace ran out with connections still open");
     }
     sweeper.abort();

@@ -2,11 +2,13 @@
 //! the real client from `gateway-shared`.
 
 mod harness;
+mod rawws;
 
 mod connect;
 mod demo;
 mod errors;
 mod events;
+mod floods;
 mod lifecycle;
 mod resume;
 
