@@ -14,5 +14,7 @@ mod resume;
 
 mod cluster;
 mod failover;
+mod faults;
+mod netns;
 mod redis_cluster;
 mod redis_server;

@@ -22,7 +22,7 @@ static DIRS: AtomicU64 = AtomicU64::new(0);
 
 /// A fresh, empty directory under the system temp dir, unique to this
 /// process and call.
-fn temp_dir(kind: &str) -> PathBuf {
+pub fn temp_dir(kind: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!(
         "gateway-{kind}-{}-{}",
         std::process::id(),
@@ -33,7 +33,7 @@ fn temp_dir(kind: &str) -> PathBuf {
     dir
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -46,7 +46,18 @@ fn free_port() -> u16 {
 /// its "Ready to accept connections". An error (with the end of its log) if
 /// it exits first, e.g. because the port was taken meanwhile.
 fn spawn_redis(port: u16, dir: &Path, extra: &[&str]) -> Result<Child, String> {
-    let mut child = Command::new("redis-server")
+    spawn_redis_with(Command::new("redis-server"), port, dir, extra)
+}
+
+/// [`spawn_redis`] with `command` as the program (`redis-server`, or
+/// `ip netns exec NS redis-server` to start it in a network namespace).
+pub fn spawn_redis_with(
+    mut command: Command,
+    port: u16,
+    dir: &Path,
+    extra: &[&str],
+) -> Result<Child, String> {
+    let mut child = command
         .args([
             "--port",
             &port.to_string(),

@@ -95,7 +95,7 @@ use parking_lot::Mutex;
 use redis::{PushInfo, RedisResult, Script};
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
@@ -105,6 +105,11 @@ use tracing::{info, warn};
 /// Longest a single backend operation may take before the request fails
 /// with 4018.
 const OP_TIMEOUT: Duration = Duration::from_secs(2);
+/// A message reaching Redis later than this after it was sent is not
+/// published (its sender got 4018 at `OP_TIMEOUT`, or is about to): the
+/// rest of `OP_TIMEOUT` covers the reply's way back and an error in the
+/// measured clock offset.
+const PUBLISH_DEADLINE: Duration = Duration::from_millis(1500);
 /// How long a node waits for the owner of a session to park it.
 const CLAIM_TIMEOUT: Duration = Duration::from_secs(3);
 /// Events a channel log keeps (for catch-up on resume and gap fills).
@@ -253,6 +258,9 @@ pub struct RedisBroker {
     sweep: Mutex<(Vec<String>, usize)>,
     /// The epoch of the Redis data set this node works with.
     epoch: Mutex<String>,
+    /// Redis' clock minus ours, in ms (measured at start and each upkeep
+    /// round): messages carry their deadline in Redis' time.
+    clock_offset_ms: AtomicI64,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -322,6 +330,7 @@ impl RedisBroker {
             claim_ids: AtomicU64::new(1),
             sweep: Mutex::new((Vec::new(), 0)),
             epoch: Mutex::new(String::new()),
+            clock_offset_ms: AtomicI64::new(0),
             tasks: Mutex::new(vec![publish_task]),
         };
         let mut conn = broker.conn();
@@ -330,6 +339,10 @@ impl RedisBroker {
             .await
             .map_err(|e| format!("redis: {e}"))?;
         *broker.epoch.lock() = epoch;
+        broker
+            .measure_clock(&mut conn)
+            .await
+            .map_err(|e| format!("redis: {e}"))?;
         let (global, gen) = broker
             .log_head(GLOBAL_META, GLOBAL_LOG)
             .await

@@ -5,7 +5,10 @@
 //! `read_log` reads a log back for gap fills, joins and resumes.
 
 use super::conn::Conn;
-use super::{channel_topic, ck, RedisBroker, CHANNELS, GLOBAL_LOG, GLOBAL_TOPIC, LOG_RETAIN};
+use super::{
+    channel_topic, ck, RedisBroker, CHANNELS, GLOBAL_LOG, GLOBAL_TOPIC, LOG_RETAIN,
+    PUBLISH_DEADLINE,
+};
 use crate::broker::memory::unix_ms;
 use crate::broker::MessageBody;
 use crate::session::Session;
@@ -13,6 +16,7 @@ use crate::wire::{Dispatch, Reject};
 use gateway_shared::protocol::{ChannelAdd, ErrorCode, Event, MessageDelete, StartTyping, User};
 use redis::{RedisResult, Script};
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
@@ -52,11 +56,15 @@ impl RedisBroker {
         })
         .expect("message serializes");
         let (reply, replied) = oneshot::channel();
+        let deadline_ms = unix_ms() as i64
+            + self.clock_offset_ms.load(Ordering::Relaxed)
+            + PUBLISH_DEADLINE.as_millis() as i64;
         let job = PublishJob {
             channel,
             body: full,
             ms: id.ms,
             suffix: id.suffix,
+            deadline_ms,
             reply,
         };
         self.publisher
@@ -210,6 +218,10 @@ pub(super) struct PublishJob {
     body: String,
     ms: u64,
     suffix: u64,
+    /// In Redis' clock: past it the script does not publish the message.
+    /// A request stuck on a cut link would otherwise run once the link is
+    /// back, after its sender was told 4018 (not accepted).
+    deadline_ms: i64,
     reply: oneshot::Sender<RedisResult<(u64, String)>>,
 }
 
@@ -278,12 +290,23 @@ pub(super) async fn publish_task(
                             .arg(format!("{:013}", job.ms))
                             .arg(format!("{:06}", job.suffix));
                     }
+                    // The batch's earliest deadline, last.
+                    inv.arg(
+                        group
+                            .iter()
+                            .map(|j| j.deadline_ms)
+                            .min()
+                            .unwrap_or(i64::MAX),
+                    );
                     let result: RedisResult<Vec<(u64, String)>> = inv.invoke_async(&mut conn).await;
                     match result {
                         Ok(done) if done.len() == group.len() => {
                             for (job, done) in group.into_iter().zip(done) {
                                 let _ = job.reply.send(Ok(done));
                             }
+                        }
+                        Ok(done) if done.is_empty() => {
+                            reply_all(group, "reached Redis after its deadline")
                         }
                         Ok(_) => reply_all(group, "the message script answered a batch short"),
                         Err(e) => reply_all(group, &e.to_string()),

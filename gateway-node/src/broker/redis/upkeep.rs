@@ -33,6 +33,18 @@ impl RedisBroker {
         Ok(epoch)
     }
 
+    /// Measures Redis' clock against ours (half the round trip counted
+    /// each way), for the deadlines messages carry.
+    pub(super) async fn measure_clock(&self, conn: &mut Conn) -> RedisResult<()> {
+        let before = unix_ms() as i64;
+        let (secs, micros): (i64, i64) = redis::cmd("TIME").query_async(conn).await?;
+        let after = unix_ms() as i64;
+        let redis_ms = secs * 1000 + micros / 1000;
+        self.clock_offset_ms
+            .store(redis_ms - (before + after) / 2, Ordering::Relaxed);
+        Ok(())
+    }
+
     /// A number 0..1000 no other live node holds, for message ids.
     pub(super) async fn claim_node_index(&self, conn: &mut Conn) -> RedisResult<u64> {
         let start = rand::random::<u64>() % 1000;
@@ -66,6 +78,7 @@ impl RedisBroker {
             self.data_lost(node, epoch).await;
             return Ok(());
         }
+        self.op("clock", self.measure_clock(&mut c)).await?;
         drop(c);
         let now = unix_ms();
         let window = self.window_ms();

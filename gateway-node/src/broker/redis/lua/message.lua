@@ -1,11 +1,18 @@
 -- KEYS: meta log, for each message (on a cluster, all in one slot)
--- ARGV: retain, then for each message: topic rest ms(13 digits) suffix(6 digits)
+-- ARGV: retain, then for each message: topic rest ms(13 digits) suffix(6 digits),
+-- then the batch's deadline (Unix ms in Redis' clock)
 -- Publishes a batch of messages (one or more), in order. A message's one
 -- stored copy is its log entry: history reads the log. Its id is
 -- ms .. suffix; if that is not above the channel's last id (another
 -- node's clock is ahead), its millisecond part moves just past the last
 -- one. The entry id (`0-*`) is the message's `n`, so no number is read or
--- written. Returns n and the final id of each message.
+-- written. Returns n and the final id of each message; nothing, and
+-- publishes nothing, when the batch arrives after its deadline (its
+-- senders were told 4018: it must not appear later).
+local t = redis.call('TIME')
+if tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) > tonumber(ARGV[#ARGV]) then
+  return {}
+end
 local out = {}
 for i = 1, #KEYS / 2 do
   local meta, log, a = KEYS[2 * i - 1], KEYS[2 * i], 4 * i - 2
