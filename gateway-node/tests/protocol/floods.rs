@@ -293,6 +293,8 @@ async fn clients_that_never_read_are_cut_as_slow_consumers() {
         let big = "x".repeat(1900);
         let deadline = Instant::now() + WAIT * 6;
         loop {
+            // hb_int is short here: the talker heartbeats too.
+            talker.client.heartbeat().await.unwrap();
             for _ in 0..16 {
                 talker
                     .execute("MESSAGE_CREATE", serde_json::json!({ "content": big }))
