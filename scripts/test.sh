@@ -21,6 +21,9 @@ command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 command -v node >/dev/null 2>&1 || missing+=(nodejs)
 command -v npm >/dev/null 2>&1 || missing+=(npm)
+# The network fault tests cut links with nftables in network namespaces.
+command -v ip >/dev/null 2>&1 || missing+=(iproute2)
+command -v nft >/dev/null 2>&1 || missing+=(nftables)
 if [ ${#missing[@]} -gt 0 ]; then
   step "installing ${missing[*]} (Debian packages)"
   if can_apt; then
@@ -41,6 +44,15 @@ if ! command -v chromium >/dev/null 2>&1; then
   else
     echo "chromium is missing and this is not root with apt-get: the browser test will be SKIPPED" >&2
   fi
+fi
+
+# Without the right to make network namespaces (not root, or a container
+# without CAP_NET_ADMIN) the link-cut test skips; say so up front.
+probe_ns="gw-probe-$$"
+if ip netns add "$probe_ns" 2>/dev/null; then
+  ip netns del "$probe_ns"
+else
+  echo "network namespaces are not permitted here: the Redis link-cut test (faults.rs) will be SKIPPED" >&2
 fi
 
 step "cargo test --workspace"

@@ -19,15 +19,15 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 /// What one member saw.
-struct Seen {
-    name: String,
+pub(crate) struct Seen {
+    pub name: String,
     /// MESSAGE_CREATE contents, in order of arrival.
-    received: Vec<String>,
+    pub received: Vec<String>,
     /// Own messages sent (as `s` 1, 2, …) and those refused with an error.
-    sent: u64,
-    refused: HashSet<u64>,
+    pub sent: u64,
+    pub refused: HashSet<u64>,
     /// How its connection ended, if it did before "done".
-    closed: Option<Option<u16>>,
+    pub closed: Option<Option<u16>>,
 }
 
 impl Seen {
@@ -41,20 +41,21 @@ impl Seen {
 }
 
 /// Shared by the members of a test.
-struct Traffic {
+pub(crate) struct Traffic {
     /// MESSAGE_CREATE dispatches received by all members.
-    received: AtomicU64,
+    pub received: AtomicU64,
     /// Publishers done talking whose every message was answered (echoed
     /// or refused), or that were closed.
-    settled: AtomicU64,
+    pub settled: AtomicU64,
 }
 
 /// Reads everything until a "done" message or the close; while `talk`
-/// says so and `publish` is set, also sends a message every 10 ms.
-async fn member(
+/// says so and `publish` is set, also sends a message every `every`.
+pub(crate) async fn member(
     mut peer: Peer,
     name: String,
     publish: bool,
+    every: Duration,
     mut talk: watch::Receiver<bool>,
     traffic: Arc<Traffic>,
 ) -> (Seen, Peer) {
@@ -68,7 +69,7 @@ async fn member(
     let own = format!("{}-", seen.name);
     let mut echoed = 0;
     let mut settled = !publish;
-    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    let mut tick = tokio::time::interval(every);
     loop {
         let talking = publish && *talk.borrow();
         if !talking && !settled && echoed + seen.refused.len() as u64 >= seen.sent {
@@ -124,7 +125,7 @@ async fn member(
 
 /// Polls `counter` until it reaches `target` (bounded by the harness'
 /// wait): the members report progress through it.
-async fn until(counter: &AtomicU64, target: u64) {
+pub(crate) async fn until(counter: &AtomicU64, target: u64) {
     let deadline = tokio::time::Instant::now() + WAIT * 3;
     while counter.load(Ordering::Relaxed) < target {
         assert!(
@@ -139,7 +140,7 @@ async fn until(counter: &AtomicU64, target: u64) {
 /// Checks what the members saw: nobody got a message twice, and every
 /// accepted message reached every member that was not closed with 1012;
 /// those closed resume to a new session.
-async fn check(seen: &[(Seen, Peer)], url: &str) -> (usize, usize) {
+pub(crate) async fn check(seen: &[(Seen, Peer)], url: &str) -> (usize, usize) {
     let accepted: Vec<String> = seen.iter().flat_map(|(s, _)| s.accepted()).collect();
     let mut reset = 0;
     for (s, peer) in seen {
@@ -203,6 +204,7 @@ async fn a_master_failover_under_traffic_loses_nothing_silently() {
             peer,
             format!("m{i}"),
             i < 2,
+            Duration::from_millis(10),
             talk.clone(),
             Arc::clone(&traffic),
         )));

@@ -16,5 +16,6 @@ mod cluster;
 mod failover;
 mod faults;
 mod netns;
+mod proxy;
 mod redis_cluster;
 mod redis_server;
