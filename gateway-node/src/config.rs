@@ -127,6 +127,12 @@ pub struct Config {
     /// balancer that hides client addresses.
     #[arg(long, env = "GATEWAY_MAX_CONNECTIONS_PER_IP", default_value_t = 0)]
     pub max_connections_per_ip: usize,
+    /// Kernel send buffer of each client socket, in bytes (the kernel
+    /// doubles it); 0 leaves it to the kernel's autotuning, which lets a
+    /// client that stops reading hold up to `net.ipv4.tcp_wmem`'s maximum
+    /// (4 MiB by default) before the slow-consumer rule counts.
+    #[arg(long, env = "GATEWAY_TCP_SEND_BUFFER", default_value_t = 65_536)]
+    pub tcp_send_buffer: usize,
     /// How long a client may take to send an HTTP request head (the
     /// WebSocket upgrade included), in ms; then the connection is closed.
     #[arg(long, env = "GATEWAY_HTTP_HEADER_TIMEOUT_MS", default_value_t = 10_000)]
@@ -185,6 +191,7 @@ impl Default for Config {
             max_connections: 100_000,
             max_connections_per_ip: 0,
             http_header_timeout_ms: 10_000,
+            tcp_send_buffer: 65_536,
             drain_grace_s: 10,
             default_channel: "general".into(),
             presence_threshold: 1000,
@@ -270,6 +277,11 @@ impl Config {
         if self.max_connections_per_ip > self.max_connections {
             return Err(invalid(
                 "--max-connections-per-ip must be at most --max-connections (0: off)",
+            ));
+        }
+        if self.tcp_send_buffer != 0 && !(4096..=16 << 20).contains(&self.tcp_send_buffer) {
+            return Err(invalid(
+                "--tcp-send-buffer must be 0 (the kernel's choice) or 4096 to 16777216 bytes",
             ));
         }
         if !(100..=600_000).contains(&self.http_header_timeout_ms) {
@@ -371,6 +383,7 @@ mod tests {
         assert!(c.demo, "the demo page is on unless turned off");
         assert_eq!(c.max_connections_per_ip, 0, "no per-address cap by default");
         assert_eq!(c.http_header_timeout_ms, 10_000);
+        assert_eq!(c.tcp_send_buffer, 65_536);
         assert!(!c.dev);
         c.validate().unwrap();
     }
@@ -410,6 +423,13 @@ mod tests {
         assert!(c.validate().is_ok());
         let c = parse(&["--redis-url", "redis://a:1,http://b:2", "--redis-cluster"]).unwrap();
         assert!(c.validate().is_err());
+        let c = parse(&["--tcp-send-buffer", "100"]).unwrap();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("--tcp-send-buffer"), "{err}");
+        assert!(parse(&["--tcp-send-buffer", "0"])
+            .unwrap()
+            .validate()
+            .is_ok());
         let c = parse(&["--http-header-timeout-ms", "50"]).unwrap();
         let err = c.validate().unwrap_err().to_string();
         assert!(err.contains("--http-header-timeout-ms"), "{err}");

@@ -9,7 +9,8 @@
 //! Abuse limits on the HTTP side (docs/DEPLOY.md, "Security and abuse
 //! limits"): a request head must arrive within `--http-header-timeout-ms`
 //! and fit in [`MAX_HEAD_BYTES`], or the connection is closed (431 for a
-//! head too large).
+//! head too large); each socket's kernel send buffer is capped
+//! (`--tcp-send-buffer`).
 
 use crate::admission::{Admission, Refusal};
 use crate::node::Node;
@@ -187,6 +188,13 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener, shutdown: impl Future
             }
         };
         let _ = stream.set_nodelay(true);
+        if node.config.tcp_send_buffer > 0 {
+            // Without it, a client that stops reading can pin up to 4 MiB
+            // of kernel memory (tcp_wmem's autotuning maximum) before the
+            // slow-consumer rule sees its dispatches wait.
+            let _ =
+                socket2::SockRef::from(&stream).set_send_buffer_size(node.config.tcp_send_buffer);
+        }
         let node = Arc::clone(&node);
         let admission = Arc::clone(&admission);
         tokio::spawn(async move {
