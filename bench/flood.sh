@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Floods one gateway node with abusive connections while a well-behaved
+# client chats, and prints the chat's latency, the node's RSS and how each
+# abuse was cut off (docs/DEPLOY.md, "Security and abuse limits").
+# Loopback only; bounded by the counts and the duration.
+#
+#   cargo build --release -p gateway-node
+#   bench/flood.sh [flood.py flags…]
+#   bench/flood.sh --slowloris 800 --never-present 800 --forged 200 --never-read 1000 --duration-s 40
+#
+# The node runs with its default limits (header timeout 10 s, hb_int 20 s,
+# outbound limit 1024) on the in-memory backend; extra node settings can be
+# given as GATEWAY_* variables in the environment.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN="${BIN:-target/release/gateway-node}"
+[ -x "$BIN" ] || { echo "build $BIN first: cargo build --release -p gateway-node" >&2; exit 2; }
+
+source scripts/lib-processes.sh
+SECRET=flood-secret-flood-secret-flood-secret-0123
+port="$(free_port)"
+GATEWAY_JWT_SECRET="$SECRET" GATEWAY_LISTEN="127.0.0.1:$port" GATEWAY_NODE_ID=flood \
+  GATEWAY_RATE_LIMIT_COUNT="${GATEWAY_RATE_LIMIT_COUNT:-1000000}" GATEWAY_LOG="${GATEWAY_LOG:-error}" \
+  "$BIN" serve >"$TMP/node.log" 2>&1 &
+NODE=$!
+PIDS+=("$NODE")
+until curl -fsS "http://127.0.0.1:$port/healthz" >/dev/null 2>&1; do sleep 0.05; done
+echo "node pid $NODE on 127.0.0.1:$port, $(nproc) cores, open files per process $(ulimit -n)"
+python3 bench/flood.py --addr "127.0.0.1:$port" --secret "$SECRET" --node-pid "$NODE" "$@"
+kill -0 "$NODE" 2>/dev/null || { echo "the node died:" >&2; tail -20 "$TMP/node.log" >&2; exit 1; }
+echo "node alive after the flood"
