@@ -236,6 +236,10 @@ async def blaster(host, port, secret, rate, end, ready):
     (made first: `ready` is set once it exists)."""
     reader, writer = await presented(host, port, secret, "blaster")
     writer.write(frame(json.dumps({"f": 130, "t": "CHANNEL_ADD", "cnf": {"name": "deaf"}})))
+    while True:  # made, or made by an earlier run against this node (4014)
+        msg = await next_json(reader)
+        if msg.get("t") == "CHANNEL_ADD" or msg.get("f") == 150:
+            break
     await move(reader, writer, "deaf")
     ready.set()
 
