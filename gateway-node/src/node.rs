@@ -141,6 +141,11 @@ impl Node {
         self.sessions.lock().get(&id).cloned()
     }
 
+    /// How many sessions this node holds (connected or resumable).
+    pub fn session_count(&self) -> u64 {
+        self.sessions.lock().len() as u64
+    }
+
     /// Every session of this node.
     pub fn local_sessions(&self) -> Vec<Arc<Session>> {
         self.sessions.lock().values().cloned().collect()
@@ -396,17 +401,37 @@ impl Node {
 
     /// Ends every session of `user_id` on this node with 4015.
     pub async fn kick_user(&self, user_id: &str) {
+        self.end_user_sessions(user_id, ErrorCode::Banned, "user is banned")
+            .await;
+    }
+
+    /// Ends every session of `user_id` on this node with 4019 (the server
+    /// API's disconnect). Returns how many there were.
+    pub async fn disconnect_user(&self, user_id: &str) -> usize {
+        self.end_user_sessions(
+            user_id,
+            ErrorCode::Disconnected,
+            "disconnected by the server",
+        )
+        .await
+    }
+
+    /// Ends the sessions of `user_id` (no resume) and closes their
+    /// connections with the fatal `code`.
+    async fn end_user_sessions(&self, user_id: &str, code: ErrorCode, why: &'static str) -> usize {
         let sessions: Vec<_> = self
             .local_sessions()
             .into_iter()
             .filter(|s| s.identity.id == user_id)
             .collect();
+        let ended = sessions.len();
         for session in sessions {
             if let Some(conn) = self.end_session(&session).await {
-                self.metrics.error_sent(ErrorCode::Banned);
-                conn.close_fatal(ErrorCode::Banned, "user is banned", false);
+                self.metrics.error_sent(code);
+                conn.close_fatal(code, why, false);
             }
         }
+        ended
     }
 
     /// Ends the sessions whose resume window has run out.

@@ -178,7 +178,7 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener, shutdown: impl Future
     }
     sweeper.abort();
     node.park_all().await;
-    node.broker.stop();
+    node.broker.stop().await;
     info!("drained");
 }
 
