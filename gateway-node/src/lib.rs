@@ -24,8 +24,12 @@
 //! - [`frame`]: reading client frames with a buffer sized to what arrives.
 //! - [`wire`]: server frames and encodings; the shared dispatch body.
 //! - [`auth`]: HS256 token verification.
+//! - [`api`]: the server API for application backends (`/api/v1/`):
+//!   routes, API keys, JSON errors; its OpenAPI document is
+//!   `gateway-node/api/openapi.json`.
 //! - [`metrics`]: the Prometheus registry.
 
+pub mod api;
 pub mod auth;
 pub mod broker;
 pub mod config;
@@ -61,6 +65,7 @@ pub enum StartError {
 pub async fn build(config: Config, secret: &str) -> Result<Arc<Node>, StartError> {
     config.validate()?;
     config::check_secret(secret, config.dev)?;
+    let api_keys = config.api_keys()?;
     let node_id = config
         .node_id
         .clone()
@@ -103,6 +108,7 @@ pub async fn build(config: Config, secret: &str) -> Result<Arc<Node>, StartError
         hub,
         broker,
         metrics,
+        api::Keys::new(api_keys),
     ));
     node.broker.start(&node);
     Ok(node)

@@ -5,8 +5,8 @@
 use crate::wire::Dispatch;
 use gateway_shared::protocol::{ErrorCode, Event, FunctionCode};
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use std::time::Instant;
 
@@ -35,6 +35,10 @@ pub struct Metrics {
     /// Channel logs (and the cluster-wide one) that the backend lost events
     /// of: their sessions on this node were ended with 1012.
     pub log_resets: IntCounter,
+    /// Server API requests by route template and HTTP status.
+    api_requests: IntCounterVec,
+    /// Server API latency by route template.
+    api_duration: HistogramVec,
 }
 
 /// Outcome label of `gateway_resumes_total`.
@@ -125,6 +129,25 @@ impl Metrics {
             ),
         )
         .unwrap();
+        let api_requests = IntCounterVec::new(
+            Opts::new(
+                "api_requests_total",
+                "Server API requests by route template and HTTP status",
+            ),
+            &["route", "status"],
+        )
+        .unwrap();
+        let api_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "api_request_duration_seconds",
+                "Time to answer a server API request, by route template",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+            ]),
+            &["route"],
+        )
+        .unwrap();
         for c in [
             Box::new(connections.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(sessions.clone()),
@@ -139,6 +162,8 @@ impl Metrics {
             Box::new(broker_errors.clone()),
             Box::new(broker_publish.clone()),
             Box::new(log_resets.clone()),
+            Box::new(api_requests.clone()),
+            Box::new(api_duration.clone()),
         ] {
             registry.register(c).expect("unique metric names");
         }
@@ -169,6 +194,8 @@ impl Metrics {
             broker_errors,
             broker_publish,
             log_resets,
+            api_requests,
+            api_duration,
             registry,
             process,
         }
@@ -223,6 +250,18 @@ impl Metrics {
             ResumeResult::Failed => "failed",
         };
         self.resumes.with_label_values(&[label]).inc();
+    }
+
+    /// Counts one server API request. `route` is a route template (or
+    /// a fixed word for unmatched paths): bounded, never a raw path.
+    pub fn api_request(&self, route: &'static str, status: u16, started: Instant) {
+        let mut digits = itoa::Buffer::new();
+        self.api_requests
+            .with_label_values(&[route, digits.format(status)])
+            .inc();
+        self.api_duration
+            .with_label_values(&[route])
+            .observe(started.elapsed().as_secs_f64());
     }
 
     /// Counts one written dispatch and its fan-out delay.

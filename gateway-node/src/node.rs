@@ -36,6 +36,8 @@ pub struct Node {
     /// Pre-encoded HELLO, the same for every connection.
     pub hello_frame: Bytes,
     pub limits: Limits,
+    /// The server API's keys (none: the API is off).
+    pub api_keys: crate::api::Keys,
     /// Sessions owned by this node, connected or within their resume window.
     sessions: Mutex<HashMap<u64, Arc<Session>>>,
     /// Set when the node starts draining: `/readyz` fails, no new sockets.
@@ -107,6 +109,7 @@ impl Node {
         hub: Arc<Hub>,
         broker: Broker,
         metrics: Arc<Metrics>,
+        api_keys: crate::api::Keys,
     ) -> Self {
         let limits = Limits {
             ring: config.replay_buffer.max(config.outbound_limit),
@@ -118,6 +121,7 @@ impl Node {
             hello_frame: wire::hello_frame(config.hb_int_ms),
             verifier: Verifier::new(secret),
             limits,
+            api_keys,
             config,
             node_id,
             metrics,

@@ -1,7 +1,7 @@
 //! The listener: accept loop, HTTP routes, admission, and drain.
 //!
 //! One port serves the WebSocket (`/gateway` and `/`), `/healthz`,
-//! `/readyz` and `/metrics`. A semaphore caps WebSocket connections; a
+//! `/readyz`, `/metrics`, and the server API under `/api/v1/` (`api`). A semaphore caps WebSocket connections; a
 //! permit moves into each connection task and is released when it ends.
 
 use crate::connection;
@@ -50,6 +50,10 @@ async fn route(
     mut req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let path = req.uri().path();
+    // The server API answers every method and its own errors (JSON).
+    if path == crate::api::PREFIX || path.starts_with("/api/v1/") {
+        return Ok(crate::api::handle(node, req).await);
+    }
     if req.method() != Method::GET {
         return Ok(text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"));
     }

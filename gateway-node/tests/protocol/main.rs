@@ -3,6 +3,8 @@
 
 mod harness;
 
+mod api;
+
 mod connect;
 mod errors;
 mod events;
