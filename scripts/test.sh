@@ -2,8 +2,8 @@
 # Runs every test of the project: the Rust workspace (unit, protocol and
 # Redis tests, each Redis test on one Redis and on a Redis Cluster), the
 # black-box conformance suite against a single node, against two nodes on
-# one Redis and against two nodes on a Redis Cluster, and the Helm chart
-# checks. Installs what the tests need when it is missing.
+# one Redis and against two nodes on a Redis Cluster, schemathesis against
+# the server API, and the Helm chart checks. Installs what the tests need when it is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,6 +31,9 @@ cargo test --workspace --locked
 step "conformance suite (independent Python client) against a single node"
 cargo build --locked -p gateway-node
 bash conformance/run.sh
+
+step "server API: schemathesis against the OpenAPI document (live node, bounded examples)"
+bash scripts/api-schemathesis.sh
 
 step "conformance suite against two nodes on one Redis (resume across nodes, drain)"
 bash scripts/cluster-conformance.sh

@@ -418,9 +418,15 @@ fn with_fields<T>(
     body: Option<Vec<u8>>,
     f: impl FnOnce(&Fields<'_>) -> Result<T, ApiError>,
 ) -> Result<T, ApiError> {
-    let Some(mut body) = body else {
+    let Some(body) = body else {
         return f(&Fields::new(None));
     };
+    // simd-json refuses integers beyond 64 bits, which are valid JSON:
+    // serde_json reads them (as floats) first, and its output is what the
+    // validators see. At most 4096 bytes, off the hot path.
+    let value: serde_json::Value = serde_json::from_slice(&body)
+        .map_err(|_| ApiError::invalid("the body is not valid JSON"))?;
+    let mut body = serde_json::to_vec(&value).expect("json serializes");
     let value = simd_json::to_borrowed_value(&mut body)
         .map_err(|_| ApiError::invalid("the body is not valid JSON"))?;
     if !matches!(value, simd_json::BorrowedValue::Object(_)) {

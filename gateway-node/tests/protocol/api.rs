@@ -229,6 +229,20 @@ async fn a_published_message_reaches_members_numbered_and_ordered_like_client_on
     assert_eq!(got, answer.json());
     assert_eq!(got["author"], json!({"id": "ci", "name": "CI bot"}));
     assert_eq!(got["nonce"], "n-1");
+
+    // Unknown fields are ignored, even integers beyond 64 bits; null is
+    // absent, as in a client's cnf.
+    let body = br#"{"content":"big","x":123456789012345678901234567890,"nonce":null}"#;
+    let answer = request(
+        &node,
+        "POST",
+        &path,
+        Some(KEY),
+        Some(("application/json", body)),
+    )
+    .await;
+    assert_eq!(answer.status, 201, "{}", answer.body);
+    assert!(answer.json().get("nonce").is_none());
 }
 
 /// Channels: create (CHANNEL_ADD to every session, on every node), a
