@@ -3,8 +3,8 @@
 //! on one real Redis (any node serves any call), keys, validation, size
 //! limits, metrics, and the OpenAPI document against the served routes.
 
+use crate::cluster::Store;
 use crate::harness::*;
-use crate::redis_server::RedisServer;
 use gateway_shared::protocol::Event;
 use gateway_shared::{Client, ClientError};
 use serde_json::{json, Value};
@@ -482,12 +482,12 @@ async fn every_operation_on_the_memory_backend() {
     );
 }
 
-/// Two nodes on one real Redis, each with its own id.
-async fn two_redis_nodes(redis: &RedisServer) -> (TestNode, TestNode) {
+/// Two nodes on `store` (one real Redis, or a Redis Cluster), each with
+/// its own id.
+async fn two_redis_nodes(store: &Store) -> (TestNode, TestNode) {
     let on = |id: &'static str| {
-        let url = redis.url();
         move |c: &mut gateway_node::config::Config| {
-            c.redis_url = Some(url);
+            store.configure(c);
             c.node_id = Some(id.to_owned());
             c.api_keys = Some(format!("{KEY},{ROTATED}"));
         }
@@ -499,9 +499,17 @@ async fn two_redis_nodes(redis: &RedisServer) -> (TestNode, TestNode) {
 }
 
 #[tokio::test]
-async fn any_node_serves_any_call_on_redis() {
-    let redis = RedisServer::start();
-    let (a, b) = two_redis_nodes(&redis).await;
+async fn any_node_serves_any_call_on_one_redis() {
+    any_node_serves_any_call(&Store::one()).await;
+}
+
+#[tokio::test]
+async fn any_node_serves_any_call_on_a_redis_cluster() {
+    any_node_serves_any_call(&Store::cluster()).await;
+}
+
+async fn any_node_serves_any_call(store: &Store) {
+    let (a, b) = two_redis_nodes(store).await;
 
     // Published through A, to a member on B, among a client's messages.
     let room = fresh_channel("far");

@@ -442,6 +442,13 @@ impl RedisBroker {
     /// Leaves the node registry and stops the background tasks (the node
     /// is gone).
     pub async fn stop(&self) {
+        let tasks: Vec<_> = self.tasks.lock().drain(..).collect();
+        for task in tasks {
+            task.abort();
+        }
+        // After the upkeep task is gone, so that no refresh of the entry
+        // can follow its removal (commands on the shared connection run in
+        // the order they were sent).
         let mut c = self.conn();
         let _ = self
             .op(
@@ -452,9 +459,5 @@ impl RedisBroker {
                     .query_async::<i64>(&mut c),
             )
             .await;
-        let tasks: Vec<_> = self.tasks.lock().drain(..).collect();
-        for task in tasks {
-            task.abort();
-        }
     }
 }
