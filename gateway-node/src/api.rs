@@ -365,7 +365,7 @@ fn is_json(req: &Request<Incoming>) -> bool {
         .is_some_and(|v| {
             let v = v.trim();
             v.eq_ignore_ascii_case("application/json")
-                || (v.len() > 5 && v[v.len() - 5..].eq_ignore_ascii_case("+json"))
+                || (v.len() > 5 && v.as_bytes()[v.len() - 5..].eq_ignore_ascii_case(b"+json"))
         })
 }
 

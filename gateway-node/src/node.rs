@@ -410,32 +410,30 @@ impl Node {
     }
 
     /// Ends every session of `user_id` on this node with 4019 (the server
-    /// API's disconnect). Returns how many there were.
-    pub async fn disconnect_user(&self, user_id: &str) -> usize {
+    /// API's disconnect).
+    pub async fn disconnect_user(&self, user_id: &str) {
         self.end_user_sessions(
             user_id,
             ErrorCode::Disconnected,
             "disconnected by the server",
         )
-        .await
+        .await;
     }
 
     /// Ends the sessions of `user_id` (no resume) and closes their
     /// connections with the fatal `code`.
-    async fn end_user_sessions(&self, user_id: &str, code: ErrorCode, why: &'static str) -> usize {
+    async fn end_user_sessions(&self, user_id: &str, code: ErrorCode, why: &'static str) {
         let sessions: Vec<_> = self
             .local_sessions()
             .into_iter()
             .filter(|s| s.identity.id == user_id)
             .collect();
-        let ended = sessions.len();
         for session in sessions {
             if let Some(conn) = self.end_session(&session).await {
                 self.metrics.error_sent(code);
                 conn.close_fatal(code, why, false);
             }
         }
-        ended
     }
 
     /// Ends the sessions whose resume window has run out.

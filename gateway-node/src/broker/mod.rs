@@ -158,16 +158,15 @@ impl Broker {
     }
 
     /// Ends every session of `user_id`, on every node, with 4019 (the
-    /// server API). Memory: returns how many; Redis: `None`, the other
-    /// nodes act on the control message.
-    pub async fn disconnect_user(
-        &self,
-        node: &Node,
-        user_id: &str,
-    ) -> Result<Option<usize>, Reject> {
+    /// server API).
+    pub async fn disconnect_user(&self, node: &Node, user_id: &str) -> Result<(), Reject> {
         match self {
-            Self::Memory(_) => Ok(Some(node.disconnect_user(user_id).await)),
-            Self::Redis(r) => r.disconnect_user(user_id).await.map(|()| None),
+            Self::Memory(_) => {
+                node.disconnect_user(user_id).await;
+                Ok(())
+            }
+            // Every node (this one included) acts on the control message.
+            Self::Redis(r) => r.disconnect_user(user_id).await,
         }
     }
 
