@@ -769,3 +769,36 @@ async fn the_openapi_document_and_the_served_routes_agree() {
         }
     }
 }
+
+#[tokio::test]
+async fn an_unreachable_backend_is_503_unavailable_then_recovers() {
+    let mut store = Store::one();
+    let (node, _other) = two_redis_nodes(&store).await;
+    let Store::One(redis) = &mut store else {
+        unreachable!()
+    };
+    redis.stop();
+    for answer in [
+        get(&node, "/api/v1/channels").await,
+        send(
+            &node,
+            "POST",
+            "/api/v1/channels/general/messages",
+            json!({"content": "x"}),
+        )
+        .await,
+        send(&node, "PUT", "/api/v1/bans/someone", json!({})).await,
+    ] {
+        assert_eq!(answer.status, 503, "{}", answer.body);
+        assert_eq!(answer.code(), "unavailable");
+        assert_eq!(answer.header("retry-after"), Some("1"));
+    }
+    redis.restart();
+    // The node reconnects by itself (as in cluster.rs): once it says it is
+    // ready, the API answers again.
+    while http_get(&node.http("/readyz")).await.0 != 200 {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let answer = get(&node, "/api/v1/channels").await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+}
