@@ -78,8 +78,11 @@ enum Op {
 /// non-empty, percent-decoded path segment.
 #[derive(Debug, Clone, Copy)]
 pub struct Route {
+    /// `GET`, `POST`, `PUT` or `DELETE`.
     pub method: &'static str,
+    /// The path as the OpenAPI document writes it; also the metrics label.
     pub template: &'static str,
+    /// What runs when it matches.
     op: Op,
 }
 
@@ -113,6 +116,7 @@ pub const ROUTES: &[Route] = &[
 /// The configured API keys. Each is held padded to [`MAX_KEY_LEN`] so
 /// that a comparison always reads the same number of bytes.
 pub struct Keys {
+    /// Each key's length and its bytes, zero-padded.
     keys: Vec<(usize, [u8; MAX_KEY_LEN])>,
 }
 
@@ -160,7 +164,9 @@ fn padded(bytes: &[u8]) -> [u8; MAX_KEY_LEN] {
 #[derive(Debug)]
 struct ApiError {
     status: StatusCode,
+    /// Stable, for programs (`invalid_request`, `not_found`, …).
     code: &'static str,
+    /// For humans; the validators' messages are the WebSocket's.
     message: Cow<'static, str>,
     /// For 405: the methods the path takes.
     allow: Option<String>,
@@ -191,6 +197,8 @@ impl From<Reject> for ApiError {
             }
             ErrorCode::NotFound => (StatusCode::NOT_FOUND, "not_found"),
             ErrorCode::AlreadyExists => (StatusCode::CONFLICT, "channel_exists"),
+            // The API acts as an admin: the one refusal left is CHANNEL_ADD
+            // past --max-channels.
             ErrorCode::PermissionDenied => (StatusCode::CONFLICT, "channel_limit_reached"),
             ErrorCode::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),

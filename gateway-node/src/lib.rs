@@ -110,6 +110,11 @@ pub async fn build(config: Config, secret: &str) -> Result<Arc<Node>, StartError
         metrics,
         api::Keys::new(api_keys),
     ));
+    if node.api_keys.is_empty() {
+        tracing::info!("server API off (no --api-keys)");
+    } else {
+        tracing::info!(prefix = api::PREFIX, "server API on");
+    }
     node.broker.start(&node);
     Ok(node)
 }
