@@ -796,9 +796,14 @@ async fn an_unreachable_backend_is_503_unavailable_then_recovers() {
     redis.restart();
     // The node reconnects by itself (as in cluster.rs): once it says it is
     // ready, the API answers again.
-    while http_get(&node.http("/readyz")).await.0 != 200 {
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    let ready = async {
+        while http_get(&node.http("/readyz")).await.0 != 200 {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(WAIT, ready)
+        .await
+        .expect("the node is ready again");
     let answer = get(&node, "/api/v1/channels").await;
     assert_eq!(answer.status, 200, "{}", answer.body);
 }
