@@ -62,6 +62,16 @@ const OPEN = 1;
 const encoder = new TextEncoder();
 const decoder = new TextDecoder();
 
+/**
+ * Stops listening to a socket the client is done with. The error handler
+ * stays, as a no-op: an EventEmitter-based WebSocket (`ws`) throws on an
+ * `error` event that nobody listens to.
+ */
+function detach(ws) {
+  ws.onclose = ws.onmessage = ws.onopen = null;
+  ws.onerror = () => {};
+}
+
 function randomNonce() {
   const c = globalThis.crypto;
   if (c?.randomUUID) return c.randomUUID();
@@ -202,7 +212,7 @@ export class GatewayClient {
     this.sessionId = null;
     this.seq = 0;
     if (ws) {
-      ws.onclose = ws.onmessage = ws.onerror = ws.onopen = null;
+      detach(ws);
       try {
         ws.close(1000, "client closed");
       } catch {
@@ -391,7 +401,7 @@ export class GatewayClient {
 
   /** Drops a connection without ending the session, then resumes. */
   _abandon(ws, reason) {
-    ws.onclose = ws.onmessage = ws.onerror = ws.onopen = null;
+    detach(ws);
     try {
       if (typeof ws.terminate === "function") ws.terminate();
       else ws.close(ABANDON, reason);

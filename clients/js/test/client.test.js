@@ -156,6 +156,14 @@ describe("one node in memory", () => {
     assert.equal((await frank.send("small")).content, "small");
   });
 
+  test("close() while connecting rejects connect() with CLOSED, and nothing throws", async () => {
+    const early = open(node.url, await devToken(node, "early"));
+    const connecting = early.connect();
+    early.close();
+    await assert.rejects(connecting, (e) => e.code === "CLOSED");
+    assert.equal(early.ready, false);
+  });
+
   test("requests while not connected reject with NOT_CONNECTED", async () => {
     const gina = open(node.url, await devToken(node, "gina"));
     await assert.rejects(gina.send("too early"), (e) => e.code === "NOT_CONNECTED");
