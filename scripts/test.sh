@@ -4,7 +4,8 @@
 # black-box conformance suite against a single node, the JavaScript client
 # (against real nodes, and the chat page in Chromium), the conformance
 # suite against two nodes on one Redis and against two nodes on a Redis
-# Cluster, and the Helm chart checks. Installs what the tests need when it is missing.
+# Cluster, the Prometheus alert rules' unit tests, and the Helm chart
+# checks. Installs what the tests need when it is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,10 +22,13 @@ command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 command -v node >/dev/null 2>&1 || missing+=(nodejs)
 command -v npm >/dev/null 2>&1 || missing+=(npm)
+# promtool (Debian's prometheus package) checks and tests the alert rules.
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 if [ ${#missing[@]} -gt 0 ]; then
   step "installing ${missing[*]} (Debian packages)"
   if can_apt; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    apt-get update -qq &&
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   else
     echo "missing: ${missing[*]}: install them (e.g. 'sudo apt-get install ${missing[*]}')" >&2
     exit 1
@@ -63,6 +67,10 @@ bash scripts/cluster-conformance.sh
 
 step "conformance suite against two nodes on a Redis Cluster (3 masters + 3 replicas, sharded pub/sub)"
 REDIS_MODE=cluster bash scripts/cluster-conformance.sh
+
+step "Prometheus alert rules: promtool check and unit tests"
+promtool check rules deploy/prometheus/alerts.yml
+promtool test rules deploy/prometheus/alerts_test.yml
 
 step "Helm chart: lint, render, strict schema validation"
 bash scripts/check-chart.sh
