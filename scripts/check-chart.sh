@@ -250,6 +250,10 @@ expect_failure "redis.url and redis.existingSecret" "either redis.url or redis.e
   --set redis.url=redis://r:6379 --set redis.existingSecret=s
 expect_failure "jwt.secret shorter than 32 bytes" "jwt.secret must be at least 32 bytes" \
   --set jwt.secret=tooshort
+expect_failure "jwt.previousSecretKey without existingSecret" "needs jwt.existingSecret" \
+  --set jwt.previousSecretKey=old
+expect_failure "jwt.previousSecretKey equal to secretKey" "must differ" \
+  --set jwt.existingSecret=s --set jwt.previousSecretKey=jwt-secret
 expect_failure "unknown value key (schema)" "additional propert|unknownKey" --set unknownKey=1
 expect_failure "bad log format (schema)" "logFormat" --set gateway.logFormat=xml
 expect_failure "PDB with minAvailable and maxUnavailable" "not both" \

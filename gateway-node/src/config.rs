@@ -97,6 +97,24 @@ pub struct Config {
     /// File holding the JWT secret (trailing newline ignored).
     #[arg(long, env = "GATEWAY_JWT_SECRET_FILE", conflicts_with = "jwt_secret")]
     pub jwt_secret_file: Option<PathBuf>,
+    /// A previous HS256 secret that still verifies tokens while the secret
+    /// is rotated (docs/DEPLOY.md); tokens are never signed with it.
+    #[arg(long, env = "GATEWAY_JWT_PREVIOUS_SECRET", hide_env_values = true)]
+    pub jwt_previous_secret: Option<String>,
+    /// File holding the previous JWT secret (trailing newline ignored).
+    #[arg(
+        long,
+        env = "GATEWAY_JWT_PREVIOUS_SECRET_FILE",
+        conflicts_with = "jwt_previous_secret"
+    )]
+    pub jwt_previous_secret_file: Option<PathBuf>,
+    /// When set, tokens must carry this issuer (`iss`).
+    #[arg(long, env = "GATEWAY_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// When set, tokens must carry this audience (`aud`); when not, an
+    /// `aud` in a token is ignored.
+    #[arg(long, env = "GATEWAY_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
     /// This node's id in the cluster; default: the host name or a random one.
     #[arg(long, env = "GATEWAY_NODE_ID")]
     pub node_id: Option<String>,
@@ -166,6 +184,10 @@ impl Default for Config {
             redis_publish_batch_us: 0,
             jwt_secret: None,
             jwt_secret_file: None,
+            jwt_previous_secret: None,
+            jwt_previous_secret_file: None,
+            jwt_issuer: None,
+            jwt_audience: None,
             node_id: None,
             hb_int_ms: 20_000,
             resume_window_s: 60,
@@ -213,20 +235,17 @@ impl Config {
 
     /// The secret from `--jwt-secret` or `--jwt-secret-file`, if any.
     pub fn secret(&self) -> Result<Option<String>, ConfigError> {
-        if let Some(secret) = &self.jwt_secret {
-            return Ok(Some(secret.clone()));
-        }
-        match &self.jwt_secret_file {
-            None => Ok(None),
-            Some(path) => std::fs::read_to_string(path)
-                .map(|s| Some(s.trim_end_matches(['\n', '\r']).to_owned()))
-                .map_err(|e| {
-                    invalid(format!(
-                        "cannot read --jwt-secret-file {}: {e}",
-                        path.display()
-                    ))
-                }),
-        }
+        read_secret(&self.jwt_secret, &self.jwt_secret_file, "--jwt-secret-file")
+    }
+
+    /// The previous secret (rotation), from `--jwt-previous-secret` or its
+    /// file, if any.
+    pub fn previous_secret(&self) -> Result<Option<String>, ConfigError> {
+        read_secret(
+            &self.jwt_previous_secret,
+            &self.jwt_previous_secret_file,
+            "--jwt-previous-secret-file",
+        )
     }
 
     /// Checks every value; the secret itself is checked by [`Config::secret`]
@@ -280,6 +299,11 @@ impl Config {
                 ));
             }
         }
+        if self.jwt_issuer.as_deref() == Some("") || self.jwt_audience.as_deref() == Some("") {
+            return Err(invalid(
+                "--jwt-issuer and --jwt-audience must not be empty when given",
+            ));
+        }
         if self.redis_publish_batch_us > 100_000 {
             return Err(invalid(
                 "--redis-publish-batch-us must be at most 100000 (100 ms)",
@@ -296,6 +320,23 @@ impl Config {
             }
         }
         Ok(())
+    }
+}
+
+/// A secret given inline or in a file (trailing newline ignored).
+fn read_secret(
+    inline: &Option<String>,
+    file: &Option<PathBuf>,
+    flag: &str,
+) -> Result<Option<String>, ConfigError> {
+    if let Some(secret) = inline {
+        return Ok(Some(secret.clone()));
+    }
+    match file {
+        None => Ok(None),
+        Some(path) => std::fs::read_to_string(path)
+            .map(|s| Some(s.trim_end_matches(['\n', '\r']).to_owned()))
+            .map_err(|e| invalid(format!("cannot read {flag} {}: {e}", path.display()))),
     }
 }
 

@@ -1,7 +1,7 @@
 //! The node: configuration, the local session registry, the backend, and
 //! the session lifecycle (PRESENT, resume, end, expiry, drain).
 
-use crate::auth::{Identity, Verifier};
+use crate::auth::{Identity, TokenRules, Verifier};
 use crate::broker::Broker;
 use crate::config::Config;
 use crate::connection::Conn;
@@ -106,6 +106,7 @@ impl Node {
         config: Config,
         node_id: String,
         secret: &[u8],
+        rules: &TokenRules,
         hub: Arc<Hub>,
         broker: Broker,
         metrics: Arc<Metrics>,
@@ -118,7 +119,7 @@ impl Node {
         };
         Self {
             hello_frame: wire::hello_frame(config.hb_int_ms),
-            verifier: Verifier::new(secret),
+            verifier: Verifier::new(secret, rules),
             dev_secret: config.dev.then(|| secret.into()),
             limits,
             config,
