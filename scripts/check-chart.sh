@@ -106,7 +106,8 @@ required_env = """GATEWAY_NODE_ID GATEWAY_LISTEN GATEWAY_REDIS_CLUSTER GATEWAY_H
 GATEWAY_RESUME_WINDOW_S GATEWAY_REPLAY_BUFFER GATEWAY_RATE_LIMIT_COUNT
 GATEWAY_RATE_LIMIT_WINDOW_S GATEWAY_OUTBOUND_LIMIT GATEWAY_MAX_CONNECTIONS
 GATEWAY_DRAIN_GRACE_S GATEWAY_DEFAULT_CHANNEL GATEWAY_PRESENCE_THRESHOLD
-GATEWAY_MAX_CHANNELS GATEWAY_LOG_FORMAT GATEWAY_LOG GATEWAY_REDIS_PUBLISH_BATCH_US""".split()
+GATEWAY_MAX_CHANNELS GATEWAY_LOG_FORMAT GATEWAY_LOG GATEWAY_REDIS_PUBLISH_BATCH_US
+GATEWAY_DEMO""".split()
 
 deployments = [d for d in docs if d["kind"] == "Deployment"
                and d["spec"]["template"]["metadata"]["labels"].get("app.kubernetes.io/component") == "gateway"]
@@ -251,6 +252,10 @@ expect_failure "redis.url and redis.existingSecret" "either redis.url or redis.e
   --set redis.url=redis://r:6379 --set redis.existingSecret=s
 expect_failure "jwt.secret shorter than 32 bytes" "jwt.secret must be at least 32 bytes" \
   --set jwt.secret=tooshort
+expect_failure "jwt.previousSecretKey without existingSecret" "needs jwt.existingSecret" \
+  --set jwt.previousSecretKey=old
+expect_failure "jwt.previousSecretKey equal to secretKey" "must differ" \
+  --set jwt.existingSecret=s --set jwt.previousSecretKey=jwt-secret
 expect_failure "server API on with an ingress path / (Prefix)" "would expose the server API" \
   --set api.keysSecret=k --set ingress.enabled=true --set 'ingress.hosts[0].host=g' \
   --set 'ingress.hosts[0].paths[0].path=/' --set 'ingress.hosts[0].paths[0].pathType=Prefix'
@@ -265,6 +270,21 @@ expect_failure "sleep preStop on Kubernetes 1.28" "sleep.*lifecycle action" --ku
 expect_failure "autoscaling with no metric" "needs at least one metric" \
   --set redis.enabled=true --set autoscaling.enabled=true \
   --set autoscaling.targetCPUUtilizationPercentage=null
+
+# ---------------------------------------------------------------------------
+# 3. Defaults that matter: the demo page and its development tokens are for
+#    trying the gateway on a laptop, so the chart leaves them off.
+# ---------------------------------------------------------------------------
+demo_env() {
+  helm template gw "$CHART" --namespace gateway "$@" 2>&1 |
+    grep -A1 -- '- name: GATEWAY_DEMO' | sed -n 's/^ *value: //p'
+}
+if [[ "$(demo_env)" == '"false"' && "$(demo_env --set gateway.demo=true)" == '"true"' ]]; then
+  pass "defaults  demo page off unless gateway.demo=true"
+else
+  fail "defaults  demo page off unless gateway.demo=true" \
+    "GATEWAY_DEMO was $(demo_env) by default and $(demo_env --set gateway.demo=true) when asked"
+fi
 
 # ---------------------------------------------------------------------------
 # Summary

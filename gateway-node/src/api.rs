@@ -84,34 +84,90 @@ pub struct Route {
     pub template: &'static str,
     /// What runs when it matches.
     op: Op,
+    /// Every status it may answer, as documented (the metrics start each
+    /// at zero; a test compares them with the document).
+    pub statuses: &'static [u16],
 }
 
-const fn route(method: &'static str, template: &'static str, op: Op) -> Route {
+const fn route(
+    method: &'static str,
+    template: &'static str,
+    op: Op,
+    statuses: &'static [u16],
+) -> Route {
     Route {
         method,
         template,
         op,
+        statuses,
     }
 }
 
 /// Every route of the API. The OpenAPI document lists exactly these.
 pub const ROUTES: &[Route] = &[
-    route("GET", "/api/v1/openapi.json", Op::OpenApi),
-    route("GET", "/api/v1/cluster", Op::Cluster),
-    route("GET", "/api/v1/channels", Op::ListChannels),
-    route("POST", "/api/v1/channels", Op::CreateChannel),
-    route("GET", "/api/v1/channels/{channel}/presence", Op::Presence),
-    route("GET", "/api/v1/channels/{channel}/messages", Op::History),
-    route("POST", "/api/v1/channels/{channel}/messages", Op::Publish),
+    route("GET", "/api/v1/openapi.json", Op::OpenApi, &[200]),
+    route("GET", "/api/v1/cluster", Op::Cluster, &[200, 401, 503]),
+    route(
+        "GET",
+        "/api/v1/channels",
+        Op::ListChannels,
+        &[200, 401, 503],
+    ),
+    route(
+        "POST",
+        "/api/v1/channels",
+        Op::CreateChannel,
+        &[201, 400, 401, 409, 413, 415, 503],
+    ),
+    route(
+        "GET",
+        "/api/v1/channels/{channel}/presence",
+        Op::Presence,
+        &[200, 400, 401, 404, 503],
+    ),
+    route(
+        "GET",
+        "/api/v1/channels/{channel}/messages",
+        Op::History,
+        &[200, 400, 401, 404, 503],
+    ),
+    route(
+        "POST",
+        "/api/v1/channels/{channel}/messages",
+        Op::Publish,
+        &[201, 400, 401, 404, 413, 415, 503],
+    ),
     route(
         "DELETE",
         "/api/v1/channels/{channel}/messages/{message_id}",
         Op::DeleteMessage,
+        &[204, 400, 401, 404, 503],
     ),
-    route("PUT", "/api/v1/bans/{user_id}", Op::Ban),
-    route("DELETE", "/api/v1/bans/{user_id}", Op::Unban),
-    route("POST", "/api/v1/users/{user_id}/disconnect", Op::Disconnect),
+    route(
+        "PUT",
+        "/api/v1/bans/{user_id}",
+        Op::Ban,
+        &[200, 400, 401, 413, 415, 503],
+    ),
+    route(
+        "DELETE",
+        "/api/v1/bans/{user_id}",
+        Op::Unban,
+        &[204, 400, 401, 503],
+    ),
+    route(
+        "POST",
+        "/api/v1/users/{user_id}/disconnect",
+        Op::Disconnect,
+        &[202, 400, 401, 503],
+    ),
 ];
+
+/// The metrics label of requests no route matched (400, 404, 405), and
+/// their statuses.
+pub const UNMATCHED: (&str, &[u16]) = ("unmatched", &[400, 404, 405]);
+/// The metrics label of requests while the API is off (404).
+pub const DISABLED: (&str, &[u16]) = ("disabled", &[404]);
 
 /// The configured API keys. Each is held padded to [`MAX_KEY_LEN`] so
 /// that a comparison always reads the same number of bytes.
@@ -492,7 +548,7 @@ pub async fn handle(node: Arc<Node>, req: Request<Incoming>) -> Response<Full<By
 async fn dispatch(node: &Node, req: Request<Incoming>) -> (&'static str, ApiResult) {
     if node.api_keys.is_empty() {
         return (
-            "disabled",
+            DISABLED.0,
             Err(ApiError::new(
                 StatusCode::NOT_FOUND,
                 "api_disabled",
@@ -510,11 +566,11 @@ async fn dispatch(node: &Node, req: Request<Incoming>) -> (&'static str, ApiResu
                 format!("this path takes {allow}"),
             );
             e.allow = Some(allow);
-            return ("unmatched", Err(e));
+            return (UNMATCHED.0, Err(e));
         }
         Matched::NoRoute => {
             return (
-                "unmatched",
+                UNMATCHED.0,
                 Err(ApiError::new(
                     StatusCode::NOT_FOUND,
                     "not_found",
@@ -524,7 +580,7 @@ async fn dispatch(node: &Node, req: Request<Incoming>) -> (&'static str, ApiResu
         }
         Matched::BadPath => {
             return (
-                "unmatched",
+                UNMATCHED.0,
                 Err(ApiError::invalid("a path segment is not valid UTF-8")),
             )
         }

@@ -99,6 +99,24 @@ pub struct Config {
     /// File holding the JWT secret (trailing newline ignored).
     #[arg(long, env = "GATEWAY_JWT_SECRET_FILE", conflicts_with = "jwt_secret")]
     pub jwt_secret_file: Option<PathBuf>,
+    /// A previous HS256 secret that still verifies tokens while the secret
+    /// is rotated (docs/DEPLOY.md); tokens are never signed with it.
+    #[arg(long, env = "GATEWAY_JWT_PREVIOUS_SECRET", hide_env_values = true)]
+    pub jwt_previous_secret: Option<String>,
+    /// File holding the previous JWT secret (trailing newline ignored).
+    #[arg(
+        long,
+        env = "GATEWAY_JWT_PREVIOUS_SECRET_FILE",
+        conflicts_with = "jwt_previous_secret"
+    )]
+    pub jwt_previous_secret_file: Option<PathBuf>,
+    /// When set, tokens must carry this issuer (`iss`).
+    #[arg(long, env = "GATEWAY_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// When set, tokens must carry this audience (`aud`); when not, an
+    /// `aud` in a token is ignored.
+    #[arg(long, env = "GATEWAY_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
     /// Keys of the server API (`/api/v1/`), comma-separated: while a key
     /// is rotated, the old and the new one both work. With no key (here or
     /// in --api-keys-file) the API is off.
@@ -155,9 +173,14 @@ pub struct Config {
     /// Log format.
     #[arg(long, env = "GATEWAY_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
-    /// Development mode: allows the built-in development secret.
+    /// Development mode: allows the built-in development secret and serves
+    /// `POST /dev/token`, which mints a token for any name. Implied when a
+    /// lone node starts without a secret.
     #[arg(long, env = "GATEWAY_DEV", default_value_t = false)]
     pub dev: bool,
+    /// Serve the demo chat page at `/` (`--demo false` turns it off).
+    #[arg(long, env = "GATEWAY_DEMO", default_value_t = true, action = clap::ArgAction::Set)]
+    pub demo: bool,
 }
 
 impl Default for Config {
@@ -172,6 +195,10 @@ impl Default for Config {
             redis_publish_batch_us: 0,
             jwt_secret: None,
             jwt_secret_file: None,
+            jwt_previous_secret: None,
+            jwt_previous_secret_file: None,
+            jwt_issuer: None,
+            jwt_audience: None,
             api_keys: None,
             api_keys_file: None,
             node_id: None,
@@ -190,6 +217,7 @@ impl Default for Config {
             log_format: LogFormat::Text,
             worker_threads: None,
             dev: false,
+            demo: true,
         }
     }
 }
@@ -220,20 +248,17 @@ impl Config {
 
     /// The secret from `--jwt-secret` or `--jwt-secret-file`, if any.
     pub fn secret(&self) -> Result<Option<String>, ConfigError> {
-        if let Some(secret) = &self.jwt_secret {
-            return Ok(Some(secret.clone()));
-        }
-        match &self.jwt_secret_file {
-            None => Ok(None),
-            Some(path) => std::fs::read_to_string(path)
-                .map(|s| Some(s.trim_end_matches(['\n', '\r']).to_owned()))
-                .map_err(|e| {
-                    invalid(format!(
-                        "cannot read --jwt-secret-file {}: {e}",
-                        path.display()
-                    ))
-                }),
-        }
+        read_secret(&self.jwt_secret, &self.jwt_secret_file, "--jwt-secret-file")
+    }
+
+    /// The previous secret (rotation), from `--jwt-previous-secret` or its
+    /// file, if any.
+    pub fn previous_secret(&self) -> Result<Option<String>, ConfigError> {
+        read_secret(
+            &self.jwt_previous_secret,
+            &self.jwt_previous_secret_file,
+            "--jwt-previous-secret-file",
+        )
     }
 
     /// The server API's keys from --api-keys and --api-keys-file; empty:
@@ -319,6 +344,11 @@ impl Config {
                 ));
             }
         }
+        if self.jwt_issuer.as_deref() == Some("") || self.jwt_audience.as_deref() == Some("") {
+            return Err(invalid(
+                "--jwt-issuer and --jwt-audience must not be empty when given",
+            ));
+        }
         if self.redis_publish_batch_us > 100_000 {
             return Err(invalid(
                 "--redis-publish-batch-us must be at most 100000 (100 ms)",
@@ -335,6 +365,23 @@ impl Config {
             }
         }
         Ok(())
+    }
+}
+
+/// A secret given inline or in a file (trailing newline ignored).
+fn read_secret(
+    inline: &Option<String>,
+    file: &Option<PathBuf>,
+    flag: &str,
+) -> Result<Option<String>, ConfigError> {
+    if let Some(secret) = inline {
+        return Ok(Some(secret.clone()));
+    }
+    match file {
+        None => Ok(None),
+        Some(path) => std::fs::read_to_string(path)
+            .map(|s| Some(s.trim_end_matches(['\n', '\r']).to_owned()))
+            .map_err(|e| invalid(format!("cannot read {flag} {}: {e}", path.display()))),
     }
 }
 
@@ -382,7 +429,16 @@ mod tests {
         assert_eq!(c.resume_window_s, 60);
         assert_eq!(c.listen.to_string(), "0.0.0.0:8080");
         assert_eq!(c.default_channel, "general");
+        assert!(c.demo, "the demo page is on unless turned off");
+        assert!(!c.dev);
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn the_demo_page_is_turned_off_with_demo_false() {
+        assert!(!parse(&["--demo", "false"]).unwrap().demo);
+        assert!(parse(&["--demo", "true"]).unwrap().demo);
+        assert!(parse(&["--demo", "maybe"]).is_err());
     }
 
     #[test]

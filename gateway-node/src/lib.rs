@@ -34,6 +34,7 @@ pub mod auth;
 pub mod broker;
 pub mod config;
 pub mod connection;
+pub mod demo;
 pub mod events;
 pub mod frame;
 pub mod hub;
@@ -65,6 +66,15 @@ pub enum StartError {
 pub async fn build(config: Config, secret: &str) -> Result<Arc<Node>, StartError> {
     config.validate()?;
     config::check_secret(secret, config.dev)?;
+    let previous_secret = config.previous_secret()?;
+    if let Some(previous) = &previous_secret {
+        config::check_secret(previous, config.dev)?;
+    }
+    let rules = auth::TokenRules {
+        previous_secret: previous_secret.map(String::into_bytes),
+        issuer: config.jwt_issuer.clone(),
+        audience: config.jwt_audience.clone(),
+    };
     let api_keys = config.api_keys()?;
     let node_id = config
         .node_id
@@ -105,6 +115,7 @@ pub async fn build(config: Config, secret: &str) -> Result<Arc<Node>, StartError
         config,
         node_id,
         secret.as_bytes(),
+        &rules,
         hub,
         broker,
         metrics,

@@ -52,7 +52,7 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-fn serve(config: Config) -> anyhow::Result<()> {
+fn serve(mut config: Config) -> anyhow::Result<()> {
     config.validate()?;
     init_logging(config.log_format);
     let secret = match (config.secret()?, config.dev) {
@@ -74,6 +74,9 @@ fn serve(config: Config) -> anyhow::Result<()> {
         ),
     };
     let generated = config.jwt_secret.is_none() && config.jwt_secret_file.is_none();
+    // No secret configured: development mode, so that the demo page can get
+    // tokens for the names people type.
+    config.dev |= generated;
     let listen = config.listen;
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if let Some(threads) = config.worker_threads {
@@ -95,7 +98,11 @@ fn serve(config: Config) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .with_context(|| format!("binding {listen}"))?;
-        info!(addr = %listener.local_addr()?, node = %node.node_id, "listening");
+        let addr = listener.local_addr()?;
+        info!(%addr, node = %node.node_id, "listening");
+        if node.config.demo {
+            info!("demo chat page at http://{addr}/");
+        }
         gateway_node::run(listener, node, shutdown_signal()).await;
         Ok(())
     })

@@ -1,7 +1,7 @@
 //! The node: configuration, the local session registry, the backend, and
 //! the session lifecycle (PRESENT, resume, end, expiry, drain).
 
-use crate::auth::{Identity, Verifier};
+use crate::auth::{Identity, TokenRules, Verifier};
 use crate::broker::Broker;
 use crate::config::Config;
 use crate::connection::Conn;
@@ -36,6 +36,8 @@ pub struct Node {
     /// Pre-encoded HELLO, the same for every connection.
     pub hello_frame: Bytes,
     pub limits: Limits,
+    /// The secret `POST /dev/token` signs with, in development mode only.
+    pub dev_secret: Option<Box<[u8]>>,
     /// The server API's keys (none: the API is off).
     pub api_keys: crate::api::Keys,
     /// Sessions owned by this node, connected or within their resume window.
@@ -102,10 +104,13 @@ fn new_enc_key() -> String {
 }
 
 impl Node {
+    // Called once, by `build`, with what it resolved from the config.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         config: Config,
         node_id: String,
         secret: &[u8],
+        rules: &TokenRules,
         hub: Arc<Hub>,
         broker: Broker,
         metrics: Arc<Metrics>,
@@ -119,7 +124,8 @@ impl Node {
         };
         Self {
             hello_frame: wire::hello_frame(config.hb_int_ms),
-            verifier: Verifier::new(secret),
+            verifier: Verifier::new(secret, rules),
+            dev_secret: config.dev.then(|| secret.into()),
             limits,
             api_keys,
             config,

@@ -1,11 +1,13 @@
 //! The listener: accept loop, HTTP routes, admission, and drain.
 //!
 //! One port serves the WebSocket (`/gateway` and `/`), `/healthz`,
-//! `/readyz`, `/metrics`, and the server API under `/api/v1/` (`api`). A semaphore caps WebSocket connections; a
+//! `/readyz`, `/metrics`, the demo chat page (`/`, `/static/…`) with its
+//! development token endpoint (`POST /dev/token`), and the server API
+//! under `/api/v1/` (`api`). A semaphore caps WebSocket connections; a
 //! permit moves into each connection task and is released when it ends.
 
-use crate::connection;
 use crate::node::Node;
+use crate::{connection, demo};
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -54,6 +56,15 @@ async fn route(
     if path == crate::api::PREFIX || path.starts_with("/api/v1/") {
         return Ok(crate::api::handle(node, req).await);
     }
+    if path == "/dev/token" {
+        return Ok(match &node.dev_secret {
+            None => text(StatusCode::NOT_FOUND, "not found\n"),
+            Some(_) if req.method() != Method::POST => {
+                text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
+            }
+            Some(secret) => demo::mint_token(secret, req).await,
+        });
+    }
     if req.method() != Method::GET {
         return Ok(text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"));
     }
@@ -74,6 +85,9 @@ async fn route(
         }
         "/gateway" | "/" => {
             if !fastwebsockets::upgrade::is_upgrade_request(&req) {
+                if path == "/" && node.config.demo {
+                    return Ok(demo::asset(path).expect("the page exists"));
+                }
                 return Ok(text(
                     StatusCode::UPGRADE_REQUIRED,
                     "connect with a WebSocket at /gateway\n",
@@ -110,7 +124,10 @@ async fn route(
             let (parts, _) = response.into_parts();
             Ok(Response::from_parts(parts, Full::new(Bytes::new())))
         }
-        _ => Ok(text(StatusCode::NOT_FOUND, "not found\n")),
+        _ => Ok(match demo::asset(path) {
+            Some(asset) if node.config.demo => asset,
+            _ => text(StatusCode::NOT_FOUND, "not found\n"),
+        }),
     }
 }
 

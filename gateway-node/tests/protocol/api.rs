@@ -715,6 +715,13 @@ async fn api_requests_are_counted_by_route_template_and_status() {
         "{metrics}"
     );
     assert!(metrics.contains("gateway_api_request_duration_seconds_bucket"));
+    // Series that saw nothing yet exist at zero (rate() alerts see them).
+    assert!(metrics
+        .lines()
+        .any(|l| l.starts_with("gateway_api_requests_total{")
+            && l.contains(r#"route="/api/v1/bans/{user_id}""#)
+            && l.contains(r#"status="503""#)
+            && l.ends_with(" 0")));
     assert!(!metrics.contains("no-such"), "raw paths are never labels");
 }
 
@@ -747,6 +754,15 @@ async fn the_openapi_document_and_the_served_routes_agree() {
         .map(|r| (r.method.to_owned(), r.template.to_owned()))
         .collect();
     assert_eq!(documented, routed, "documented routes == routed ones");
+    // And each route's statuses (which the metrics start at zero).
+    for route in gateway_node::api::ROUTES {
+        let responses = doc["paths"][route.template][route.method.to_lowercase()]["responses"]
+            .as_object()
+            .unwrap();
+        let documented: BTreeSet<u16> = responses.keys().map(|s| s.parse().unwrap()).collect();
+        let declared: BTreeSet<u16> = route.statuses.iter().copied().collect();
+        assert_eq!(documented, declared, "{} {}", route.method, route.template);
+    }
 
     // And the node really serves each documented route: with no key it is
     // 401 (not 404 or 405), but the document itself.

@@ -6,6 +6,7 @@ mod harness;
 mod api;
 
 mod connect;
+mod demo;
 mod errors;
 mod events;
 mod lifecycle;
