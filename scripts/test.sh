@@ -5,8 +5,8 @@
 # (against real nodes, and the chat page in Chromium), schemathesis against
 # the server API, the conformance suite against two nodes on one Redis and
 # against two nodes on a Redis Cluster, the Prometheus alert rules' unit
-# tests, and the Helm chart checks. Installs what the tests need when it is
-# missing.
+# tests, the Helm chart checks, a two-minute soak, and a minute of each
+# fuzz target. Installs what the tests need when it is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -78,3 +78,10 @@ promtool test rules deploy/prometheus/alerts_test.yml
 
 step "Helm chart: lint, render, strict schema validation"
 bash scripts/check-chart.sh
+
+step "soak: two minutes of churn and fan-out against two nodes on one Redis"
+cargo build --locked -p gateway-loadtest
+SOAK_OUT=target/soak bash bench/soak.sh 120 ci
+
+step "fuzzing: each cargo fuzz target for ${FUZZ_SECONDS:-60} s (nightly toolchain, for fuzzing only)"
+bash scripts/fuzz.sh

@@ -787,7 +787,7 @@ async fn the_openapi_document_and_the_served_routes_agree() {
 }
 
 #[tokio::test]
-async fn an_unreachable_backend_is_503_unavailable_then_recovers() {
+async fn an_unreachable_backend_is_503_unavailable() {
     let mut store = Store::one();
     let (node, _other) = two_redis_nodes(&store).await;
     let Store::One(redis) = &mut store else {
@@ -809,17 +809,6 @@ async fn an_unreachable_backend_is_503_unavailable_then_recovers() {
         assert_eq!(answer.code(), "unavailable");
         assert_eq!(answer.header("retry-after"), Some("1"));
     }
-    redis.restart();
-    // The node reconnects by itself (as in cluster.rs): once it says it is
-    // ready, the API answers again.
-    let ready = async {
-        while http_get(&node.http("/readyz")).await.0 != 200 {
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
-    };
-    tokio::time::timeout(WAIT, ready)
-        .await
-        .expect("the node is ready again");
-    let answer = get(&node, "/api/v1/channels").await;
-    assert_eq!(answer.status, 200, "{}", answer.body);
+    // Recovery after Redis returns is the broker's, tested in cluster.rs
+    // (redis_outage_gives_4018_then_recovers); the API uses the same calls.
 }
