@@ -566,7 +566,7 @@ class Client:
             pass
 
 
-FATAL_CODES = {4001, 4002, 4003, 4004, 4005, 4006, 4009, 4015, 4016, 4017}
+FATAL_CODES = {4001, 4002, 4003, 4004, 4005, 4006, 4009, 4015, 4016, 4017, 4019}
 
 
 async def connect(url: str, label: str = "client", expect_hello: bool = True, timeout: float = TIMEOUT) -> Client:

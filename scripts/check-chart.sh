@@ -126,6 +126,8 @@ for dep in deployments:
         problems.append("exactly one of GATEWAY_JWT_SECRET / GATEWAY_JWT_SECRET_FILE must be set")
     if "GATEWAY_JWT_SECRET" in env and "secretKeyRef" not in env["GATEWAY_JWT_SECRET"].get("valueFrom", {}):
         problems.append("GATEWAY_JWT_SECRET must come from a secretKeyRef")
+    if "GATEWAY_API_KEYS" in env and "secretKeyRef" not in env["GATEWAY_API_KEYS"].get("valueFrom", {}):
+        problems.append("GATEWAY_API_KEYS must come from a secretKeyRef")
     if "GATEWAY_REDIS_PASSWORD" in env and "secretKeyRef" not in env["GATEWAY_REDIS_PASSWORD"].get("valueFrom", {}):
         problems.append("GATEWAY_REDIS_PASSWORD must come from a secretKeyRef")
     for name, e in env.items():
@@ -250,6 +252,16 @@ expect_failure "redis.url and redis.existingSecret" "either redis.url or redis.e
   --set redis.url=redis://r:6379 --set redis.existingSecret=s
 expect_failure "jwt.secret shorter than 32 bytes" "jwt.secret must be at least 32 bytes" \
   --set jwt.secret=tooshort
+expect_failure "jwt.previousSecretKey without existingSecret" "needs jwt.existingSecret" \
+  --set jwt.previousSecretKey=old
+expect_failure "jwt.previousSecretKey equal to secretKey" "must differ" \
+  --set jwt.existingSecret=s --set jwt.previousSecretKey=jwt-secret
+expect_failure "server API on with an ingress path / (Prefix)" "would expose the server API" \
+  --set api.keysSecret=k --set ingress.enabled=true --set 'ingress.hosts[0].host=g' \
+  --set 'ingress.hosts[0].paths[0].path=/' --set 'ingress.hosts[0].paths[0].pathType=Prefix'
+expect_failure "server API on with an ingress path /api (ImplementationSpecific)" "would expose the server API" \
+  --set api.keysSecret=k --set ingress.enabled=true --set 'ingress.hosts[0].host=g' \
+  --set 'ingress.hosts[0].paths[0].path=/api' --set 'ingress.hosts[0].paths[0].pathType=ImplementationSpecific'
 expect_failure "unknown value key (schema)" "additional propert|unknownKey" --set unknownKey=1
 expect_failure "bad log format (schema)" "logFormat" --set gateway.logFormat=xml
 expect_failure "PDB with minAvailable and maxUnavailable" "not both" \

@@ -2,9 +2,11 @@
 # Runs every test of the project: the Rust workspace (unit, protocol and
 # Redis tests, each Redis test on one Redis and on a Redis Cluster), the
 # black-box conformance suite against a single node, the JavaScript client
-# (against real nodes, and the chat page in Chromium), the conformance
-# suite against two nodes on one Redis and against two nodes on a Redis
-# Cluster, and the Helm chart checks. Installs what the tests need when it is missing.
+# (against real nodes, and the chat page in Chromium), schemathesis against
+# the server API, the conformance suite against two nodes on one Redis and
+# against two nodes on a Redis Cluster, the Prometheus alert rules' unit
+# tests, the Helm chart checks, a two-minute soak, and a minute of each
+# fuzz target. Installs what the tests need when it is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,13 +23,16 @@ command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 command -v node >/dev/null 2>&1 || missing+=(nodejs)
 command -v npm >/dev/null 2>&1 || missing+=(npm)
+# promtool (Debian's prometheus package) checks and tests the alert rules.
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 # The network fault tests cut links with nftables in network namespaces.
 command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 command -v nft >/dev/null 2>&1 || missing+=(nftables)
 if [ ${#missing[@]} -gt 0 ]; then
   step "installing ${missing[*]} (Debian packages)"
   if can_apt; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    apt-get update -qq &&
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   else
     echo "missing: ${missing[*]}: install them (e.g. 'sudo apt-get install ${missing[*]}')" >&2
     exit 1
@@ -70,11 +75,25 @@ step "JavaScript client: types, then node --test against real nodes, and the cha
   npm test
 )
 
+step "server API: schemathesis against the OpenAPI document (live node, bounded examples)"
+bash scripts/api-schemathesis.sh
+
 step "conformance suite against two nodes on one Redis (resume across nodes, drain)"
 bash scripts/cluster-conformance.sh
 
 step "conformance suite against two nodes on a Redis Cluster (3 masters + 3 replicas, sharded pub/sub)"
 REDIS_MODE=cluster bash scripts/cluster-conformance.sh
 
+step "Prometheus alert rules: promtool check and unit tests"
+promtool check rules deploy/prometheus/alerts.yml
+promtool test rules deploy/prometheus/alerts_test.yml
+
 step "Helm chart: lint, render, strict schema validation"
 bash scripts/check-chart.sh
+
+step "soak: two minutes of churn and fan-out against two nodes on one Redis"
+cargo build --locked -p gateway-loadtest
+SOAK_OUT=target/soak bash bench/soak.sh 120 ci
+
+step "fuzzing: each cargo fuzz target for ${FUZZ_SECONDS:-60} s (nightly toolchain, for fuzzing only)"
+bash scripts/fuzz.sh

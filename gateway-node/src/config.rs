@@ -10,6 +10,8 @@ use std::time::Duration;
 pub const DEV_SECRET: &str = "gateway-development-secret-not-for-production";
 /// Shortest JWT secret accepted, in bytes.
 pub const MIN_SECRET_LEN: usize = 32;
+/// Shortest server API key accepted, in bytes.
+pub const MIN_API_KEY_LEN: usize = 16;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -97,6 +99,33 @@ pub struct Config {
     /// File holding the JWT secret (trailing newline ignored).
     #[arg(long, env = "GATEWAY_JWT_SECRET_FILE", conflicts_with = "jwt_secret")]
     pub jwt_secret_file: Option<PathBuf>,
+    /// A previous HS256 secret that still verifies tokens while the secret
+    /// is rotated (docs/DEPLOY.md); tokens are never signed with it.
+    #[arg(long, env = "GATEWAY_JWT_PREVIOUS_SECRET", hide_env_values = true)]
+    pub jwt_previous_secret: Option<String>,
+    /// File holding the previous JWT secret (trailing newline ignored).
+    #[arg(
+        long,
+        env = "GATEWAY_JWT_PREVIOUS_SECRET_FILE",
+        conflicts_with = "jwt_previous_secret"
+    )]
+    pub jwt_previous_secret_file: Option<PathBuf>,
+    /// When set, tokens must carry this issuer (`iss`).
+    #[arg(long, env = "GATEWAY_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// When set, tokens must carry this audience (`aud`); when not, an
+    /// `aud` in a token is ignored.
+    #[arg(long, env = "GATEWAY_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// Keys of the server API (`/api/v1/`), comma-separated: while a key
+    /// is rotated, the old and the new one both work. With no key (here or
+    /// in --api-keys-file) the API is off.
+    #[arg(long, env = "GATEWAY_API_KEYS", hide_env_values = true)]
+    pub api_keys: Option<String>,
+    /// File of server API keys, one a line (or comma-separated); adds to
+    /// --api-keys.
+    #[arg(long, env = "GATEWAY_API_KEYS_FILE")]
+    pub api_keys_file: Option<PathBuf>,
     /// This node's id in the cluster; default: the host name or a random one.
     #[arg(long, env = "GATEWAY_NODE_ID")]
     pub node_id: Option<String>,
@@ -181,6 +210,12 @@ impl Default for Config {
             redis_publish_batch_us: 0,
             jwt_secret: None,
             jwt_secret_file: None,
+            jwt_previous_secret: None,
+            jwt_previous_secret_file: None,
+            jwt_issuer: None,
+            jwt_audience: None,
+            api_keys: None,
+            api_keys_file: None,
             node_id: None,
             hb_int_ms: 20_000,
             resume_window_s: 60,
@@ -235,20 +270,49 @@ impl Config {
 
     /// The secret from `--jwt-secret` or `--jwt-secret-file`, if any.
     pub fn secret(&self) -> Result<Option<String>, ConfigError> {
-        if let Some(secret) = &self.jwt_secret {
-            return Ok(Some(secret.clone()));
+        read_secret(&self.jwt_secret, &self.jwt_secret_file, "--jwt-secret-file")
+    }
+
+    /// The previous secret (rotation), from `--jwt-previous-secret` or its
+    /// file, if any.
+    pub fn previous_secret(&self) -> Result<Option<String>, ConfigError> {
+        read_secret(
+            &self.jwt_previous_secret,
+            &self.jwt_previous_secret_file,
+            "--jwt-previous-secret-file",
+        )
+    }
+
+    /// The server API's keys from --api-keys and --api-keys-file; empty:
+    /// the API is off. Each key is 16-256 printable ASCII characters.
+    pub fn api_keys(&self) -> Result<Vec<String>, ConfigError> {
+        let mut text = self.api_keys.clone().unwrap_or_default();
+        if let Some(path) = &self.api_keys_file {
+            let file = std::fs::read_to_string(path).map_err(|e| {
+                invalid(format!(
+                    "cannot read --api-keys-file {}: {e}",
+                    path.display()
+                ))
+            })?;
+            text.push(',');
+            text.push_str(&file);
         }
-        match &self.jwt_secret_file {
-            None => Ok(None),
-            Some(path) => std::fs::read_to_string(path)
-                .map(|s| Some(s.trim_end_matches(['\n', '\r']).to_owned()))
-                .map_err(|e| {
-                    invalid(format!(
-                        "cannot read --jwt-secret-file {}: {e}",
-                        path.display()
-                    ))
-                }),
+        let keys: Vec<String> = text
+            .split([',', '\n', '\r'])
+            .map(str::trim)
+            .filter(|k| !k.is_empty())
+            .map(str::to_owned)
+            .collect();
+        for key in &keys {
+            if !(MIN_API_KEY_LEN..=256).contains(&key.len())
+                || !key.bytes().all(|b| b.is_ascii_graphic())
+            {
+                return Err(invalid(format!(
+                    "every API key must be {MIN_API_KEY_LEN}-256 printable ASCII characters without spaces"
+                )));
+            }
         }
+        Ok(keys)
     }
 
     /// Checks every value; the secret itself is checked by [`Config::secret`]
@@ -317,6 +381,11 @@ impl Config {
                 ));
             }
         }
+        if self.jwt_issuer.as_deref() == Some("") || self.jwt_audience.as_deref() == Some("") {
+            return Err(invalid(
+                "--jwt-issuer and --jwt-audience must not be empty when given",
+            ));
+        }
         if self.redis_publish_batch_us > 100_000 {
             return Err(invalid(
                 "--redis-publish-batch-us must be at most 100000 (100 ms)",
@@ -333,6 +402,23 @@ impl Config {
             }
         }
         Ok(())
+    }
+}
+
+/// A secret given inline or in a file (trailing newline ignored).
+fn read_secret(
+    inline: &Option<String>,
+    file: &Option<PathBuf>,
+    flag: &str,
+) -> Result<Option<String>, ConfigError> {
+    if let Some(secret) = inline {
+        return Ok(Some(secret.clone()));
+    }
+    match file {
+        None => Ok(None),
+        Some(path) => std::fs::read_to_string(path)
+            .map(|s| Some(s.trim_end_matches(['\n', '\r']).to_owned()))
+            .map_err(|e| invalid(format!("cannot read {flag} {}: {e}", path.display()))),
     }
 }
 
@@ -439,6 +525,33 @@ mod tests {
         let c = parse(&["--redis-publish-batch-us", "100001"]).unwrap();
         let err = c.validate().unwrap_err().to_string();
         assert!(err.contains("--redis-publish-batch-us"), "{err}");
+    }
+
+    #[test]
+    fn api_keys_come_from_the_flag_and_the_file() {
+        let c = parse(&[]).unwrap();
+        assert!(c.api_keys().unwrap().is_empty(), "no key: the API is off");
+        let c = parse(&["--api-keys", "k1-0123456789abcdef, k2-0123456789abcdef"]).unwrap();
+        assert_eq!(
+            c.api_keys().unwrap(),
+            ["k1-0123456789abcdef", "k2-0123456789abcdef"]
+        );
+        let file = std::env::temp_dir().join(format!("gw-api-keys-{}", std::process::id()));
+        std::fs::write(&file, "k3-0123456789abcdef\nk4-0123456789abcdef\n").unwrap();
+        let path = file.display().to_string();
+        let c = parse(&[
+            "--api-keys",
+            "k1-0123456789abcdef",
+            "--api-keys-file",
+            &path,
+        ])
+        .unwrap();
+        assert_eq!(c.api_keys().unwrap().len(), 3);
+        std::fs::remove_file(&file).unwrap();
+        let c = parse(&["--api-keys", "short"]).unwrap();
+        assert!(c.api_keys().unwrap_err().to_string().contains("API key"));
+        let c = parse(&["--api-keys-file", "/nonexistent/keys"]).unwrap();
+        assert!(c.api_keys().is_err());
     }
 
     #[test]

@@ -286,6 +286,18 @@ pub async fn serve(node: Arc<Node>, io: Io) {
     }
 }
 
+/// Serves one connection over any byte stream already past the WebSocket
+/// handshake (an in-memory pipe, for the fuzz targets and tests): the same
+/// path as [`serve`] from the first frame on.
+pub async fn serve_stream<R, W>(node: Arc<Node>, read: R, write: W)
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let conn = Arc::new(Conn::new(node.next_conn_id()));
+    serve_inner(node, conn, FrameReader::new(read, MAX_PAYLOAD), write).await
+}
+
 async fn serve_inner<R, W>(node: Arc<Node>, conn: Arc<Conn>, ws: FrameReader<R>, write: W)
 where
     R: AsyncRead + Unpin + Send + 'static,

@@ -25,9 +25,13 @@
 //! - [`frame`]: reading client frames with a buffer sized to what arrives.
 //! - [`wire`]: server frames and encodings; the shared dispatch body.
 //! - [`auth`]: HS256 token verification.
+//! - [`api`]: the server API for application backends (`/api/v1/`):
+//!   routes, API keys, JSON errors; its OpenAPI document is
+//!   `gateway-node/api/openapi.json`.
 //! - [`metrics`]: the Prometheus registry.
 
 pub mod admission;
+pub mod api;
 pub mod auth;
 pub mod broker;
 pub mod config;
@@ -64,6 +68,16 @@ pub enum StartError {
 pub async fn build(config: Config, secret: &str) -> Result<Arc<Node>, StartError> {
     config.validate()?;
     config::check_secret(secret, config.dev)?;
+    let previous_secret = config.previous_secret()?;
+    if let Some(previous) = &previous_secret {
+        config::check_secret(previous, config.dev)?;
+    }
+    let rules = auth::TokenRules {
+        previous_secret: previous_secret.map(String::into_bytes),
+        issuer: config.jwt_issuer.clone(),
+        audience: config.jwt_audience.clone(),
+    };
+    let api_keys = config.api_keys()?;
     let node_id = config
         .node_id
         .clone()
@@ -103,10 +117,17 @@ pub async fn build(config: Config, secret: &str) -> Result<Arc<Node>, StartError
         config,
         node_id,
         secret.as_bytes(),
+        &rules,
         hub,
         broker,
         metrics,
+        api::Keys::new(api_keys),
     ));
+    if node.api_keys.is_empty() {
+        tracing::info!("server API off (no --api-keys)");
+    } else {
+        tracing::info!(prefix = api::PREFIX, "server API on");
+    }
     node.broker.start(&node);
     Ok(node)
 }

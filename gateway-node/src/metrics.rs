@@ -5,8 +5,8 @@
 use crate::wire::Dispatch;
 use gateway_shared::protocol::{ErrorCode, Event, FunctionCode};
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use std::time::Instant;
 
@@ -35,15 +35,24 @@ pub struct Metrics {
     /// Channel logs (and the cluster-wide one) that the backend lost events
     /// of: their sessions on this node were ended with 1012.
     pub log_resets: IntCounter,
+    /// Server API requests by route template and HTTP status.
+    api_requests: IntCounterVec,
+    /// Server API latency by route template.
+    api_duration: HistogramVec,
 }
+
+/// Label values of `gateway_frames_received_total`.
+const FRAME_LABELS: [&str; 7] = ["100", "110", "120", "130", "140", "150", "invalid"];
+/// Label values of `gateway_resumes_total`.
+const RESUME_LABELS: [&str; 4] = ["local", "remote", "parked", "failed"];
 
 /// Outcome label of `gateway_resumes_total`.
 #[derive(Debug, Clone, Copy)]
 pub enum ResumeResult {
-    Local,
-    Remote,
-    Parked,
-    Failed,
+    Local = 0,
+    Remote = 1,
+    Parked = 2,
+    Failed = 3,
 }
 
 impl Metrics {
@@ -125,6 +134,25 @@ impl Metrics {
             ),
         )
         .unwrap();
+        let api_requests = IntCounterVec::new(
+            Opts::new(
+                "api_requests_total",
+                "Server API requests by route template and HTTP status",
+            ),
+            &["route", "status"],
+        )
+        .unwrap();
+        let api_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "api_request_duration_seconds",
+                "Time to answer a server API request, by route template",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+            ]),
+            &["route"],
+        )
+        .unwrap();
         for c in [
             Box::new(connections.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(sessions.clone()),
@@ -139,6 +167,8 @@ impl Metrics {
             Box::new(broker_errors.clone()),
             Box::new(broker_publish.clone()),
             Box::new(log_resets.clone()),
+            Box::new(api_requests.clone()),
+            Box::new(api_duration.clone()),
         ] {
             registry.register(c).expect("unique metric names");
         }
@@ -154,6 +184,31 @@ impl Metrics {
             .iter()
             .map(|e| dispatches.with_label_values(&[e.name()]))
             .collect();
+        // Every known label value exists from the start, at zero, so that
+        // dashboards and rate() alerts see a series before the first event
+        // (Prometheus' own advice for labelled metrics).
+        for f in FRAME_LABELS {
+            frames_received.with_label_values(&[f]);
+        }
+        for e in Event::ALL {
+            events_executed.with_label_values(&[e.name()]);
+        }
+        for code in ErrorCode::ALL {
+            errors_sent.with_label_values(&[itoa::Buffer::new().format(code.code())]);
+        }
+        for result in RESUME_LABELS {
+            resumes.with_label_values(&[result]);
+        }
+        let api_routes = crate::api::ROUTES
+            .iter()
+            .map(|r| (r.template, r.statuses))
+            .chain([crate::api::UNMATCHED, crate::api::DISABLED]);
+        for (route, statuses) in api_routes {
+            api_duration.with_label_values(&[route]);
+            for status in statuses {
+                api_requests.with_label_values(&[route, itoa::Buffer::new().format(*status)]);
+            }
+        }
         Self {
             connections,
             sessions_live: sessions.with_label_values(&["live"]),
@@ -169,6 +224,8 @@ impl Metrics {
             broker_errors,
             broker_publish,
             log_resets,
+            api_requests,
+            api_duration,
             registry,
             process,
         }
@@ -191,13 +248,13 @@ impl Metrics {
 
     pub fn frame_received(&self, f: Option<FunctionCode>) {
         let label = match f {
-            Some(FunctionCode::Hello) => "100",
-            Some(FunctionCode::Present) => "110",
-            Some(FunctionCode::Heartbeat) => "120",
-            Some(FunctionCode::Dispatch) => "130",
-            Some(FunctionCode::Ready) => "140",
-            Some(FunctionCode::Error) => "150",
-            None => "invalid",
+            Some(FunctionCode::Hello) => FRAME_LABELS[0],
+            Some(FunctionCode::Present) => FRAME_LABELS[1],
+            Some(FunctionCode::Heartbeat) => FRAME_LABELS[2],
+            Some(FunctionCode::Dispatch) => FRAME_LABELS[3],
+            Some(FunctionCode::Ready) => FRAME_LABELS[4],
+            Some(FunctionCode::Error) => FRAME_LABELS[5],
+            None => FRAME_LABELS[6],
         };
         self.frames_received.with_label_values(&[label]).inc();
     }
@@ -216,13 +273,20 @@ impl Metrics {
     }
 
     pub fn resume(&self, result: ResumeResult) {
-        let label = match result {
-            ResumeResult::Local => "local",
-            ResumeResult::Remote => "remote",
-            ResumeResult::Parked => "parked",
-            ResumeResult::Failed => "failed",
-        };
+        let label = RESUME_LABELS[result as usize];
         self.resumes.with_label_values(&[label]).inc();
+    }
+
+    /// Counts one server API request. `route` is a route template (or
+    /// a fixed word for unmatched paths): bounded, never a raw path.
+    pub fn api_request(&self, route: &'static str, status: u16, started: Instant) {
+        let mut digits = itoa::Buffer::new();
+        self.api_requests
+            .with_label_values(&[route, digits.format(status)])
+            .inc();
+        self.api_duration
+            .with_label_values(&[route])
+            .observe(started.elapsed().as_secs_f64());
     }
 
     /// Counts one written dispatch and its fan-out delay.
@@ -243,5 +307,104 @@ impl Metrics {
             .encode(&families, &mut out)
             .expect("text encoding to a Vec cannot fail");
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn series(text: &str, name: &str, label: &str) -> Option<String> {
+        text.lines()
+            .find(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))
+            .map(|l| l.rsplit(' ').next().unwrap().to_owned())
+    }
+
+    #[test]
+    fn every_known_label_value_is_a_series_from_the_start() {
+        let text = String::from_utf8(Metrics::new("n1").render()).unwrap();
+        for code in ErrorCode::ALL {
+            let label = format!("code=\"{}\"", code.code());
+            assert_eq!(
+                series(&text, "gateway_errors_sent_total", &label).as_deref(),
+                Some("0"),
+                "{label}"
+            );
+        }
+        for result in RESUME_LABELS {
+            let label = format!("result=\"{result}\"");
+            assert_eq!(
+                series(&text, "gateway_resumes_total", &label).as_deref(),
+                Some("0")
+            );
+        }
+        for f in FRAME_LABELS {
+            let label = format!("f=\"{f}\"");
+            assert_eq!(
+                series(&text, "gateway_frames_received_total", &label).as_deref(),
+                Some("0")
+            );
+        }
+        for e in Event::ALL {
+            let label = format!("t=\"{}\"", e.name());
+            assert_eq!(
+                series(&text, "gateway_events_executed_total", &label).as_deref(),
+                Some("0")
+            );
+            assert_eq!(
+                series(&text, "gateway_dispatches_sent_total", &label).as_deref(),
+                Some("0")
+            );
+        }
+    }
+
+    #[test]
+    fn counting_moves_the_right_series() {
+        let m = Metrics::new("n1");
+        m.error_sent(ErrorCode::RateLimited);
+        m.resume(ResumeResult::Parked);
+        let text = String::from_utf8(m.render()).unwrap();
+        let value = |name, label| series(&text, name, label);
+        assert_eq!(
+            value("gateway_errors_sent_total", "code=\"4008\"").as_deref(),
+            Some("1")
+        );
+        assert_eq!(
+            value("gateway_errors_sent_total", "code=\"4009\"").as_deref(),
+            Some("0")
+        );
+        assert_eq!(
+            value("gateway_resumes_total", "result=\"parked\"").as_deref(),
+            Some("1")
+        );
+        assert_eq!(
+            value("gateway_resumes_total", "result=\"failed\"").as_deref(),
+            Some("0")
+        );
+    }
+
+    /// The alert rules shipped in deploy/ name only metrics a fresh node
+    /// already exposes: a typo or a renamed metric would make an alert
+    /// that never fires.
+    #[test]
+    fn every_metric_the_alert_rules_use_is_exposed_from_the_start() {
+        let rules = include_str!("../../deploy/prometheus/alerts.yml");
+        let text = String::from_utf8(Metrics::new("n1").render()).unwrap();
+        let exposed: std::collections::HashSet<&str> = text
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.split(['{', ' ']).next())
+            .collect();
+        let mut used = 0;
+        for word in rules.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+            if word.starts_with("gateway_") || word.starts_with("process_") {
+                used += 1;
+                assert!(
+                    exposed.contains(word),
+                    "alerts.yml uses {word}, which no node exposes"
+                );
+            }
+        }
+        assert!(used >= 5, "the rules name metrics");
     }
 }

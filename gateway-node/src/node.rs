@@ -1,7 +1,7 @@
 //! The node: configuration, the local session registry, the backend, and
 //! the session lifecycle (PRESENT, resume, end, expiry, drain).
 
-use crate::auth::{Identity, Verifier};
+use crate::auth::{Identity, TokenRules, Verifier};
 use crate::broker::Broker;
 use crate::config::Config;
 use crate::connection::Conn;
@@ -38,6 +38,8 @@ pub struct Node {
     pub limits: Limits,
     /// The secret `POST /dev/token` signs with, in development mode only.
     pub dev_secret: Option<Box<[u8]>>,
+    /// The server API's keys (none: the API is off).
+    pub api_keys: crate::api::Keys,
     /// Sessions owned by this node, connected or within their resume window.
     sessions: Mutex<HashMap<u64, Arc<Session>>>,
     /// Set when the node starts draining: `/readyz` fails, no new sockets.
@@ -102,13 +104,17 @@ fn new_enc_key() -> String {
 }
 
 impl Node {
+    // Called once, by `build`, with what it resolved from the config.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         config: Config,
         node_id: String,
         secret: &[u8],
+        rules: &TokenRules,
         hub: Arc<Hub>,
         broker: Broker,
         metrics: Arc<Metrics>,
+        api_keys: crate::api::Keys,
     ) -> Self {
         let limits = Limits {
             ring: config.replay_buffer.max(config.outbound_limit),
@@ -118,9 +124,10 @@ impl Node {
         };
         Self {
             hello_frame: wire::hello_frame(config.hb_int_ms),
-            verifier: Verifier::new(secret),
+            verifier: Verifier::new(secret, rules),
             dev_secret: config.dev.then(|| secret.into()),
             limits,
+            api_keys,
             config,
             node_id,
             metrics,
@@ -142,6 +149,11 @@ impl Node {
 
     fn session(&self, id: u64) -> Option<Arc<Session>> {
         self.sessions.lock().get(&id).cloned()
+    }
+
+    /// How many sessions this node holds (connected or resumable).
+    pub fn session_count(&self) -> u64 {
+        self.sessions.lock().len() as u64
     }
 
     /// Every session of this node.
@@ -399,6 +411,24 @@ impl Node {
 
     /// Ends every session of `user_id` on this node with 4015.
     pub async fn kick_user(&self, user_id: &str) {
+        self.end_user_sessions(user_id, ErrorCode::Banned, "user is banned")
+            .await;
+    }
+
+    /// Ends every session of `user_id` on this node with 4019 (the server
+    /// API's disconnect).
+    pub async fn disconnect_user(&self, user_id: &str) {
+        self.end_user_sessions(
+            user_id,
+            ErrorCode::Disconnected,
+            "disconnected by the server",
+        )
+        .await;
+    }
+
+    /// Ends the sessions of `user_id` (no resume) and closes their
+    /// connections with the fatal `code`.
+    async fn end_user_sessions(&self, user_id: &str, code: ErrorCode, why: &'static str) {
         let sessions: Vec<_> = self
             .local_sessions()
             .into_iter()
@@ -406,8 +436,8 @@ impl Node {
             .collect();
         for session in sessions {
             if let Some(conn) = self.end_session(&session).await {
-                self.metrics.error_sent(ErrorCode::Banned);
-                conn.close_fatal(ErrorCode::Banned, "user is banned", false);
+                self.metrics.error_sent(code);
+                conn.close_fatal(code, why, false);
             }
         }
     }

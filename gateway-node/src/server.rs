@@ -1,10 +1,11 @@
 //! The listener: accept loop, HTTP routes, admission, and drain.
 //!
 //! One port serves the WebSocket (`/gateway` and `/`), `/healthz`,
-//! `/readyz`, `/metrics`, and the demo chat page (`/`, `/static/…`) with
-//! its development token endpoint (`POST /dev/token`). [`Admission`] caps
-//! WebSocket connections, per node and per client address; its ticket moves
-//! into each connection task and is released when it ends.
+//! `/readyz`, `/metrics`, the demo chat page (`/`, `/static/…`) with its
+//! development token endpoint (`POST /dev/token`), and the server API
+//! under `/api/v1/` (`api`). [`Admission`] caps WebSocket connections, per
+//! node and per client address; its ticket moves into each connection task
+//! and is released when it ends.
 //!
 //! Abuse limits on the HTTP side (docs/DEPLOY.md, "Security and abuse
 //! limits"): a request head must arrive within `--http-header-timeout-ms`
@@ -62,6 +63,10 @@ async fn route(
     mut req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let path = req.uri().path();
+    // The server API answers every method and its own errors (JSON).
+    if path == crate::api::PREFIX || path.starts_with("/api/v1/") {
+        return Ok(crate::api::handle(node, req).await);
+    }
     if path == "/dev/token" {
         return Ok(match &node.dev_secret {
             None => text(StatusCode::NOT_FOUND, "not found\n"),
@@ -223,7 +228,7 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener, shutdown: impl Future
     }
     sweeper.abort();
     node.park_all().await;
-    node.broker.stop();
+    node.broker.stop().await;
     info!("drained");
 }
 

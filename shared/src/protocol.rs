@@ -88,10 +88,14 @@ pub enum ErrorCode {
     SlowConsumer = 4016,
     SessionReplaced = 4017,
     Unavailable = 4018,
+    /// The application's backend ended the user's sessions (server API,
+    /// `POST /api/v1/users/{id}/disconnect`). Not a ban: a new PRESENT
+    /// is let in; the old session is gone (no resume).
+    Disconnected = 4019,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 18] = [
+    pub const ALL: [ErrorCode; 19] = [
         Self::UnknownError,
         Self::UnknownFunction,
         Self::DecodeError,
@@ -110,6 +114,7 @@ impl ErrorCode {
         Self::SlowConsumer,
         Self::SessionReplaced,
         Self::Unavailable,
+        Self::Disconnected,
     ];
 
     pub const fn code(self) -> u16 {
@@ -132,9 +137,10 @@ impl ErrorCode {
     }
 
     /// Whether the session survives the close and can be resumed. Only a
-    /// ban ends it; every other fatal error leaves it resumable (section 6).
+    /// ban or a disconnect by the server API ends it; every other fatal
+    /// error leaves it resumable (section 6).
     pub const fn session_survives(self) -> bool {
-        !matches!(self, Self::Banned)
+        !matches!(self, Self::Banned | Self::Disconnected)
     }
 
     pub const fn name(self) -> &'static str {
@@ -157,6 +163,7 @@ impl ErrorCode {
             Self::SlowConsumer => "SLOW_CONSUMER",
             Self::SessionReplaced => "SESSION_REPLACED",
             Self::Unavailable => "UNAVAILABLE",
+            Self::Disconnected => "DISCONNECTED",
         }
     }
 }
@@ -388,7 +395,9 @@ mod tests {
 
     #[test]
     fn every_error_code_round_trips_and_has_its_d_flag() {
-        let fatal = [4001, 4002, 4003, 4004, 4005, 4006, 4009, 4015, 4016, 4017];
+        let fatal = [
+            4001, 4002, 4003, 4004, 4005, 4006, 4009, 4015, 4016, 4017, 4019,
+        ];
         for code in ErrorCode::ALL {
             assert_eq!(ErrorCode::try_from(code.code()), Ok(code));
             assert_eq!(code.is_fatal(), fatal.contains(&code.code()), "{code:?}");
@@ -396,6 +405,7 @@ mod tests {
         }
         assert_eq!(ErrorCode::try_from(4007), Err(4007));
         assert!(!ErrorCode::Banned.session_survives());
+        assert!(!ErrorCode::Disconnected.session_survives());
         assert!(ErrorCode::SlowConsumer.session_survives());
     }
 

@@ -14,12 +14,13 @@ const F = { HELLO: 100, PRESENT: 110, HEARTBEAT: 120, EXECUTE: 130, READY: 140, 
 /**
  * Close codes after which the client does not reconnect: the same
  * connection attempt would fail the same way (a client bug, a bad token, a
- * ban), or another connection now holds the session. Every other close
+ * ban), another connection now holds the session, or the application's
+ * backend ended the user's sessions (4019, server API). Every other close
  * (1012 from a draining node, 4009, 4016, network errors) is followed by a
  * reconnect and a resume. The "Reconnect?" column of docs/PROTOCOL.md §4.
  */
 export const FINAL_CLOSE_CODES = Object.freeze([
-  4001, 4002, 4003, 4004, 4005, 4006, 4015, 4017,
+  4001, 4002, 4003, 4004, 4005, 4006, 4015, 4017, 4019,
 ]);
 
 /** Close code this client uses for a connection it gives up on (it resumes). */
@@ -61,6 +62,16 @@ const ANSWERS = {
 const OPEN = 1;
 const encoder = new TextEncoder();
 const decoder = new TextDecoder();
+
+/**
+ * Stops listening to a socket the client is done with. The error handler
+ * stays, as a no-op: an EventEmitter-based WebSocket (`ws`) throws on an
+ * `error` event that nobody listens to.
+ */
+function detach(ws) {
+  ws.onclose = ws.onmessage = ws.onopen = null;
+  ws.onerror = () => {};
+}
 
 function randomNonce() {
   const c = globalThis.crypto;
@@ -202,7 +213,7 @@ export class GatewayClient {
     this.sessionId = null;
     this.seq = 0;
     if (ws) {
-      ws.onclose = ws.onmessage = ws.onerror = ws.onopen = null;
+      detach(ws);
       try {
         ws.close(1000, "client closed");
       } catch {
@@ -391,7 +402,7 @@ export class GatewayClient {
 
   /** Drops a connection without ending the session, then resumes. */
   _abandon(ws, reason) {
-    ws.onclose = ws.onmessage = ws.onerror = ws.onopen = null;
+    detach(ws);
     try {
       if (typeof ws.terminate === "function") ws.terminate();
       else ws.close(ABANDON, reason);

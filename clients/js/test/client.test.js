@@ -68,8 +68,10 @@ describe("one node in memory", () => {
     return c;
   };
 
+  // The server API is on, for the disconnect test.
+  const API_KEY = "js-test-api-key-0123456789";
   before(async () => {
-    node = await startNode(["--dev", "--jwt-secret", SECRET]);
+    node = await startNode(["--dev", "--jwt-secret", SECRET, "--api-keys", API_KEY]);
   });
   after(async () => {
     for (const c of clients) c.close();
@@ -154,6 +156,14 @@ describe("one node in memory", () => {
     await assert.rejects(frank.send("x".repeat(5000)), (e) => e.code === "PAYLOAD_TOO_LARGE");
     assert.equal(counter.executes, 0);
     assert.equal((await frank.send("small")).content, "small");
+  });
+
+  test("close() while connecting rejects connect() with CLOSED, and nothing throws", async () => {
+    const early = open(node.url, await devToken(node, "early"));
+    const connecting = early.connect();
+    early.close();
+    await assert.rejects(connecting, (e) => e.code === "CLOSED");
+    assert.equal(early.ready, false);
   });
 
   test("requests while not connected reject with NOT_CONNECTED", async () => {
@@ -252,6 +262,23 @@ describe("one node in memory", () => {
     assert.equal(close.reconnect, false);
     assert.equal(proxy.accepted, 1);
     await admin.unban("js-mallory");
+    await proxy.close();
+  });
+
+  test("a disconnect by the server API (4019) closes for good: no reconnect", async () => {
+    const proxy = await startProxy(node.addr);
+    const kim = open(proxy.url, mint("js-kim", "kim"));
+    await kim.connect();
+    const closed = next(kim, "close");
+    const response = await fetch(`${node.http}/api/v1/users/js-kim/disconnect`, {
+      method: "POST",
+      headers: { authorization: `Bearer ${API_KEY}` },
+    });
+    assert.equal(response.status, 202);
+    const close = await closed;
+    assert.equal(close.code, 4019);
+    assert.equal(close.reconnect, false);
+    assert.equal(proxy.accepted, 1);
     await proxy.close();
   });
 

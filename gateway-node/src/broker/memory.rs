@@ -6,7 +6,9 @@
 //! holding that mutex, so every session sees a channel's events in one
 //! order and a message id is larger than every id before it in the channel.
 
-use super::{Ban, MessageBody};
+use super::{
+    Ban, ChannelInfo, DeleteAs, HistoryPage, Member, MessageBody, PresencePage, Published,
+};
 use crate::hub::Hub;
 use crate::session::Session;
 use crate::wire::{Dispatch, Reject};
@@ -117,13 +119,16 @@ struct ChannelState {
 
 struct Channel {
     name: Arc<str>,
+    /// Set at creation, listed by the server API.
+    topic: String,
     state: Mutex<ChannelState>,
 }
 
 impl Channel {
-    fn new(name: &str) -> Arc<Self> {
+    fn new(name: &str, topic: &str) -> Arc<Self> {
         Arc::new(Self {
             name: Arc::from(name),
+            topic: topic.to_owned(),
             state: Mutex::new(ChannelState {
                 n: 0,
                 sessions: HashMap::new(),
@@ -156,7 +161,10 @@ impl Memory {
         history_retain: usize,
     ) -> Self {
         let mut channels = BTreeMap::new();
-        channels.insert(default_channel.to_owned(), Channel::new(default_channel));
+        channels.insert(
+            default_channel.to_owned(),
+            Channel::new(default_channel, ""),
+        );
         Self {
             hub,
             channels: RwLock::new(channels),
@@ -179,6 +187,78 @@ impl Memory {
 
     pub fn channel_names(&self) -> Vec<String> {
         self.channels.read().keys().cloned().collect()
+    }
+
+    pub fn channel_exists(&self, name: &str) -> bool {
+        self.channels.read().contains_key(name)
+    }
+
+    pub fn channels(&self) -> Vec<ChannelInfo> {
+        self.channels
+            .read()
+            .values()
+            .map(|c| ChannelInfo {
+                name: c.name.to_string(),
+                topic: c.topic.clone(),
+            })
+            .collect()
+    }
+
+    pub fn presence(
+        &self,
+        name: &str,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<PresencePage, Reject> {
+        let channel = self
+            .channel(name)
+            .ok_or_else(|| Reject::new(ErrorCode::NotFound, "unknown channel"))?;
+        let state = channel.state.lock();
+        let from = after.map_or(std::ops::Bound::Unbounded, std::ops::Bound::Excluded);
+        let mut page = state.by_order.range((from, std::ops::Bound::Unbounded));
+        let mut members = Vec::with_capacity(limit.min(state.users.len()));
+        let mut last = None;
+        for (&order, id) in page.by_ref().take(limit) {
+            if let Some(p) = state.users.get(id) {
+                members.push(Member {
+                    user: p.user.clone(),
+                    sessions: u64::from(p.sessions),
+                });
+            }
+            last = Some(order);
+        }
+        Ok(PresencePage {
+            members,
+            member_count: state.users.len() as u64,
+            next: last.filter(|_| page.next().is_some()),
+        })
+    }
+
+    pub fn history(
+        &self,
+        name: &str,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<HistoryPage, Reject> {
+        let channel = self
+            .channel(name)
+            .ok_or_else(|| Reject::new(ErrorCode::NotFound, "unknown channel"))?;
+        let state = channel.state.lock();
+        // History is in id order: everything before `end` is older.
+        let end = before.map_or(state.history.len(), |before| {
+            state.history.partition_point(|m| m.id < before)
+        });
+        let start = end.saturating_sub(limit);
+        let messages = state
+            .history
+            .range(start..end)
+            .rev()
+            .map(|m| m.dispatch.body().to_vec())
+            .collect();
+        Ok(HistoryPage {
+            messages,
+            next: (start > 0 && start < end).then(|| state.history[start].id),
+        })
     }
 
     pub fn is_banned(&self, user_id: &str) -> bool {
@@ -337,47 +417,49 @@ impl Memory {
 
     pub fn publish_message(
         &self,
-        session: &Arc<Session>,
+        name: &str,
+        author: &User,
         content: &str,
         nonce: Option<&str>,
-    ) -> Result<(), Reject> {
+    ) -> Result<Published, Reject> {
         let channel = self
-            .channel(&session.channel())
+            .channel(name)
             .ok_or_else(|| Reject::new(ErrorCode::NotFound, "unknown channel"))?;
         let mut state = channel.state.lock();
         let id = self.ids.next().value();
+        let ts = unix_ms();
         let dispatch = Dispatch::new(
             Event::MessageCreate,
             &MessageBody {
                 id: itoa::Buffer::new().format(id),
                 channel: &channel.name,
-                author: &session.user,
+                author,
                 content,
-                ts: unix_ms(),
+                ts,
                 nonce,
             },
         );
         state.history.push_back(StoredMessage {
             id,
-            author_id: session.user.id.clone(),
+            author_id: author.id.clone(),
             dispatch: Arc::clone(&dispatch),
         });
         if state.history.len() > self.history_retain {
             state.history.pop_front();
         }
         self.publish(&channel, &mut state, dispatch);
-        Ok(())
+        Ok(Published { id, ts })
     }
 
-    pub fn delete_message(&self, session: &Arc<Session>, id: u64) -> Result<(), Reject> {
+    pub fn delete_message(&self, name: &str, id: u64, by: DeleteAs<'_>) -> Result<(), Reject> {
         let not_found = || Reject::new(ErrorCode::NotFound, "unknown message");
-        let channel = self.channel(&session.channel()).ok_or_else(not_found)?;
+        let channel = self.channel(name).ok_or_else(not_found)?;
         let mut state = channel.state.lock();
         let index = state
             .history
             .binary_search_by_key(&id, |m| m.id)
             .map_err(|_| not_found())?;
-        if state.history[index].author_id != session.user.id && !session.identity.admin {
+        if matches!(by, DeleteAs::Author(user) if state.history[index].author_id != user) {
             return Err(Reject::new(
                 ErrorCode::PermissionDenied,
                 "only the author or an admin may delete a message",
@@ -435,7 +517,7 @@ impl Memory {
                 "channel limit reached",
             ));
         }
-        channels.insert(name.to_owned(), Channel::new(name));
+        channels.insert(name.to_owned(), Channel::new(name, topic));
         drop(channels);
         let dispatch = Dispatch::new(
             Event::ChannelAdd,

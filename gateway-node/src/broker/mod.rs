@@ -88,24 +88,33 @@ impl Broker {
         }
     }
 
-    /// MESSAGE_CREATE in the session's channel.
+    /// MESSAGE_CREATE in `channel` by `author`: a session's message, or
+    /// one the server API publishes. Both take the same path, so they are
+    /// numbered and ordered alike. The channel must exist (on Redis the
+    /// caller checks: a session's channel always does).
     pub async fn publish_message(
         &self,
-        session: &Arc<Session>,
+        channel: &str,
+        author: &User,
         content: &str,
         nonce: Option<&str>,
-    ) -> Result<(), Reject> {
+    ) -> Result<Published, Reject> {
         match self {
-            Self::Memory(m) => m.publish_message(session, content, nonce),
-            Self::Redis(r) => r.publish_message(session, content, nonce).await,
+            Self::Memory(m) => m.publish_message(channel, author, content, nonce),
+            Self::Redis(r) => r.publish_message(channel, author, content, nonce).await,
         }
     }
 
-    /// MESSAGE_DELETE in the session's channel.
-    pub async fn delete_message(&self, session: &Arc<Session>, id: u64) -> Result<(), Reject> {
+    /// MESSAGE_DELETE of message `id` in `channel`.
+    pub async fn delete_message(
+        &self,
+        channel: &str,
+        id: u64,
+        by: DeleteAs<'_>,
+    ) -> Result<(), Reject> {
         match self {
-            Self::Memory(m) => m.delete_message(session, id),
-            Self::Redis(r) => r.delete_message(session, id).await,
+            Self::Memory(m) => m.delete_message(channel, id, by),
+            Self::Redis(r) => r.delete_message(channel, id, by).await,
         }
     }
 
@@ -145,6 +154,73 @@ impl Broker {
             }
             // Every node (this one included) kicks on the control message.
             Self::Redis(r) => r.ban(user_id, &ban).await,
+        }
+    }
+
+    /// Ends every session of `user_id`, on every node, with 4019 (the
+    /// server API).
+    pub async fn disconnect_user(&self, node: &Node, user_id: &str) -> Result<(), Reject> {
+        match self {
+            Self::Memory(_) => {
+                node.disconnect_user(user_id).await;
+                Ok(())
+            }
+            // Every node (this one included) acts on the control message.
+            Self::Redis(r) => r.disconnect_user(user_id).await,
+        }
+    }
+
+    pub async fn channel_exists(&self, name: &str) -> Result<bool, Reject> {
+        match self {
+            Self::Memory(m) => Ok(m.channel_exists(name)),
+            Self::Redis(r) => r.channel_exists(name).await,
+        }
+    }
+
+    /// Every channel with its topic, sorted by name.
+    pub async fn channels(&self) -> Result<Vec<ChannelInfo>, Reject> {
+        match self {
+            Self::Memory(m) => Ok(m.channels()),
+            Self::Redis(r) => r.channels().await,
+        }
+    }
+
+    /// A page of `channel`'s members (distinct users, in the order they
+    /// entered), after position `after`.
+    pub async fn presence(
+        &self,
+        channel: &str,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<PresencePage, Reject> {
+        match self {
+            Self::Memory(m) => m.presence(channel, after, limit),
+            Self::Redis(r) => r.presence(channel, after, limit).await,
+        }
+    }
+
+    /// A page of `channel`'s history, newest first: messages with an id
+    /// below `before`.
+    pub async fn history(
+        &self,
+        channel: &str,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<HistoryPage, Reject> {
+        match self {
+            Self::Memory(m) => m.history(channel, before, limit),
+            Self::Redis(r) => r.history(channel, before, limit).await,
+        }
+    }
+
+    /// The live nodes of the cluster and their session counts.
+    pub async fn nodes(&self, node: &Node) -> Result<Vec<NodeInfo>, Reject> {
+        match self {
+            Self::Memory(_) => Ok(vec![NodeInfo {
+                id: node.node_id.clone(),
+                sessions: node.session_count(),
+            }]),
+            Self::Redis(r) => r.nodes(node).await,
         }
     }
 
@@ -188,10 +264,10 @@ impl Broker {
         }
     }
 
-    /// Stops them.
-    pub fn stop(&self) {
+    /// Stops them (and, on Redis, leaves the node registry).
+    pub async fn stop(&self) {
         if let Self::Redis(r) = self {
-            r.stop();
+            r.stop().await;
         }
     }
 
@@ -202,6 +278,64 @@ impl Broker {
             Self::Redis(r) => r.is_healthy(),
         }
     }
+}
+
+/// A message as published: its final id and timestamp.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Published {
+    pub id: u64,
+    pub ts: u64,
+}
+
+/// Who deletes a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeleteAs<'a> {
+    /// A user, who may delete only their own messages.
+    Author(&'a str),
+    /// An admin session, or the server API: any message.
+    Admin,
+}
+
+/// A channel as listed by the server API.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ChannelInfo {
+    pub name: String,
+    pub topic: String,
+}
+
+/// One user in a presence page.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Member {
+    pub user: User,
+    /// The user's sessions in the channel.
+    pub sessions: u64,
+}
+
+/// A page of a channel's members.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PresencePage {
+    pub members: Vec<Member>,
+    /// Distinct users in the channel.
+    pub member_count: u64,
+    /// Where the next page starts (the last member's join position), when
+    /// there is one.
+    pub next: Option<u64>,
+}
+
+/// A page of a channel's history, newest first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryPage {
+    /// MESSAGE_CREATE bodies, as dispatched.
+    pub messages: Vec<Vec<u8>>,
+    /// The id of the last (oldest) message, when older ones remain.
+    pub next: Option<u64>,
+}
+
+/// A node of the cluster, as the server API reports it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct NodeInfo {
+    pub id: String,
+    pub sessions: u64,
 }
 
 /// A MESSAGE_CREATE `cnf` serialized from borrowed parts: publishing copies

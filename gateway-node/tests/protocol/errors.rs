@@ -128,6 +128,124 @@ async fn bad_tokens_are_fatal_4004() {
     assert_fatal(&node, false, r#"{"f":110,"cnf":{}}"#, 4004).await;
 }
 
+/// An HS256 token with any claims, signed with `secret`.
+fn signed(secret: &[u8], claims: serde_json::Value) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret),
+    )
+    .unwrap()
+}
+
+fn in_an_hour() -> u64 {
+    gateway_shared::token::unix_now_s() + 3600
+}
+
+#[tokio::test]
+async fn a_rotated_secret_keeps_old_tokens_and_their_sessions_working() {
+    const OLD: &str = "the-secret-before-the-rotation-xyz!";
+    let node = TestNode::with(|c| c.jwt_previous_secret = Some(OLD.into())).await;
+    let old_token = signed(
+        OLD.as_bytes(),
+        json!({"sub": "rot-1", "name": "rot", "exp": in_an_hour()}),
+    );
+    let alice = Peer::present(&node.url(), old_token, "rot-1".into()).await;
+    // Her app gets a token signed with the new secret and resumes with it.
+    let new_token = token_for("rot-1", "rot", false);
+    let (mut client, _) = Client::connect_hello(&node.url()).await.unwrap();
+    let ready = client
+        .present(&new_token, Some((alice.session_id(), Some(0))))
+        .await
+        .unwrap();
+    assert!(ready.resumed);
+    assert_eq!(ready.session_id, alice.session_id());
+    // A secret that is neither is refused.
+    let stranger = signed(
+        b"neither-the-old-nor-the-new-secret!",
+        json!({"sub": "rot-2", "name": "x", "exp": in_an_hour()}),
+    );
+    let text = json!({"f": 110, "cnf": {"token": stranger}}).to_string();
+    assert_fatal(&node, false, &text, 4004).await;
+}
+
+#[tokio::test]
+async fn a_configured_issuer_and_audience_are_required() {
+    let node = TestNode::with(|c| {
+        c.jwt_issuer = Some("https://auth.example".into());
+        c.jwt_audience = Some("chat".into());
+    })
+    .await;
+    let claims = |extra: serde_json::Value| {
+        let mut c = json!({"sub": "iss-1", "name": "i", "exp": in_an_hour()});
+        c.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        c
+    };
+    for (extra, reason) in [
+        (json!({}), "token claim iss missing"),
+        (
+            json!({"iss": "https://auth.example"}),
+            "token claim aud missing",
+        ),
+        (
+            json!({"iss": "https://other.example", "aud": "chat"}),
+            "token issuer (iss) not accepted",
+        ),
+        (
+            json!({"iss": "https://auth.example", "aud": "other"}),
+            "token audience (aud) not accepted",
+        ),
+    ] {
+        let token = signed(SECRET.as_bytes(), claims(extra));
+        let text = json!({"f": 110, "cnf": {"token": token}}).to_string();
+        let (err, close) = reject_raw(&node, false, &text).await;
+        assert_eq!((err.c, close), (4004, Some(4004)));
+        // With both iss and aud missing, jsonwebtoken reports whichever its
+        // set of required claims yields first: either is right.
+        let both_missing = reason == "token claim iss missing";
+        let either = err.m.as_deref() == Some("token claim aud missing") && both_missing;
+        assert!(err.m.as_deref() == Some(reason) || either, "{:?}", err.m);
+    }
+    let good = signed(
+        SECRET.as_bytes(),
+        claims(json!({"iss": "https://auth.example", "aud": ["chat", "web"]})),
+    );
+    Peer::present(&node.url(), good, "iss-1".into()).await;
+}
+
+#[tokio::test]
+async fn tokens_not_yet_valid_or_of_another_algorithm_are_fatal_4004() {
+    let node = TestNode::start().await;
+    let later = signed(
+        SECRET.as_bytes(),
+        json!({"sub": "nbf", "name": "n", "exp": in_an_hour(), "nbf": in_an_hour() - 60}),
+    );
+    let hs512 = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS512),
+        &json!({"sub": "alg", "name": "a", "exp": in_an_hour()}),
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap();
+    // Within the 4096-byte frame, but no token: refused, not a panic.
+    let oversized = "x".repeat(4000);
+    for (token, reason) in [
+        (later.as_str(), "token not valid yet (nbf)"),
+        (hs512.as_str(), "token algorithm must be HS256"),
+        (oversized.as_str(), "token malformed"),
+    ] {
+        let text = json!({"f": 110, "cnf": {"token": token}}).to_string();
+        let (err, close) = reject_raw(&node, false, &text).await;
+        assert_eq!((err.c, close), (4004, Some(4004)), "{reason}");
+        assert_eq!(err.m.as_deref(), Some(reason));
+    }
+    // Over the frame limit, it is the payload that is refused.
+    let huge = json!({"f": 110, "cnf": {"token": "x".repeat(5000)}}).to_string();
+    let (err, close) = reject_raw(&node, false, &huge).await;
+    assert_eq!((err.c, close), (4006, Some(4006)));
+}
+
 #[tokio::test]
 async fn resuming_another_users_session_is_fatal_4004() {
     let node = TestNode::start().await;

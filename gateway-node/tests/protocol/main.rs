@@ -4,6 +4,8 @@
 mod harness;
 mod rawws;
 
+mod api;
+
 mod connect;
 mod demo;
 mod errors;

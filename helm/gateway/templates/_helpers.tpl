@@ -121,6 +121,22 @@ every template that renders, so a bad combination fails the whole render.
 {{- if and .Values.preStop.enabled (eq .Values.preStop.mode "sleep") (semverCompare "<1.29.0-0" .Capabilities.KubeVersion.Version) -}}
 {{- fail (printf "\n\npreStop.mode=sleep uses the Kubernetes `sleep` lifecycle action, which needs Kubernetes 1.29+ (GA in 1.30); this cluster is %s. Use preStop.mode=exec with an image that has `sleep`, or preStop.enabled=false.\n" .Capabilities.KubeVersion.Version) -}}
 {{- end -}}
+{{- if and .Values.jwt.previousSecretKey (not .Values.jwt.existingSecret) -}}
+{{- fail "\n\njwt.previousSecretKey needs jwt.existingSecret: put the new and the previous secret in a Secret you manage, under jwt.secretKey and jwt.previousSecretKey.\n" -}}
+{{- end -}}
+{{- if and .Values.jwt.previousSecretKey (eq .Values.jwt.previousSecretKey .Values.jwt.secretKey) -}}
+{{- fail "\n\njwt.previousSecretKey must differ from jwt.secretKey.\n" -}}
+{{- end -}}
+{{- if and .Values.api.keysSecret .Values.ingress.enabled -}}
+{{- range .Values.ingress.hosts -}}
+{{- range .paths -}}
+{{- $p := .path | trimSuffix "/" -}}
+{{- if or (and (eq .pathType "Exact") (hasPrefix "/api/" (printf "%s/" .path))) (and (ne .pathType "Exact") (or (eq $p "") (eq $p "/api") (eq $p "/api/v1") (hasPrefix "/api/" $p))) -}}
+{{- fail (printf "\n\nThe ingress path %s (%s) would expose the server API (/api/v1/) publicly while api.keysSecret is set. Route only /gateway (and / Exact) on the public ingress and call the API through the Service from inside the cluster (docs/DEPLOY.md).\n" .path .pathType) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
 {{- if and (not .Values.jwt.existingSecret) .Values.jwt.secret (lt (len .Values.jwt.secret) 32) -}}
 {{- fail "\n\njwt.secret must be at least 32 bytes.\n" -}}
 {{- end -}}

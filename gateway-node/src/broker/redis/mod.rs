@@ -24,12 +24,14 @@
 //! | `gw:ban:USER` | string | the ban; TTL = its duration |
 //! | `gw:sid` | counter | session ids |
 //! | `gw:node:ID`, `gw:nodeidx:I` | strings | node liveness and message-id bits, with TTLs |
+//! | `gw:{g}:nodes` | hash | node id → `"<ms> <sessions>"`, written every upkeep round (the server API's cluster info; entries older than 15 s are dropped) |
 //!
 //! Pub/sub (classic on one Redis, sharded on a cluster, each topic in its
 //! keys' slot): `gw:{c:NAME}` and `gw:{g}` carry
 //! `"<n> <except> <EVENT> <body>"` (`n = 0`: not logged, e.g.
 //! START_TYPING, not for session `except`) and `"reset <gen> <n>"` (the
-//! log starts a new generation); `gw:{g}:ctl` carries `"ban <user>"`;
+//! log starts a new generation); `gw:{g}:ctl` carries `"ban <user>"` and
+//! `"disconnect <user>"` (the server API);
 //! `gw:{n:ID}` claims and replies.
 //!
 //! # Flow
@@ -142,6 +144,10 @@ const GLOBAL_LOG: &str = "gw:{g}:log";
 const CHANNELS: &str = "gw:{g}:channels";
 const CONTROL_TOPIC: &str = "gw:{g}:ctl";
 const EPOCH: &str = "gw:{g}:epoch";
+/// The node registry (cluster info of the server API).
+const NODES: &str = "gw:{g}:nodes";
+/// How long a node's registry entry counts without a refresh.
+const NODE_TTL_MS: u64 = 15_000;
 
 /// Appends an event to a log and publishes it: with `message.lua`, the
 /// one way events enter a log, so the log order and the live order agree
@@ -158,6 +164,10 @@ const LEAVE_LUA: &str = include_str!("lua/leave.lua");
 const MESSAGE_LUA: &str = include_str!("lua/message.lua");
 const DELETE_LUA: &str = include_str!("lua/delete.lua");
 const ADD_CHANNEL_LUA: &str = include_str!("lua/add_channel.lua");
+/// A page of a channel's history, newest first (server API).
+const MESSAGES_LUA: &str = include_str!("lua/messages.lua");
+/// A page of a channel's members (server API).
+const MEMBERS_LUA: &str = include_str!("lua/members.lua");
 /// Takes a parked session over: it becomes live, owned by this node.
 const TAKE_LUA: &str = include_str!("lua/take.lua");
 /// Checks a log against what a node delivered from it (after a failover).
@@ -192,6 +202,8 @@ struct Scripts {
     take: Script,
     verify: Script,
     log_head: Script,
+    messages: Script,
+    members: Script,
 }
 
 /// What the Redis backend needs from the configuration.
@@ -320,6 +332,8 @@ impl RedisBroker {
                 take: script(TAKE_LUA, cluster),
                 verify: script(VERIFY_LUA, cluster),
                 log_head: script(LOG_HEAD_LUA, cluster),
+                messages: script(MESSAGES_LUA, cluster),
+                members: script(MEMBERS_LUA, cluster),
             },
             ids: OnceLock::new(),
             node_index: AtomicU64::new(0),
@@ -355,6 +369,11 @@ impl RedisBroker {
             .map_err(|e| format!("redis: {e}"))?;
         let _ = broker.ids.set(IdGenerator::new(index));
         broker.node_index.store(index, Ordering::Relaxed);
+        // In the registry from the start, not from the first upkeep round.
+        broker
+            .register(&mut conn, 0)
+            .await
+            .map_err(|e| format!("redis: {e}"))?;
         info!(node = %broker.settings.node_id, index, "connected to redis");
         Ok(broker)
     }
@@ -433,10 +452,25 @@ impl RedisBroker {
         tasks.push(tokio::spawn(maintenance_task(weak)));
     }
 
-    /// Stops the background tasks (the node is gone).
-    pub fn stop(&self) {
-        for task in self.tasks.lock().drain(..) {
+    /// Leaves the node registry and stops the background tasks (the node
+    /// is gone).
+    pub async fn stop(&self) {
+        let tasks: Vec<_> = self.tasks.lock().drain(..).collect();
+        for task in tasks {
             task.abort();
         }
+        // After the upkeep task is gone, so that no refresh of the entry
+        // can follow its removal (commands on the shared connection run in
+        // the order they were sent).
+        let mut c = self.conn();
+        let _ = self
+            .op(
+                "leave registry",
+                redis::cmd("HDEL")
+                    .arg(NODES)
+                    .arg(&self.settings.node_id)
+                    .query_async::<i64>(&mut c),
+            )
+            .await;
     }
 }

@@ -4,7 +4,7 @@
 
 use super::{channel_topic, ck, sk, RedisBroker, CHANNELS, CONTROL_TOPIC};
 use crate::broker::memory::unix_ms;
-use crate::broker::{move_body, Ban};
+use crate::broker::{move_body, Ban, ChannelInfo, Member, PresencePage};
 use crate::hub::LocalChannel;
 use crate::session::Session;
 use crate::wire::{Dispatch, Reject};
@@ -59,9 +59,71 @@ impl RedisBroker {
         Ok(names)
     }
 
-    async fn channel_exists(&self, name: &str) -> Result<bool, Reject> {
+    pub async fn channel_exists(&self, name: &str) -> Result<bool, Reject> {
         let mut c = self.conn();
         self.op("channel lookup", c.hexists(CHANNELS, name)).await
+    }
+
+    /// Every channel and its topic (from the registry's meta JSON).
+    pub async fn channels(&self) -> Result<Vec<ChannelInfo>, Reject> {
+        let mut c = self.conn();
+        let all: Vec<(String, String)> = self.op("channels", c.hgetall(CHANNELS)).await?;
+        let mut channels: Vec<ChannelInfo> = all
+            .into_iter()
+            .map(|(name, meta)| {
+                let topic = serde_json::from_str::<serde_json::Value>(&meta)
+                    .ok()
+                    .and_then(|m| m["topic"].as_str().map(str::to_owned))
+                    .unwrap_or_default();
+                ChannelInfo { name, topic }
+            })
+            .collect();
+        channels.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(channels)
+    }
+
+    /// A page of a channel's members (`lua/members.lua`).
+    pub async fn presence(
+        &self,
+        name: &str,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<PresencePage, Reject> {
+        if !self.channel_exists(name).await? {
+            return Err(Reject::new(ErrorCode::NotFound, "unknown channel"));
+        }
+        let mut inv = self.scripts.members.prepare_invoke();
+        inv.key(ck(name, "order"))
+            .key(ck(name, "ujson"))
+            .key(ck(name, "users"));
+        inv.arg(after.map_or_else(|| "-inf".to_owned(), |a| format!("({a}")))
+            .arg(limit + 1);
+        let out: Vec<redis::Value> = self
+            .op("presence", inv.invoke_async(&mut self.conn()))
+            .await?;
+        let member_count = script_int(out.first());
+        let rows: Vec<&[redis::Value]> = out[1.min(out.len())..].chunks(3).collect();
+        let more = rows.len() > limit;
+        let mut members = Vec::with_capacity(limit.min(rows.len()));
+        let mut last = None;
+        for row in rows.into_iter().take(limit) {
+            last = Some(script_int(row.first()));
+            let json = row
+                .get(1)
+                .and_then(|v| redis::from_redis_value::<String>(v.clone()).ok())
+                .unwrap_or_default();
+            if let Ok(user) = serde_json::from_str::<User>(&json) {
+                members.push(Member {
+                    user,
+                    sessions: script_int(row.get(2)),
+                });
+            }
+        }
+        Ok(PresencePage {
+            members,
+            member_count,
+            next: last.filter(|_| more),
+        })
     }
 
     pub async fn is_banned(&self, user_id: &str) -> Result<bool, Reject> {
@@ -281,6 +343,20 @@ impl RedisBroker {
             .op(
                 "ban",
                 self.publish_cmd(CONTROL_TOPIC, &format!("ban {user_id}"))
+                    .query_async(&mut c),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Asks every node (this one included) to end `user_id`'s sessions
+    /// with 4019, on the control topic bans use.
+    pub async fn disconnect_user(&self, user_id: &str) -> Result<(), Reject> {
+        let mut c = self.conn();
+        let _: i64 = self
+            .op(
+                "disconnect",
+                self.publish_cmd(CONTROL_TOPIC, &format!("disconnect {user_id}"))
                     .query_async(&mut c),
             )
             .await?;

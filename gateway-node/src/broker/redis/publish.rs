@@ -10,7 +10,7 @@ use super::{
     PUBLISH_DEADLINE,
 };
 use crate::broker::memory::unix_ms;
-use crate::broker::MessageBody;
+use crate::broker::{DeleteAs, HistoryPage, MessageBody, Published};
 use crate::session::Session;
 use crate::wire::{Dispatch, Reject};
 use gateway_shared::protocol::{ChannelAdd, ErrorCode, Event, MessageDelete, StartTyping, User};
@@ -30,6 +30,13 @@ pub(super) fn parse_entry(d: &str) -> Option<Arc<Dispatch>> {
     ))
 }
 
+/// The id of a MESSAGE_CREATE body (`{"id":"123",…`).
+fn message_id(body: &[u8]) -> Option<u64> {
+    let rest = body.strip_prefix(br#"{"id":""#)?;
+    let end = rest.iter().position(|&b| b == b'"')?;
+    std::str::from_utf8(&rest[..end]).ok()?.parse().ok()
+}
+
 /// `0-<n>` → n.
 fn entry_n(id: &str) -> Option<u64> {
     id.strip_prefix("0-")?.parse().ok()
@@ -38,20 +45,21 @@ fn entry_n(id: &str) -> Option<u64> {
 impl RedisBroker {
     pub async fn publish_message(
         &self,
-        session: &Arc<Session>,
+        channel: &str,
+        author: &User,
         content: &str,
         nonce: Option<&str>,
-    ) -> Result<(), Reject> {
-        let channel = session.channel();
+    ) -> Result<Published, Reject> {
         let started = std::time::Instant::now();
         let id = self.ids().next();
+        let ts = unix_ms();
         // Everything after the id: the script puts the final id in front.
         let full = serde_json::to_string(&MessageBody {
             id: "",
-            channel: &channel,
-            author: &session.user,
+            channel,
+            author,
             content,
-            ts: unix_ms(),
+            ts,
             nonce,
         })
         .expect("message serializes");
@@ -60,7 +68,7 @@ impl RedisBroker {
             + self.clock_offset_ms.load(Ordering::Relaxed)
             + PUBLISH_DEADLINE.as_millis() as i64;
         let job = PublishJob {
-            channel,
+            channel: Arc::from(channel),
             body: full,
             ms: id.ms,
             suffix: id.suffix,
@@ -88,23 +96,34 @@ impl RedisBroker {
         self.metrics
             .broker_publish
             .observe(started.elapsed().as_secs_f64());
-        Ok(())
+        Ok(Published {
+            id: final_id.parse().unwrap_or(id.value()),
+            ts,
+        })
     }
 
-    pub async fn delete_message(&self, session: &Arc<Session>, id: u64) -> Result<(), Reject> {
-        let name = session.channel();
+    pub async fn delete_message(
+        &self,
+        name: &str,
+        id: u64,
+        by: DeleteAs<'_>,
+    ) -> Result<(), Reject> {
         let body = serde_json::to_string(&MessageDelete {
             id: id.to_string(),
-            channel: name.to_string(),
+            channel: name.to_owned(),
         })
         .expect("serializes");
+        let (uid, admin) = match by {
+            DeleteAs::Author(uid) => (uid, "0"),
+            DeleteAs::Admin => ("", "1"),
+        };
         let mut c = self.conn();
         let mut inv = self.scripts.delete.prepare_invoke();
-        inv.key(ck(&name, "meta")).key(ck(&name, "log"));
-        inv.arg(channel_topic(&name))
+        inv.key(ck(name, "meta")).key(ck(name, "log"));
+        inv.arg(channel_topic(name))
             .arg(id)
-            .arg(&session.user.id)
-            .arg(if session.identity.admin { "1" } else { "0" })
+            .arg(uid)
+            .arg(admin)
             .arg(body)
             .arg(self.settings.log_retain())
             .arg(self.settings.history_retain);
@@ -117,6 +136,35 @@ impl RedisBroker {
             )),
             _ => Ok(()),
         }
+    }
+
+    /// A page of a channel's history, newest first (`lua/messages.lua`).
+    pub async fn history(
+        &self,
+        name: &str,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<HistoryPage, Reject> {
+        if !self.channel_exists(name).await? {
+            return Err(Reject::new(ErrorCode::NotFound, "unknown channel"));
+        }
+        let mut inv = self.scripts.messages.prepare_invoke();
+        inv.key(ck(name, "log"));
+        inv.arg(self.settings.history_retain)
+            .arg(before.map(|b| b.to_string()).unwrap_or_default())
+            .arg(limit);
+        let mut messages: Vec<Vec<u8>> = self
+            .op("history", inv.invoke_async(&mut self.conn()))
+            .await?;
+        // The script reads one more than asked: whether older ones remain.
+        let more = messages.len() > limit;
+        messages.truncate(limit);
+        let next = if more {
+            messages.last().and_then(|m| message_id(m))
+        } else {
+            None
+        };
+        Ok(HistoryPage { messages, next })
     }
 
     pub async fn typing(&self, session: &Arc<Session>) -> Result<(), Reject> {
@@ -339,5 +387,7 @@ mod tests {
         assert_eq!(d.body(), br#"{"a":1}"#);
         assert_eq!(entry_n("0-42"), Some(42));
         assert_eq!(entry_n("5-1"), None);
+        assert_eq!(message_id(br#"{"id":"17","channel":"c"}"#), Some(17));
+        assert_eq!(message_id(b"{}"), None);
     }
 }

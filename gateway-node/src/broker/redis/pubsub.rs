@@ -218,13 +218,17 @@ impl RedisBroker {
         } else if topic == GLOBAL_TOPIC {
             self.on_channel_message(node, None, payload);
         } else if topic == CONTROL_TOPIC {
-            if let Some(user) = std::str::from_utf8(payload)
-                .ok()
-                .and_then(|p| p.strip_prefix("ban "))
-            {
+            let Ok(text) = std::str::from_utf8(payload) else {
+                return;
+            };
+            if let Some(user) = text.strip_prefix("ban ") {
                 let node = Arc::clone(node);
                 let user = user.to_owned();
                 tokio::spawn(async move { node.kick_user(&user).await });
+            } else if let Some(user) = text.strip_prefix("disconnect ") {
+                let node = Arc::clone(node);
+                let user = user.to_owned();
+                tokio::spawn(async move { node.disconnect_user(&user).await });
             }
         } else if topic == node_topic(&self.settings.node_id) {
             self.on_control(node, payload);

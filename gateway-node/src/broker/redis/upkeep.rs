@@ -4,11 +4,11 @@
 
 use super::conn::Batch;
 use super::{
-    ck, sk, Conn, RedisBroker, CHANNELS, EPOCH, GLOBAL_LOG, GLOBAL_META, SWEEP_BATCH,
-    SWEEP_CHANNELS,
+    ck, sk, Conn, RedisBroker, CHANNELS, EPOCH, GLOBAL_LOG, GLOBAL_META, NODES, NODE_TTL_MS,
+    SWEEP_BATCH, SWEEP_CHANNELS,
 };
 use crate::broker::memory::unix_ms;
-use crate::broker::Broker;
+use crate::broker::{Broker, NodeInfo};
 use crate::node::Node;
 use crate::wire::Reject;
 use redis::RedisResult;
@@ -68,6 +68,64 @@ impl RedisBroker {
         )))
     }
 
+    /// Writes this node's entry in the node registry: `"<ms> <sessions>"`.
+    pub(super) async fn register(&self, conn: &mut Conn, sessions: u64) -> RedisResult<()> {
+        redis::cmd("HSET")
+            .arg(NODES)
+            .arg(&self.settings.node_id)
+            .arg(format!("{} {sessions}", unix_ms()))
+            .query_async::<i64>(conn)
+            .await
+            .map(|_| ())
+    }
+
+    /// The nodes whose registry entry is fresh, with their session counts
+    /// as of their last upkeep round (this node's: as of now). Stale
+    /// entries (a crashed node) are removed on the way.
+    pub async fn nodes(&self, node: &Node) -> Result<Vec<NodeInfo>, Reject> {
+        let mut c = self.conn();
+        let all: Vec<(String, String)> = self
+            .op(
+                "nodes",
+                redis::cmd("HGETALL").arg(NODES).query_async(&mut c),
+            )
+            .await?;
+        let now = unix_ms();
+        let mut nodes = Vec::with_capacity(all.len());
+        let mut stale = Vec::new();
+        for (id, entry) in all {
+            let (at, sessions) = entry
+                .split_once(' ')
+                .and_then(|(at, n)| Some((at.parse::<u64>().ok()?, n.parse::<u64>().ok()?)))
+                .unwrap_or((0, 0));
+            if id == self.settings.node_id {
+                continue;
+            }
+            if at + NODE_TTL_MS < now {
+                stale.push(id);
+            } else {
+                nodes.push(NodeInfo { id, sessions });
+            }
+        }
+        nodes.push(NodeInfo {
+            id: self.settings.node_id.clone(),
+            sessions: node.session_count(),
+        });
+        nodes.sort_by(|a, b| a.id.cmp(&b.id));
+        if !stale.is_empty() {
+            let _ = self
+                .op(
+                    "nodes",
+                    redis::cmd("HDEL")
+                        .arg(NODES)
+                        .arg(&stale)
+                        .query_async::<i64>(&mut c),
+                )
+                .await;
+        }
+        Ok(nodes)
+    }
+
     /// One round of upkeep: liveness, presence of local sessions, sweep of
     /// expired presence (sessions of crashed nodes).
     async fn maintain(&self, node: &Node) -> Result<(), Reject> {
@@ -85,8 +143,13 @@ impl RedisBroker {
         let mut batch = Batch::new(self.settings.cluster);
         let mut cmd = redis::cmd("SET");
         let node_key = format!("gw:node:{}", self.settings.node_id);
-        cmd.arg(&node_key).arg(now).arg("PX").arg(15_000);
+        cmd.arg(&node_key).arg(now).arg("PX").arg(NODE_TTL_MS);
         batch.add(&node_key, cmd);
+        let mut cmd = redis::cmd("HSET");
+        cmd.arg(NODES)
+            .arg(&self.settings.node_id)
+            .arg(format!("{now} {}", node.session_count()));
+        batch.add(NODES, cmd);
         let index_key = format!("gw:nodeidx:{}", self.node_index.load(Ordering::Relaxed));
         let mut cmd = redis::cmd("PEXPIRE");
         cmd.arg(&index_key).arg(60_000);
