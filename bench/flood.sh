@@ -8,6 +8,9 @@
 #   bench/flood.sh [flood.py flags…]
 #   bench/flood.sh --slowloris 800 --never-present 800 --forged 200 --never-read 1000 --duration-s 40
 #
+# ROUNDS=N runs the flood N times against the same node (does memory come
+# back?), e.g. ROUNDS=3 bench/flood.sh --after-s 65.
+#
 # The node runs with its default limits (header timeout 10 s, hb_int 20 s,
 # outbound limit 1024) on the in-memory backend; extra node settings can be
 # given as GATEWAY_* variables in the environment.
@@ -26,6 +29,9 @@ NODE=$!
 PIDS+=("$NODE")
 until curl -fsS "http://127.0.0.1:$port/healthz" >/dev/null 2>&1; do sleep 0.05; done
 echo "node pid $NODE on 127.0.0.1:$port, $(nproc) cores, open files per process $(ulimit -n)"
-python3 bench/flood.py --addr "127.0.0.1:$port" --secret "$SECRET" --node-pid "$NODE" "$@"
+for round in $(seq 1 "${ROUNDS:-1}"); do
+  [ "${ROUNDS:-1}" = 1 ] || echo "== flood $round of $ROUNDS against the same node"
+  python3 bench/flood.py --addr "127.0.0.1:$port" --secret "$SECRET" --node-pid "$NODE" "$@"
+done
 kill -0 "$NODE" 2>/dev/null || { echo "the node died:" >&2; tail -20 "$TMP/node.log" >&2; exit 1; }
 echo "node alive after the flood"
