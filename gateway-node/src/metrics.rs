@@ -27,6 +27,9 @@ pub struct Metrics {
     fanout_delay: Histogram,
     resumes: IntCounterVec,
     pub slow_consumers: IntCounter,
+    /// Connections refused or cut before a session, by the limit that did
+    /// it (docs/DEPLOY.md, "Security and abuse limits").
+    refused: IntCounterVec,
     /// Times a reader stopped reading its client until its replies were
     /// written: clients that send faster than they read.
     pub reads_held_back: IntCounter,
@@ -43,6 +46,30 @@ pub struct Metrics {
 
 /// Label values of `gateway_frames_received_total`.
 const FRAME_LABELS: [&str; 7] = ["100", "110", "120", "130", "140", "150", "invalid"];
+/// Label values of `gateway_connections_refused_total`.
+const REFUSED_LABELS: [&str; 5] = [
+    "node_full",
+    "address_full",
+    "draining",
+    "header_timeout",
+    "head_too_large",
+];
+
+/// Why a connection was refused or cut before it had a session.
+#[derive(Debug, Clone, Copy)]
+pub enum Refused {
+    /// `--max-connections` (503).
+    NodeFull = 0,
+    /// `--max-connections-per-ip` (429).
+    AddressFull = 1,
+    /// The node drains (503).
+    Draining = 2,
+    /// No complete request head within `--http-header-timeout-ms`.
+    HeaderTimeout = 3,
+    /// A request head over the size cap (431).
+    HeadTooLarge = 4,
+}
+
 /// Label values of `gateway_resumes_total`.
 const RESUME_LABELS: [&str; 4] = ["local", "remote", "parked", "failed"];
 
@@ -114,6 +141,14 @@ impl Metrics {
             "Connections closed with 4016 because the client read too slowly",
         )
         .unwrap();
+        let refused = IntCounterVec::new(
+            Opts::new(
+                "connections_refused_total",
+                "Connections refused or cut before a session, by the limit that did it",
+            ),
+            &["reason"],
+        )
+        .unwrap();
         let reads_held_back = IntCounter::new(
             "reads_held_back_total",
             "Times a connection stopped reading requests until its replies were written",
@@ -163,6 +198,7 @@ impl Metrics {
             Box::new(fanout_delay.clone()),
             Box::new(resumes.clone()),
             Box::new(slow_consumers.clone()),
+            Box::new(refused.clone()),
             Box::new(reads_held_back.clone()),
             Box::new(broker_errors.clone()),
             Box::new(broker_publish.clone()),
@@ -199,6 +235,9 @@ impl Metrics {
         for result in RESUME_LABELS {
             resumes.with_label_values(&[result]);
         }
+        for reason in REFUSED_LABELS {
+            refused.with_label_values(&[reason]);
+        }
         let api_routes = crate::api::ROUTES
             .iter()
             .map(|r| (r.template, r.statuses))
@@ -220,6 +259,7 @@ impl Metrics {
             fanout_delay,
             resumes,
             slow_consumers,
+            refused,
             reads_held_back,
             broker_errors,
             broker_publish,
@@ -244,6 +284,12 @@ impl Metrics {
             Some(false) => self.sessions_detached.inc(),
             None => {}
         }
+    }
+
+    pub fn refused(&self, why: Refused) {
+        self.refused
+            .with_label_values(&[REFUSED_LABELS[why as usize]])
+            .inc();
     }
 
     pub fn frame_received(&self, f: Option<FunctionCode>) {

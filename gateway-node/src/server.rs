@@ -14,6 +14,7 @@
 //! (`--tcp-send-buffer`).
 
 use crate::admission::{Admission, Refusal};
+use crate::metrics::Refused;
 use crate::node::Node;
 use crate::{connection, demo};
 use bytes::Bytes;
@@ -111,18 +112,21 @@ async fn route(
                 ));
             }
             if node.is_draining() {
+                node.metrics.refused(Refused::Draining);
                 return Ok(text(StatusCode::SERVICE_UNAVAILABLE, "node is draining\n"));
             }
             let ticket = match admission.admit(peer) {
                 Ok(ticket) => ticket,
                 Err(Refusal::NodeFull) => {
-                    return Ok(text(StatusCode::SERVICE_UNAVAILABLE, "node is full\n"))
+                    node.metrics.refused(Refused::NodeFull);
+                    return Ok(text(StatusCode::SERVICE_UNAVAILABLE, "node is full\n"));
                 }
                 Err(Refusal::AddressFull) => {
+                    node.metrics.refused(Refused::AddressFull);
                     return Ok(text(
                         StatusCode::TOO_MANY_REQUESTS,
                         "too many connections from your address\n",
-                    ))
+                    ));
                 }
             };
             let (response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
@@ -204,6 +208,7 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener, shutdown: impl Future
         let admission = Arc::clone(&admission);
         tokio::spawn(async move {
             let header_timeout = node.config.http_header_timeout();
+            let metrics = Arc::clone(&node.metrics);
             let service = service_fn(move |req| {
                 route(Arc::clone(&node), Arc::clone(&admission), peer.ip(), req)
             });
@@ -216,6 +221,11 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener, shutdown: impl Future
                 .with_upgrades()
                 .await;
             if let Err(e) = result {
+                if e.is_timeout() {
+                    metrics.refused(Refused::HeaderTimeout);
+                } else if e.is_parse_too_large() {
+                    metrics.refused(Refused::HeadTooLarge);
+                }
                 debug!(%peer, error = %e, "http connection ended with an error");
             }
         });

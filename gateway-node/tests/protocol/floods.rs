@@ -81,6 +81,30 @@ async fn metric(addr: SocketAddr, name: &str) -> u64 {
         .sum::<f64>() as u64
 }
 
+/// Waits until `gateway_connections_refused_total` for `reason` on the
+/// node at `addr` is `want` (it is counted as the connection's task ends,
+/// just after the client saw the close).
+async fn until_refused(addr: SocketAddr, reason: &str, want: u64) {
+    let prefix = format!("gateway_connections_refused_total{{reason=\"{reason}\"");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (_, metrics) = http_get(&format!("http://{addr}/metrics")).await;
+        let got: u64 = metrics
+            .lines()
+            .filter(|l| l.starts_with(&prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum();
+        if got == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{reason}: {got} refused, not {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// A task that polls a metric of the node at `addr` until it is at most
 /// `most`, for at most three harness waits.
 fn until_at_most(addr: SocketAddr, name: &'static str, most: u64) -> JoinHandle<()> {
@@ -147,6 +171,7 @@ async fn slow_heads_are_closed_at_the_header_timeout_while_a_client_chats() {
         held.iter().all(|d| *d >= Duration::from_millis(450)),
         "{held:?}"
     );
+    until_refused(node.addr, "header_timeout", 100).await;
     peer.say("after slowloris").await;
 }
 
@@ -163,6 +188,7 @@ async fn a_head_over_16_kib_gets_431_and_a_large_normal_head_still_upgrades() {
     let _ = stream.read_to_end(&mut answer).await;
     let answer = String::from_utf8_lossy(&answer);
     assert!(answer.starts_with("HTTP/1.1 431"), "{answer:?}");
+    until_refused(node.addr, "head_too_large", 1).await;
     // Browsers' heads are far smaller; 8 KiB of cookies still upgrade.
     let cookie = format!("Cookie: c={}\r\n", "x".repeat(8 * 1024));
     let stream = rawws::connect(node.addr, None, None).await.unwrap();
@@ -332,6 +358,7 @@ async fn an_address_over_max_connections_per_ip_gets_429_and_others_do_not() {
         Err(ClientError::Refused(429)) => {}
         other => panic!("a third connection from 127.0.0.1: {:?}", other.err()),
     }
+    until_refused(node.addr, "address_full", 1).await;
     // Another address is counted apart.
     let other: IpAddr = "127.0.0.2".parse().unwrap();
     let stream = rawws::connect(node.addr, Some(other), None).await.unwrap();
