@@ -321,6 +321,10 @@ fn stream_of(topic: &str) -> Option<Option<&str>> {
         .map(Some)
 }
 
+/// Probes in a row that the cluster connection failed before it is
+/// replaced (see `PubSub::probe`): one may hit a node that just stopped.
+const WEDGED_PROBES: u32 = 2;
+
 /// Owns the subscriptions: every (un)subscribe goes through here, in
 /// order, so a subscribe is never undone by an older unsubscribe.
 pub(super) async fn subscription_task(
@@ -338,6 +342,7 @@ pub(super) async fn subscription_task(
     .into();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failed_probes = 0;
     loop {
         tokio::select! {
             request = requests.recv() => match request {
@@ -382,6 +387,19 @@ pub(super) async fn subscription_task(
                 // resubscribes on this command.
                 let Some(node) = node.upgrade() else { return };
                 let Broker::Redis(r) = &node.broker else { return };
+                // A cluster connection that answers nothing, not even a
+                // PING to a live node, is replaced (see `conn`).
+                if pubsub.probe().await {
+                    failed_probes = 0;
+                } else {
+                    failed_probes += 1;
+                    r.healthy.store(false, Ordering::Relaxed);
+                    if failed_probes >= WEDGED_PROBES {
+                        failed_probes = 0;
+                        r.replace_connection(&node, &mut pubsub, &subscribed).await;
+                    }
+                    continue;
+                }
                 let ok = pubsub.ping().await;
                 let was = r.healthy.swap(ok, Ordering::Relaxed);
                 if ok && !was {
@@ -416,6 +434,44 @@ pub(super) async fn subscription_task(
                 }
             }
         }
+    }
+}
+
+impl RedisBroker {
+    /// Replaces a cluster connection that stopped answering, subscribes
+    /// again on the new one, and checks every stream for what it missed
+    /// meanwhile; streams whose shard does not answer are checked when
+    /// Redis is back (`healthy` stays false).
+    async fn replace_connection(
+        &self,
+        node: &Arc<Node>,
+        pubsub: &mut PubSub,
+        subscribed: &HashSet<String>,
+    ) {
+        warn!("the redis cluster connection stopped answering; replacing it");
+        self.metrics.broker_errors.inc();
+        if let Err(e) = pubsub.replace().await {
+            warn!(error = %e, "replacing the redis cluster connection failed; trying again");
+            return;
+        }
+        let failed = pubsub.subscribe_all(subscribed.iter()).await;
+        info!(
+            topics = subscribed.len(),
+            failed, "redis cluster connection replaced; subscribed again"
+        );
+        let mut streams: Vec<Option<Arc<str>>> = self.hub.names().into_iter().map(Some).collect();
+        streams.push(None);
+        let node = Arc::clone(node);
+        tokio::spawn(async move {
+            let Broker::Redis(r) = &node.broker else {
+                return;
+            };
+            let checks = streams.iter().map(|name| r.verify(&node, name.as_deref()));
+            let results = futures_util::future::join_all(checks).await;
+            if failed > 0 || results.iter().any(Result::is_err) {
+                r.healthy.store(false, Ordering::Relaxed);
+            }
+        });
     }
 }
 
