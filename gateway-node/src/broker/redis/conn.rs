@@ -20,13 +20,13 @@
 //! Cluster mode is this file's difference: scripts and pipelines are the
 //! same on both, because every script touches one slot.
 //!
-//! On a cluster the client library's connection can stop answering
-//! altogether while one shard does not answer (a stopped or blackholed
-//! node): its topology refresh holds every command, and can hang for
-//! good (see docs/ARCHITECTURE.md, "A shard that stops answering"). The
-//! subscription task probes it (`PubSub::probe`) and replaces it whole
-//! (`PubSub::replace`) when it no longer answers even a PING to any node;
-//! every handle follows, as they all go through one [`Cluster`].
+//! On a cluster the client library's connection holds every command
+//! while it refreshes the topology, which a node that never answers makes
+//! slow, and a refresh has hung for good (tokio 1.54 with redis-rs 1.8;
+//! see docs/ARCHITECTURE.md, "A shard that stops answering"). The
+//! subscription task probes the connection (`PubSub::probe`) and replaces
+//! it whole (`PubSub::replace`) when it no longer answers even a PING to
+//! any node; every handle follows, as they all go through one [`Cluster`].
 
 use super::{Settings, OP_TIMEOUT};
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
