@@ -367,6 +367,10 @@ async fn receive(peer: &mut Peer, content: &str, within: Duration) {
 /// one node to the other.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shard_that_stops_answering_leaves_the_other_shards_working() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("warn,gateway_node=info,redis=info")
+        .with_test_writer()
+        .try_init();
     let mut cluster = RedisCluster::start();
     for port in cluster.running().collect::<Vec<_>>() {
         // As the repro has it: the live shards serve, the dead one is down.

@@ -41,9 +41,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// How long a cluster connection has to answer a PING (`PubSub::probe`):
-/// a live node answers in well under a millisecond; a connection that
-/// holds its commands behind a topology refresh does not.
-const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// a live node answers in well under a millisecond, and a topology
+/// refresh that holds every command takes up to about two (a connection
+/// and a response timeout to a node that never answers); a connection
+/// that hung does not answer at all.
+const PROBE_TIMEOUT: Duration = OP_TIMEOUT;
 
 /// The command handle (cheap to clone: clones share the socket).
 #[derive(Clone)]

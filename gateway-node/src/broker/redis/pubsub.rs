@@ -11,14 +11,19 @@ use crate::broker::Broker;
 use crate::hub::{Gap, LocalChannel};
 use crate::node::Node;
 use crate::wire::{Dispatch, Reject};
+use futures_util::StreamExt;
 use gateway_shared::protocol::{ErrorCode, Event};
 use redis::{PushInfo, PushKind};
 use std::collections::HashSet;
+use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
+
+/// Streams `resync` checks at once.
+const RESYNC_CONCURRENCY: usize = 16;
 
 /// `"reset <gen> <n>"`: the log starts over (see `lua/verify.lua`).
 fn parse_reset(payload: &[u8]) -> Option<(u64, u64)> {
@@ -117,18 +122,30 @@ impl RedisBroker {
 
     /// After the subscriptions were lost (a reconnect, a failover): checks
     /// every local channel's log against what was delivered from it, and
-    /// reads what was missed.
-    /// False when Redis failed meanwhile (the caller tries again later).
+    /// reads what was missed. Each stream on its own, a few at a time: one
+    /// whose shard does not answer does not keep the others from catching
+    /// up. False when Redis failed for any (the caller tries again later).
     pub(super) async fn resync(&self, node: &Node) -> bool {
         let mut streams: Vec<Option<Arc<str>>> = self.hub.names().into_iter().map(Some).collect();
         streams.push(None);
-        for name in streams {
-            if let Err(e) = self.verify(node, name.as_deref()).await {
-                debug!(error = %e.message, "resync stopped; it runs again when Redis is back");
-                return false;
-            }
+        // Boxed: the stream's future must be `Send` for every lifetime.
+        type Check<'a> = std::pin::Pin<Box<dyn Future<Output = Result<(), Reject>> + Send + 'a>>;
+        let mut checks: Vec<Check<'_>> = Vec::with_capacity(streams.len());
+        for name in &streams {
+            checks.push(Box::pin(self.verify(node, name.as_deref())));
         }
-        true
+        let results: Vec<Result<(), Reject>> = futures_util::stream::iter(checks)
+            .buffer_unordered(RESYNC_CONCURRENCY)
+            .collect()
+            .await;
+        let failed = results.iter().filter(|r| r.is_err()).count();
+        if failed > 0 {
+            debug!(
+                failed,
+                "resync incomplete; it runs again when Redis is back"
+            );
+        }
+        failed == 0
     }
 
     /// Checks one stream with `lua/verify.lua`: a log that lost what this
@@ -322,8 +339,9 @@ fn stream_of(topic: &str) -> Option<Option<&str>> {
 }
 
 /// Probes in a row that the cluster connection failed before it is
-/// replaced (see `PubSub::probe`): one may hit a node that just stopped.
-const WEDGED_PROBES: u32 = 2;
+/// replaced (see `PubSub::probe`): one may hit a node that just stopped,
+/// or a slow refresh; a connection that hung fails every one.
+const WEDGED_PROBES: u32 = 3;
 
 /// Owns the subscriptions: every (un)subscribe goes through here, in
 /// order, so a subscribe is never undone by an older unsubscribe.
@@ -459,17 +477,12 @@ impl RedisBroker {
             topics = subscribed.len(),
             failed, "redis cluster connection replaced; subscribed again"
         );
-        let mut streams: Vec<Option<Arc<str>>> = self.hub.names().into_iter().map(Some).collect();
-        streams.push(None);
         let node = Arc::clone(node);
         tokio::spawn(async move {
-            let Broker::Redis(r) = &node.broker else {
-                return;
-            };
-            let checks = streams.iter().map(|name| r.verify(&node, name.as_deref()));
-            let results = futures_util::future::join_all(checks).await;
-            if failed > 0 || results.iter().any(Result::is_err) {
-                r.healthy.store(false, Ordering::Relaxed);
+            if let Broker::Redis(r) = &node.broker {
+                if !r.resync(&node).await || failed > 0 {
+                    r.healthy.store(false, Ordering::Relaxed);
+                }
             }
         });
     }
