@@ -8,7 +8,7 @@
 
 use crate::cluster::Store;
 use crate::harness::*;
-use crate::redis_server::RedisCluster;
+use crate::redis_server::{redis_cli, RedisCluster};
 use gateway_shared::protocol::{Event, FunctionCode};
 use gateway_shared::ClientError;
 use serde_json::json;
@@ -315,4 +315,173 @@ async fn a_log_whose_counter_went_back_ends_its_sessions() {
 #[tokio::test]
 async fn a_log_whose_numbers_were_reused_ends_its_sessions() {
     a_log_that_went_back_ends_its_sessions(true).await;
+}
+
+/// Sends `content` to `peer`'s channel until the node accepts it (its echo
+/// comes back); a refusal (4018, while a node replaces a connection that
+/// stopped answering) is answered by sending it again. Panics if it is not
+/// accepted within `within`.
+async fn say_until_accepted(peer: &mut Peer, content: &str, within: Duration) {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{content:?} was not accepted within {within:?}"
+        );
+        peer.execute("MESSAGE_CREATE", json!({ "content": content }))
+            .await;
+        let m = peer
+            .wait_for(|m| {
+                (m.is_dispatch(Event::MessageCreate) && m.cnf["content"] == content)
+                    || m.f == FunctionCode::Error.code()
+            })
+            .await;
+        if m.f != FunctionCode::Error.code() {
+            return;
+        }
+        assert_eq!(m.error().unwrap().c, 4018, "{}", m.text);
+    }
+}
+
+/// Waits for the MESSAGE_CREATE of `content`, for at most `within`.
+async fn receive(peer: &mut Peer, content: &str, within: Duration) {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match peer.next().await {
+            Ok(m) if m.is_dispatch(Event::MessageCreate) && m.cnf["content"] == content => {
+                return;
+            }
+            Ok(_) | Err(ClientError::Timeout) => {}
+            Err(e) => panic!("waiting for {content:?}: {e}"),
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{content:?} not received within {within:?}"
+        );
+    }
+}
+
+/// One shard stops answering while holding its slots: its replica is
+/// stopped (SIGSTOP: it accepts connections and never answers, like a
+/// frozen machine or a blackhole), then its master killed, so nothing can
+/// take over. Both nodes keep publishing into that shard's channel (refused
+/// with 4018), and a channel on another shard keeps carrying messages from
+/// one node to the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_that_stops_answering_leaves_the_other_shards_working() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("warn,gateway_node=info,redis=info")
+        .with_test_writer()
+        .try_init();
+    let mut cluster = RedisCluster::start();
+    for port in cluster.running().collect::<Vec<_>>() {
+        // As the repro has it: the live shards serve, the dead one is down.
+        redis_cli(
+            port,
+            &["CONFIG", "SET", "cluster-require-full-coverage", "no"],
+        );
+    }
+    let url = cluster.seed_urls();
+    let node = |url: String| {
+        TestNode::with(move |c| {
+            c.redis_url = Some(url);
+            c.redis_cluster = true;
+            c.rate_limit_count = 1_000_000;
+        })
+    };
+    let (a, b) = (node(url.clone()).await, node(url).await);
+    let key = |channel: &str| format!("gw:{{c:{channel}}}:meta");
+    let dead = fresh_channel("dead");
+    let victim = cluster.master_for_key(&key(&dead));
+    // A channel whose slot is on another master: chosen, not hoped for.
+    let live = loop {
+        let name = fresh_channel("live");
+        if cluster.master_for_key(&key(&name)) != victim {
+            break name;
+        }
+    };
+    let mut alice = Peer::join(&a, "alice").await;
+    alice.create_and_move(&live).await;
+    let mut bob = Peer::join(&b, "bob").await;
+    bob.move_to(&live).await;
+    let mut noisy = Vec::new();
+    for (i, node) in [&a, &b, &a, &b].into_iter().enumerate() {
+        let mut peer = Peer::join(node, &format!("noisy{i}")).await;
+        if i == 0 {
+            peer.create_and_move(&dead).await;
+        } else {
+            peer.move_to(&dead).await;
+        }
+        noisy.push(peer);
+    }
+    say_until_accepted(&mut alice, "before", WAIT).await;
+    receive(&mut bob, "before", WAIT).await;
+
+    let replicas = cluster.replicas_of(victim);
+    assert!(!replicas.is_empty(), ":{victim} has no replica");
+    for &replica in &replicas {
+        cluster.freeze(replica);
+    }
+    cluster.kill(victim);
+    // Traffic into the dead shard from both nodes: its messages are
+    // refused, and keep the nodes' Redis clients busy with that shard.
+    let talkers: Vec<_> = noisy
+        .into_iter()
+        .map(|mut peer| {
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_millis(5));
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => {
+                            let sent = peer
+                                .client
+                                .execute("MESSAGE_CREATE", json!({ "content": "x" }), None)
+                                .await;
+                            if sent.is_err() {
+                                return;
+                            }
+                        }
+                        read = peer.client.next_message(WAIT) => {
+                            if matches!(read, Err(ClientError::Closed(_))) {
+                                return;
+                            }
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+
+    // Once the cluster has given the shard up, its slots stay with a dead
+    // master: every command for them is refused or redirected to it.
+    let mut failed = replicas;
+    failed.push(victim);
+    let mut given_up = tokio::task::spawn_blocking(move || {
+        cluster.wait_failed(&failed);
+        cluster
+    });
+    // Messages in the live channel go from node to node all along: while
+    // the cluster notices, and for 40 messages after it gave the shard up.
+    let mut cluster = None;
+    let mut after = 0;
+    for i in 0.. {
+        if cluster.is_none() {
+            if let Ok(done) = tokio::time::timeout(Duration::ZERO, &mut given_up).await {
+                cluster = Some(done.unwrap());
+            }
+        }
+        if cluster.is_some() {
+            after += 1;
+            if after > 40 {
+                break;
+            }
+        }
+        let content = format!("live-{i}");
+        say_until_accepted(&mut alice, &content, WAIT * 6).await;
+        receive(&mut bob, &content, WAIT * 6).await;
+    }
+    for talker in talkers {
+        talker.abort();
+    }
+    drop(cluster);
 }

@@ -310,6 +310,9 @@ struct ClusterNode {
     port: u16,
     dir: PathBuf,
     child: Option<Child>,
+    /// Stopped with SIGSTOP (`freeze`): it accepts connections but never
+    /// answers, so the harness does not ask it anything.
+    frozen: bool,
 }
 
 struct Killed {
@@ -608,6 +611,58 @@ impl RedisCluster {
         self.killed.insert(port, Killed { id, replicas });
     }
 
+    /// Ports of the replicas of the master on `port`, as a running node
+    /// sees them.
+    pub fn replicas_of(&self, port: u16) -> Vec<u16> {
+        let view = self.nodes_view();
+        let me = view
+            .iter()
+            .find(|n| n.port == port)
+            .unwrap_or_else(|| panic!("no node :{port} in the cluster"));
+        view.iter()
+            .filter(|n| n.master_id.as_deref() == Some(me.id.as_str()))
+            .map(|n| n.port)
+            .collect()
+    }
+
+    /// Stops the node on `port` with SIGSTOP: it keeps its port, the
+    /// kernel still accepts connections for it, and it never answers (a
+    /// frozen machine or a network blackhole). Drop kills it as any other.
+    pub fn freeze(&mut self, port: u16) {
+        let node = self
+            .nodes
+            .iter_mut()
+            .find(|n| n.port == port && n.child.is_some())
+            .unwrap_or_else(|| panic!("node :{port} is not running"));
+        let pid = node.child.as_ref().unwrap().id().to_string();
+        let status = Command::new("kill")
+            .args(["-STOP", &pid])
+            .status()
+            .unwrap_or_else(|e| panic!("cannot run kill ({e})"));
+        assert!(status.success(), "kill -STOP {pid} (:{port}) failed");
+        node.frozen = true;
+    }
+
+    /// Waits until every running node flags each of `ports` as failed
+    /// (`fail` in CLUSTER NODES): the cluster has given them up.
+    pub fn wait_failed(&self, ports: &[u16]) {
+        let what = format!("nodes {ports:?} flagged as failed");
+        wait_until(FAILOVER_DEADLINE, &what, || {
+            for port in self.running() {
+                let view = parse_cluster_nodes(
+                    &try_redis_cli(port, &["CLUSTER", "NODES"])
+                        .ok_or(format!(":{port} is down"))?,
+                );
+                for &p in ports {
+                    if !view.iter().any(|n| n.port == p && n.has_flag("fail")) {
+                        return Err(format!(":{port} does not flag :{p} as failed yet"));
+                    }
+                }
+            }
+            Ok(())
+        })
+    }
+
     /// Waits until a former replica of the master killed on `old_master`
     /// reports `role:master`, serves all that master's slots in every
     /// running node's view, and every running node reports `cluster_state:ok`
@@ -666,6 +721,7 @@ impl RedisCluster {
             port,
             dir: temp_dir("redis-cluster"),
             child: None,
+            frozen: false,
         });
         let mut port = port;
         for attempt in 1.. {
@@ -702,14 +758,15 @@ impl RedisCluster {
     fn is_running(&self, port: u16) -> bool {
         self.nodes
             .iter()
-            .any(|n| n.port == port && n.child.is_some())
+            .any(|n| n.port == port && n.child.is_some() && !n.frozen)
     }
 
-    /// Ports of the nodes still running, masters and replicas.
+    /// Ports of the nodes still running (and not frozen), masters and
+    /// replicas.
     pub fn running(&self) -> impl Iterator<Item = u16> + '_ {
         self.nodes
             .iter()
-            .filter(|n| n.child.is_some())
+            .filter(|n| n.child.is_some() && !n.frozen)
             .map(|n| n.port)
     }
 

@@ -19,29 +19,63 @@
 //!
 //! Cluster mode is this file's difference: scripts and pipelines are the
 //! same on both, because every script touches one slot.
+//!
+//! On a cluster the client library's connection holds every command
+//! while it refreshes the topology, which a node that never answers makes
+//! slow, and a refresh has hung for good (tokio 1.54 with redis-rs 1.8;
+//! see docs/ARCHITECTURE.md, "A shard that stops answering"). The
+//! subscription task probes the connection (`PubSub::probe`) and replaces
+//! it whole (`PubSub::replace`) when it no longer answers even a PING to
+//! any node; every handle follows, as they all go through one [`Cluster`].
 
 use super::{Settings, OP_TIMEOUT};
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
-use redis::cluster::ClusterClientBuilder;
+use redis::cluster::{ClusterClient, ClusterClientBuilder};
 use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use redis::{
     Cmd, ConnectionInfo, IntoConnectionInfo, Pipeline, PushInfo, RedisFuture, RedisResult,
     TlsCertificates, Value,
 };
+use std::sync::Arc;
 use std::time::Duration;
+
+/// How long a cluster connection has to answer a PING (`PubSub::probe`):
+/// a live node answers in well under a millisecond, and a topology
+/// refresh that holds every command takes up to about two (a connection
+/// and a response timeout to a node that never answers); a connection
+/// that hung does not answer at all.
+const PROBE_TIMEOUT: Duration = OP_TIMEOUT;
 
 /// The command handle (cheap to clone: clones share the socket).
 #[derive(Clone)]
 pub(super) enum Conn {
     Single(ConnectionManager),
-    Cluster(ClusterConnection),
+    Cluster(Arc<Cluster>),
+}
+
+/// The cluster connection in use, shared by every handle, and the client
+/// that makes a new one when it has to be replaced.
+pub(super) struct Cluster {
+    client: ClusterClient,
+    current: parking_lot::Mutex<ClusterConnection>,
+}
+
+impl Cluster {
+    /// The connection in use (a handle: clones share its sockets).
+    fn get(&self) -> ClusterConnection {
+        self.current.lock().clone()
+    }
 }
 
 impl ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
             Self::Single(c) => c.req_packed_command(cmd),
-            Self::Cluster(c) => c.req_packed_command(cmd),
+            Self::Cluster(c) => {
+                let mut conn = c.get();
+                Box::pin(async move { conn.req_packed_command(cmd).await })
+            }
         }
     }
 
@@ -53,14 +87,17 @@ impl ConnectionLike for Conn {
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
             Self::Single(c) => c.req_packed_commands(pipeline, offset, count),
-            Self::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+            Self::Cluster(c) => {
+                let mut conn = c.get();
+                Box::pin(async move { conn.req_packed_commands(pipeline, offset, count).await })
+            }
         }
     }
 
     fn get_db(&self) -> i64 {
         match self {
             Self::Single(c) => c.get_db(),
-            Self::Cluster(c) => c.get_db(),
+            Self::Cluster(_) => 0,
         }
     }
 }
@@ -68,7 +105,7 @@ impl ConnectionLike for Conn {
 /// The subscription handle, on the same socket.
 pub(super) enum PubSub {
     Single(ConnectionManager),
-    Cluster(ClusterConnection),
+    Cluster(Arc<Cluster>),
 }
 
 impl PubSub {
@@ -77,7 +114,7 @@ impl PubSub {
     pub async fn subscribe(&mut self, topic: &str) -> RedisResult<()> {
         match self {
             Self::Single(c) => c.subscribe(topic).await,
-            Self::Cluster(c) => c.ssubscribe(topic).await,
+            Self::Cluster(c) => c.get().ssubscribe(topic).await,
         }
     }
 
@@ -87,6 +124,7 @@ impl PubSub {
         match self {
             Self::Single(c) => c.unsubscribe(topics).await,
             Self::Cluster(c) => {
+                let mut c = c.get();
                 for topic in topics {
                     c.sunsubscribe(topic).await?;
                 }
@@ -100,9 +138,62 @@ impl PubSub {
         let cmd = redis::cmd("PING");
         let result = match self {
             Self::Single(c) => cmd.query_async::<Value>(c).await,
-            Self::Cluster(c) => cmd.query_async::<Value>(c).await,
+            Self::Cluster(c) => cmd.query_async::<Value>(&mut c.get()).await,
         };
         result.is_ok()
+    }
+
+    /// On a cluster: whether the connection still answers at all, a PING
+    /// to any one node it holds, within `PROBE_TIMEOUT`. (`ping` asks
+    /// every master, so one shard down fails it.) Always true on one
+    /// Redis.
+    pub async fn probe(&self) -> bool {
+        let Self::Cluster(c) = self else {
+            return true;
+        };
+        let mut conn = c.get();
+        let ping = conn.route_command(
+            redis::cmd("PING"),
+            RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
+        );
+        matches!(tokio::time::timeout(PROBE_TIMEOUT, ping).await, Ok(Ok(_)))
+    }
+
+    /// On a cluster: replaces the connection with a new one, which every
+    /// handle uses from then on; the old one ends when its last command
+    /// does. The new one has no subscriptions: the caller makes them again.
+    pub async fn replace(&self) -> Result<(), String> {
+        let Self::Cluster(c) = self else {
+            return Ok(());
+        };
+        let conn = tokio::time::timeout(OP_TIMEOUT * 2, c.client.get_async_connection())
+            .await
+            .map_err(|_| "connecting to Redis Cluster timed out".to_owned())?
+            .map_err(|e| format!("redis cluster connection: {e}"))?;
+        *c.current.lock() = conn;
+        Ok(())
+    }
+
+    /// Subscribes to every one of `topics` at once (a topic whose shard
+    /// does not answer does not hold the others up); how many failed.
+    pub async fn subscribe_all<'a>(&self, topics: impl Iterator<Item = &'a String>) -> usize {
+        let runs = topics.map(|topic| {
+            let mut handle = match self {
+                Self::Single(c) => Self::Single(c.clone()),
+                Self::Cluster(c) => Self::Cluster(Arc::clone(c)),
+            };
+            async move {
+                matches!(
+                    tokio::time::timeout(OP_TIMEOUT, handle.subscribe(topic)).await,
+                    Ok(Ok(()))
+                )
+            }
+        });
+        futures_util::future::join_all(runs)
+            .await
+            .into_iter()
+            .filter(|ok| !ok)
+            .count()
     }
 }
 
@@ -244,7 +335,14 @@ pub(super) async fn connect(
             .await
             .map_err(|_| format!("connecting to Redis Cluster at {shown} timed out"))?
             .map_err(|e| format!("redis cluster connection: {e}"))?;
-        return Ok((Conn::Cluster(conn.clone()), PubSub::Cluster(conn)));
+        let cluster = Arc::new(Cluster {
+            client,
+            current: parking_lot::Mutex::new(conn),
+        });
+        return Ok((
+            Conn::Cluster(Arc::clone(&cluster)),
+            PubSub::Cluster(cluster),
+        ));
     }
     let info = infos.swap_remove(0);
     let client = match certs {

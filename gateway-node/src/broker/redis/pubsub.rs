@@ -11,14 +11,19 @@ use crate::broker::Broker;
 use crate::hub::{Gap, LocalChannel};
 use crate::node::Node;
 use crate::wire::{Dispatch, Reject};
+use futures_util::StreamExt;
 use gateway_shared::protocol::{ErrorCode, Event};
 use redis::{PushInfo, PushKind};
 use std::collections::HashSet;
+use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
+
+/// Streams `resync` checks at once.
+const RESYNC_CONCURRENCY: usize = 16;
 
 /// `"reset <gen> <n>"`: the log starts over (see `lua/verify.lua`).
 fn parse_reset(payload: &[u8]) -> Option<(u64, u64)> {
@@ -117,18 +122,30 @@ impl RedisBroker {
 
     /// After the subscriptions were lost (a reconnect, a failover): checks
     /// every local channel's log against what was delivered from it, and
-    /// reads what was missed.
-    /// False when Redis failed meanwhile (the caller tries again later).
+    /// reads what was missed. Each stream on its own, a few at a time: one
+    /// whose shard does not answer does not keep the others from catching
+    /// up. False when Redis failed for any (the caller tries again later).
     pub(super) async fn resync(&self, node: &Node) -> bool {
         let mut streams: Vec<Option<Arc<str>>> = self.hub.names().into_iter().map(Some).collect();
         streams.push(None);
-        for name in streams {
-            if let Err(e) = self.verify(node, name.as_deref()).await {
-                debug!(error = %e.message, "resync stopped; it runs again when Redis is back");
-                return false;
-            }
+        // Boxed: the stream's future must be `Send` for every lifetime.
+        type Check<'a> = std::pin::Pin<Box<dyn Future<Output = Result<(), Reject>> + Send + 'a>>;
+        let mut checks: Vec<Check<'_>> = Vec::with_capacity(streams.len());
+        for name in &streams {
+            checks.push(Box::pin(self.verify(node, name.as_deref())));
         }
-        true
+        let results: Vec<Result<(), Reject>> = futures_util::stream::iter(checks)
+            .buffer_unordered(RESYNC_CONCURRENCY)
+            .collect()
+            .await;
+        let failed = results.iter().filter(|r| r.is_err()).count();
+        if failed > 0 {
+            debug!(
+                failed,
+                "resync incomplete; it runs again when Redis is back"
+            );
+        }
+        failed == 0
     }
 
     /// Checks one stream with `lua/verify.lua`: a log that lost what this
@@ -325,6 +342,11 @@ fn stream_of(topic: &str) -> Option<Option<&str>> {
         .map(Some)
 }
 
+/// Probes in a row that the cluster connection failed before it is
+/// replaced (see `PubSub::probe`): one may hit a node that just stopped,
+/// or a slow refresh; a connection that hung fails every one.
+const WEDGED_PROBES: u32 = 3;
+
 /// Owns the subscriptions: every (un)subscribe goes through here, in
 /// order, so a subscribe is never undone by an older unsubscribe.
 pub(super) async fn subscription_task(
@@ -342,6 +364,7 @@ pub(super) async fn subscription_task(
     .into();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failed_probes = 0;
     loop {
         tokio::select! {
             request = requests.recv() => match request {
@@ -386,6 +409,19 @@ pub(super) async fn subscription_task(
                 // resubscribes on this command.
                 let Some(node) = node.upgrade() else { return };
                 let Broker::Redis(r) = &node.broker else { return };
+                // A cluster connection that answers nothing, not even a
+                // PING to a live node, is replaced (see `conn`).
+                if pubsub.probe().await {
+                    failed_probes = 0;
+                } else {
+                    failed_probes += 1;
+                    r.healthy.store(false, Ordering::Relaxed);
+                    if failed_probes >= WEDGED_PROBES {
+                        failed_probes = 0;
+                        r.replace_connection(&node, &mut pubsub, &subscribed).await;
+                    }
+                    continue;
+                }
                 let ok = pubsub.ping().await;
                 let was = r.healthy.swap(ok, Ordering::Relaxed);
                 if ok && !was {
@@ -420,6 +456,39 @@ pub(super) async fn subscription_task(
                 }
             }
         }
+    }
+}
+
+impl RedisBroker {
+    /// Replaces a cluster connection that stopped answering, subscribes
+    /// again on the new one, and checks every stream for what it missed
+    /// meanwhile; streams whose shard does not answer are checked when
+    /// Redis is back (`healthy` stays false).
+    async fn replace_connection(
+        &self,
+        node: &Arc<Node>,
+        pubsub: &mut PubSub,
+        subscribed: &HashSet<String>,
+    ) {
+        warn!("the redis cluster connection stopped answering; replacing it");
+        self.metrics.broker_errors.inc();
+        if let Err(e) = pubsub.replace().await {
+            warn!(error = %e, "replacing the redis cluster connection failed; trying again");
+            return;
+        }
+        let failed = pubsub.subscribe_all(subscribed.iter()).await;
+        info!(
+            topics = subscribed.len(),
+            failed, "redis cluster connection replaced; subscribed again"
+        );
+        let node = Arc::clone(node);
+        tokio::spawn(async move {
+            if let Broker::Redis(r) = &node.broker {
+                if !r.resync(&node).await || failed > 0 {
+                    r.healthy.store(false, Ordering::Relaxed);
+                }
+            }
+        });
     }
 }
 
