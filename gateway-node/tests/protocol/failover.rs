@@ -168,18 +168,22 @@ pub(crate) async fn check(seen: &[(Seen, Peer)], url: &str) -> (usize, usize) {
     (accepted.len(), reset)
 }
 
+/// A node on the Redis Cluster at `url` (seed URLs) whose rate limit lets
+/// the tests' publishers talk as fast as they like.
+async fn busy_node(url: String) -> TestNode {
+    TestNode::with(move |c| {
+        c.redis_url = Some(url);
+        c.redis_cluster = true;
+        c.rate_limit_count = 1_000_000;
+    })
+    .await
+}
+
 #[tokio::test]
 async fn a_master_failover_under_traffic_loses_nothing_silently() {
     let mut cluster = RedisCluster::start();
     let url = cluster.seed_urls();
-    let node = |url: String| {
-        TestNode::with(move |c| {
-            c.redis_url = Some(url);
-            c.redis_cluster = true;
-            c.rate_limit_count = 1_000_000;
-        })
-    };
-    let (a, b) = (node(url.clone()).await, node(url).await);
+    let (a, b) = (busy_node(url.clone()).await, busy_node(url).await);
     let room = fresh_channel("failover");
     // The admin stays out of the room (unread, it would back up) until the end.
     let mut admin = Peer::admin(&a, "admin").await;
@@ -382,14 +386,7 @@ async fn a_shard_that_stops_answering_leaves_the_other_shards_working() {
         );
     }
     let url = cluster.seed_urls();
-    let node = |url: String| {
-        TestNode::with(move |c| {
-            c.redis_url = Some(url);
-            c.redis_cluster = true;
-            c.rate_limit_count = 1_000_000;
-        })
-    };
-    let (a, b) = (node(url.clone()).await, node(url).await);
+    let (a, b) = (busy_node(url.clone()).await, busy_node(url).await);
     let key = |channel: &str| format!("gw:{{c:{channel}}}:meta");
     let dead = fresh_channel("dead");
     let victim = cluster.master_for_key(&key(&dead));
