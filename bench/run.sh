@@ -72,7 +72,8 @@ for port in $REDIS_PORTS; do redis-cli -p "$port" config resetstat >/dev/null; d
 RCPU0=$(redis_cpu)
 CPU0=$(cpu)
 rc=0
-"$LT" "$@" --urls "$URLS" --jwt-secret "$SECRET" --json "bench/results/$NAME.json" --quiet || rc=$?
+REDIS_URLS="$(for port in $REDIS_PORTS; do echo "redis://127.0.0.1:$port"; done | paste -sd, -)"
+"$LT" "$@" --urls "$URLS" --jwt-secret "$SECRET" --redis "$REDIS_URLS" --json "bench/results/$NAME.json" --quiet || rc=$?
 CPU1=$(cpu)
 RCPU1=$(redis_cpu)
 for port in $REDIS_PORTS; do

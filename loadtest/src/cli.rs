@@ -69,6 +69,10 @@ pub struct Target {
     /// The cluster's JWT secret (HS256), to mint the clients' tokens.
     #[arg(long, env = "GATEWAY_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: String,
+    /// Redis servers of the cluster, comma-separated (redis://host:port);
+    /// the report then gives their CPU seconds for the run (`INFO cpu`).
+    #[arg(long, value_delimiter = ',')]
+    pub redis: Vec<String>,
 }
 
 /// How clients are brought up, and the run's bounds.
@@ -174,6 +178,7 @@ fn base_plan(scenario: Scenario, target: Target, setup: &Setup, g: &Globals) -> 
         scenario,
         urls: target.urls,
         secret: target.jwt_secret,
+        redis: target.redis,
         run_id: setup.run_id.clone().unwrap_or_else(random_run_id),
         clients: 0,
         ramp_per_s: setup.ramp_per_s,

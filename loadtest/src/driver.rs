@@ -341,6 +341,19 @@ fn node_groups(plan: &Plan) -> Vec<(String, Vec<usize>)> {
     groups
 }
 
+/// The `--redis` servers' CPU seconds so far, all together (`None` if
+/// there are none, or one did not answer).
+async fn redis_cpu(plan: &Plan) -> Option<f64> {
+    if plan.redis.is_empty() {
+        return None;
+    }
+    let mut total = 0.0;
+    for url in &plan.redis {
+        total += nodes::redis_cpu(url).await?;
+    }
+    Some(total)
+}
+
 async fn scrape_all(plan: &Plan) -> Vec<Option<nodes::Sample>> {
     let mut out = Vec::new();
     for (_, urls) in node_groups(plan) {
@@ -367,7 +380,15 @@ fn node_reports(
             let after = after.get(n).copied().flatten();
             let rss = after.and_then(|s| s.rss_bytes);
             let rss_before = before.and_then(|s| s.rss_bytes);
+            let cpu_s = match (
+                before.and_then(|s| s.cpu_seconds),
+                after.and_then(|s| s.cpu_seconds),
+            ) {
+                (Some(b), Some(a)) => Some(a - b),
+                _ => None,
+            };
             NodeReport {
+                cpu_s,
                 url: plan.urls[urls[0]].clone(),
                 rss_bytes: rss,
                 sessions: after.and_then(|s| s.live_sessions),
@@ -470,6 +491,7 @@ pub async fn create_channels(plan: &Plan) -> Result<()> {
 async fn run_inner(plan: &Plan, opts: &Options) -> Result<Report> {
     let started = Instant::now();
     let before = scrape_all(plan).await;
+    let redis_before = redis_cpu(plan).await;
     create_channels(plan).await?;
 
     let mut fleet = Fleet::start(plan, opts).await?;
@@ -519,6 +541,7 @@ async fn run_inner(plan: &Plan, opts: &Options) -> Result<Report> {
             scrape_all(plan).await
         }
     };
+    let redis_after = redis_cpu(plan).await;
     fleet.print_line();
     let tally = fleet.finish().await?;
     let nodes = node_reports(plan, &before, &after, &tally);
@@ -527,6 +550,7 @@ async fn run_inner(plan: &Plan, opts: &Options) -> Result<Report> {
         traffic_s,
     };
     let mut report = Report::build(plan, &tally, timing, nodes);
+    report.redis_cpu_s = redis_before.zip(redis_after).map(|(b, a)| a - b);
     report.warnings.extend(warnings);
     Ok(report)
 }

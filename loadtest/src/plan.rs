@@ -87,6 +87,9 @@ pub struct Plan {
     pub threads: usize,
     /// Hard bound on the whole run; every process stops by itself after it.
     pub max_run_s: f64,
+    /// Redis servers whose CPU (`INFO cpu`) the report gives for the run.
+    #[serde(default)]
+    pub redis: Vec<String>,
 }
 
 /// A random run id: 6 characters of `[a-z0-9]`.
@@ -265,6 +268,7 @@ pub(crate) fn test_plan(scenario: Scenario) -> Plan {
         workers: 1,
         threads: 1,
         max_run_s: 60.0,
+        redis: Vec::new(),
     }
 }
 

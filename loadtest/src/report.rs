@@ -173,6 +173,10 @@ pub struct NodeReport {
     pub sessions_opened: u64,
     /// (rss − rss_before) / sessions_opened.
     pub bytes_per_session: Option<f64>,
+    /// CPU seconds (user + system) the node used from before the clients
+    /// came to the end of the run (`process_cpu_seconds_total`).
+    #[serde(default)]
+    pub cpu_s: Option<f64>,
 }
 
 /// The final report. The first fields are read by other tooling: keep
@@ -217,6 +221,10 @@ pub struct Report {
     pub resumed_false: u64,
     pub resume_failed: u64,
     pub resume_latency_ms: Percentiles,
+    /// CPU seconds the `--redis` servers used over the run (`INFO cpu`),
+    /// all together; absent without `--redis`.
+    #[serde(default)]
+    pub redis_cpu_s: Option<f64>,
     /// Broken protocol guarantees, one line each; empty on a clean run.
     pub violations: Vec<String>,
     /// Observations that are not violations (loss under overload, hints).
@@ -282,6 +290,7 @@ impl Report {
             resume_latency_ms: Percentiles::from_us(&tally.resume_latency),
             violations: Vec::new(),
             warnings: Vec::new(),
+            redis_cpu_s: None,
         };
         report.judge();
         report
@@ -390,6 +399,9 @@ impl Report {
                     .map(|s| s.to_string())
                     .unwrap_or_else(|| "?".into()),
             );
+            if let Some(cpu) = node.cpu_s {
+                let _ = write!(line, " cpu {cpu:.2} s");
+            }
             if let Some(b) = node.bytes_per_session {
                 let _ = write!(
                     line,
@@ -399,6 +411,14 @@ impl Report {
                 );
             }
             row(&format!("node {}", node.url), line);
+        }
+        if let Some(cpu) = self.redis_cpu_s {
+            let per = if self.sent > 0 {
+                format!(" ({:.1} us per message sent)", cpu / self.sent as f64 * 1e6)
+            } else {
+                String::new()
+            };
+            row("redis cpu", format!("{cpu:.2} s{per}"));
         }
         if self.scenario != "connect" {
             row(

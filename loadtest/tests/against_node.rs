@@ -53,6 +53,7 @@ fn fanout_plan(url: &str, run_id: &str) -> Plan {
         workers: 1,
         threads: 1,
         max_run_s: 60.0,
+        redis: Vec::new(),
     }
 }
 
