@@ -716,7 +716,7 @@ async fn run(node: &Node, op: Op, params: Vec<String>, req: Request<Incoming>) -
             let channel = existing_channel(node, &channel).await?;
             let Published { id, ts } = node
                 .broker
-                .publish_message(channel, &author, &content, nonce.as_deref())
+                .publish_message(&Arc::from(channel), &author, &content, nonce.as_deref())
                 .await?;
             let body = serde_json::to_vec(&MessageBody {
                 id: itoa::Buffer::new().format(id),

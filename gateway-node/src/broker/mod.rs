@@ -94,7 +94,7 @@ impl Broker {
     /// caller checks: a session's channel always does).
     pub async fn publish_message(
         &self,
-        channel: &str,
+        channel: &Arc<str>,
         author: &User,
         content: &str,
         nonce: Option<&str>,

@@ -45,7 +45,7 @@ fn entry_n(id: &str) -> Option<u64> {
 impl RedisBroker {
     pub async fn publish_message(
         &self,
-        channel: &str,
+        channel: &Arc<str>,
         author: &User,
         content: &str,
         nonce: Option<&str>,
@@ -64,11 +64,12 @@ impl RedisBroker {
         })
         .expect("message serializes");
         let (reply, replied) = oneshot::channel();
-        let deadline_ms = unix_ms() as i64
+        let deadline_ms = ts as i64
             + self.clock_offset_ms.load(Ordering::Relaxed)
             + PUBLISH_DEADLINE.as_millis() as i64;
         let job = PublishJob {
-            channel: Arc::from(channel),
+            // The session's own name: no copy per message.
+            channel: Arc::clone(channel),
             body: full,
             ms: id.ms,
             suffix: id.suffix,

@@ -238,15 +238,20 @@ impl RedisBroker {
             let Ok(text) = std::str::from_utf8(payload) else {
                 return;
             };
-            if let Some(user) = text.strip_prefix("ban ") {
-                let node = Arc::clone(node);
-                let user = user.to_owned();
-                tokio::spawn(async move { node.kick_user(&user).await });
-            } else if let Some(user) = text.strip_prefix("disconnect ") {
-                let node = Arc::clone(node);
-                let user = user.to_owned();
-                tokio::spawn(async move { node.disconnect_user(&user).await });
-            }
+            // `ban <user>` or `disconnect <user>`: end that user's sessions here.
+            let (ban, user) = match (text.strip_prefix("ban "), text.strip_prefix("disconnect ")) {
+                (Some(user), _) => (true, user),
+                (None, Some(user)) => (false, user),
+                (None, None) => return,
+            };
+            let (node, user) = (Arc::clone(node), user.to_owned());
+            tokio::spawn(async move {
+                if ban {
+                    node.kick_user(&user).await
+                } else {
+                    node.disconnect_user(&user).await
+                }
+            });
         } else if topic == node_topic(&self.settings.node_id) {
             self.on_control(node, payload);
         }
