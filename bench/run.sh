@@ -7,7 +7,7 @@
 #   bench/run.sh NAME rust|node SCENARIO [loadtest flags…]
 #   bench/run.sh fanout-1x2000-r150 rust fanout --clients 2000 --channels 1 --publishers 10 --rate 150 --duration-s 10
 #
-# `rust` runs target/release/gateway-node (build it first:
+# `rust` runs target/release/gateway-node, or $GATEWAY_BIN (build it first:
 # cargo build --release -p gateway-node -p gateway-loadtest); `node` runs
 # bench/node-peer (npm ci there first). NODES=1 runs a single node;
 # WORKER_THREADS=N gives each Rust node N runtime threads; REDIS_MODE=cluster
@@ -39,7 +39,7 @@ for i in $(seq 1 "$NODES"); do
   if [ "$IMPL" = rust ]; then
     env GATEWAY_JWT_SECRET="$SECRET" GATEWAY_LISTEN="127.0.0.1:$port" "${REDIS_ENV[@]}" \
       GATEWAY_RATE_LIMIT_COUNT=1000000 GATEWAY_NODE_ID="bench-$i" GATEWAY_LOG=warn \
-      ${WORKER_THREADS:+GATEWAY_WORKER_THREADS=$WORKER_THREADS} target/release/gateway-node serve >"$TMP/node$i.log" 2>&1 &
+      ${WORKER_THREADS:+GATEWAY_WORKER_THREADS=$WORKER_THREADS} "${GATEWAY_BIN:-target/release/gateway-node}" serve >"$TMP/node$i.log" 2>&1 &
   else
     REDIS_URL="redis://127.0.0.1:$REDIS_PORT" JWT_SECRET="$SECRET" PORT="$port" \
       node bench/node-peer/server.js >"$TMP/node$i.log" 2>&1 &

@@ -42,9 +42,12 @@ use gateway_shared::protocol::{ErrorCode, FunctionCode, MAX_PAYLOAD};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
+use std::cell::RefCell;
 use std::collections::VecDeque;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -56,8 +59,10 @@ type Io = TokioIo<Upgraded>;
 /// Control frames (replies, errors, pongs) queued or being written at
 /// most: the reader reads the next request only while fewer are unwritten.
 const CONTROL_LIMIT: usize = 64;
-/// Bytes of dispatches the writer takes per batch.
+/// Bytes of dispatches the writer takes per batch, at most.
 const WRITE_BATCH: usize = 64 * 1024;
+/// And at least, when the socket took less last time.
+const MIN_BATCH: usize = 4 * 1024;
 /// How long the writer may take to flush its last frames at close.
 const CLOSE_FLUSH: Duration = Duration::from_secs(5);
 
@@ -399,14 +404,130 @@ async fn write_or_stall<W: AsyncWrite + Unpin>(
     Ok(())
 }
 
+thread_local! {
+    /// Where a writer builds its batch. The batch is offered to the socket
+    /// before the task yields, so one buffer per runtime thread serves every
+    /// connection on it; a connection keeps only what its socket did not
+    /// take (see [`offer`]).
+    static BATCH: RefCell<BytesMut> = RefCell::new(BytesMut::new());
+}
+
+/// What one offer to the socket did.
+struct Offered {
+    /// Control frames it took out of the queue (written or owed).
+    replies: usize,
+    /// Dispatches are still waiting after this batch.
+    more: bool,
+}
+
+/// The byte after the frame that starts at `at` (a server frame: FIN,
+/// unmasked, as [`wire::put_frame_header`] writes it).
+fn frame_end(buf: &[u8], at: usize) -> usize {
+    let (head, len) = match buf[at + 1] & 0x7f {
+        126 => (4, u16::from_be_bytes([buf[at + 2], buf[at + 3]]) as usize),
+        127 => {
+            let mut len = [0; 8];
+            len.copy_from_slice(&buf[at + 2..at + 10]);
+            (10, u64::from_be_bytes(len) as usize)
+        }
+        n => (2, n as usize),
+    };
+    at + head + len
+}
+
+/// Builds one batch (the session's unsent dispatches, up to `*budget`
+/// bytes, behind the queued control frames) in this thread's [`BATCH`] and
+/// offers it to the socket with one non-blocking write.
+///
+/// Only frames the socket took are marked sent. The rest of a frame it took
+/// in part, or the first frame when it took nothing, goes to `owed` (to be
+/// written before anything else); every other dispatch stays unsent in the
+/// session's ring, where it costs a pointer, and is encoded again next time.
+/// So a connection whose client reads slowly holds at most a frame and its
+/// replies, not a batch. `*budget` follows what the socket takes.
+///
+/// Hot path: no allocation, and no copy when the socket takes everything.
+#[allow(clippy::too_many_arguments)]
+fn offer<W: AsyncWrite + Unpin>(
+    cx: &mut std::task::Context<'_>,
+    io: &mut W,
+    conn: &Conn,
+    session: Option<&Session>,
+    discard: bool,
+    budget: &mut usize,
+    owed: &mut BytesMut,
+) -> Result<Offered, WriteError> {
+    BATCH.with_borrow_mut(|buf| {
+        buf.clear();
+        // Dispatches are taken before control frames: a READY queued before
+        // its session attached is then always in this batch too, and it
+        // goes first.
+        let (from, encoded) = match session {
+            Some(session) if !discard => session.encode_unsent(conn.id, buf, *budget),
+            _ => (0, 0),
+        };
+        let (replies, control_len) = {
+            let mut inner = conn.inner.lock();
+            let replies = inner.control.len();
+            let mut len = 0;
+            if discard {
+                inner.control.clear();
+            } else {
+                for frame in inner.control.drain(..) {
+                    buf.extend_from_slice(&frame);
+                    len += frame.len();
+                }
+            }
+            (replies, len)
+        };
+        if control_len > 0 {
+            buf.rotate_right(control_len);
+        }
+        if buf.is_empty() {
+            return Ok(Offered {
+                replies,
+                more: false,
+            });
+        }
+        let took = match Pin::new(&mut *io).poll_write(cx, buf) {
+            Poll::Ready(Ok(0) | Err(_)) => return Err(WriteError::Gone),
+            Poll::Ready(Ok(n)) => n,
+            Poll::Pending => 0,
+        };
+        // Keep whole frames: up to the end of the one the socket stopped in
+        // (at least the control frames, and one frame when it took nothing,
+        // so that the stall deadline applies to the wait for it).
+        let must = took.max(control_len).max(1);
+        let mut cut = control_len;
+        let mut committed = 0;
+        while cut < must && cut < buf.len() {
+            cut = frame_end(buf, cut);
+            committed += 1;
+        }
+        owed.extend_from_slice(&buf[took..cut]);
+        if took < buf.len() {
+            *budget = took.clamp(MIN_BATCH, WRITE_BATCH);
+        } else {
+            *budget = (*budget * 2).min(WRITE_BATCH);
+        }
+        let more = match session {
+            Some(session) if encoded > 0 => session.commit(conn.id, from, committed),
+            _ => false,
+        };
+        Ok(Offered { replies, more })
+    })
+}
+
 async fn write_loop<W: AsyncWrite + Unpin>(
     conn: Arc<Conn>,
     mut io: W,
     stall: Duration,
 ) -> WriterEnd {
-    // Empty until there is something to write: idle connections hold none.
-    let mut buf = BytesMut::new();
-    let mut control = BytesMut::new();
+    // Bytes owed to the socket (see `offer`); empty, holding no memory,
+    // unless the client reads slowly.
+    let mut owed = BytesMut::new();
+    let mut owed_replies = 0;
+    let mut budget = WRITE_BATCH;
     // Kept here so each wake costs no lock for it; refreshed when the
     // connection's session changes (a resume that fell back to a new one).
     let mut session: Option<Arc<Session>> = None;
@@ -414,44 +535,9 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     loop {
         conn.wake.notified().await;
         loop {
-            let close = if conn.closing.load(Ordering::Acquire) {
-                conn.close_request()
-            } else {
-                None
-            };
-            let discard = close.as_ref().is_some_and(|c| !c.flush);
-            let mut more = false;
-            let current = conn.session_version.load(Ordering::Acquire);
-            if current != version {
-                version = current;
-                session = conn.session();
-            }
-            // Dispatches are taken before control frames: a READY queued
-            // before its session attached is then always written first.
-            if !discard {
-                if let Some(session) = &session {
-                    more = session.write_unsent(conn.id, &mut buf, WRITE_BATCH).1;
-                }
-            }
-            let replies = {
-                let mut inner = conn.inner.lock();
-                let replies = inner.control.len();
-                if !discard {
-                    for frame in inner.control.drain(..) {
-                        control.extend_from_slice(&frame);
-                    }
-                } else {
-                    inner.control.clear();
-                }
-                replies
-            };
-            if !control.is_empty() {
-                control.extend_from_slice(&buf);
-                std::mem::swap(&mut control, &mut buf);
-                control.clear();
-            }
-            if !buf.is_empty() {
-                match write_or_stall(&mut io, &buf, stall).await {
+            // Whatever comes next, a frame begun is finished first.
+            if !owed.is_empty() {
+                match write_or_stall(&mut io, &owed, stall).await {
                     Ok(()) => {}
                     Err(WriteError::Gone) => {
                         conn.close_quiet();
@@ -463,15 +549,47 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                         return WriterEnd::Stalled;
                     }
                 }
-                buf.clear();
-                // Do not keep a buffer around once the burst is written.
-                if !more && buf.capacity() > 16 * 1024 {
-                    buf = BytesMut::new();
+                owed = BytesMut::new();
+                conn.replies_written(std::mem::take(&mut owed_replies));
+            }
+            let close = if conn.closing.load(Ordering::Acquire) {
+                conn.close_request()
+            } else {
+                None
+            };
+            let discard = close.as_ref().is_some_and(|c| !c.flush);
+            let current = conn.session_version.load(Ordering::Acquire);
+            if current != version {
+                version = current;
+                session = conn.session();
+            }
+            let offered = std::future::poll_fn(|cx| {
+                Poll::Ready(offer(
+                    cx,
+                    &mut io,
+                    &conn,
+                    session.as_deref(),
+                    discard,
+                    &mut budget,
+                    &mut owed,
+                ))
+            })
+            .await;
+            let offered = match offered {
+                Ok(offered) => offered,
+                Err(_) => {
+                    conn.close_quiet();
+                    return WriterEnd::Closed;
                 }
+            };
+            if !owed.is_empty() {
+                // Replies count as written once they are.
+                owed_replies = offered.replies;
+                continue;
             }
             // Written (or dropped): the reader may take the next requests.
-            conn.replies_written(replies);
-            if more {
+            conn.replies_written(offered.replies);
+            if offered.more {
                 continue;
             }
             if let Some(close) = close {
@@ -703,5 +821,79 @@ impl Handler {
             Ok(()) => ControlFlow::Continue(()),
             Err(reject) => self.reply_error(&reject, env.s, env.t),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::Dispatch;
+    use gateway_shared::protocol::Event;
+    use tokio::io::AsyncReadExt;
+
+    /// Splits whole server frames off the front of `buf`.
+    fn take_frames(buf: &mut Vec<u8>, out: &mut Vec<serde_json::Value>) {
+        while buf.len() >= 2 {
+            assert_eq!(buf[0], 0x81, "a FIN text frame starts here");
+            let end = match buf[1] {
+                126 if buf.len() < 4 => return,
+                _ => frame_end(buf, 0),
+            };
+            if buf.len() < end {
+                return;
+            }
+            let head = if buf[1] == 126 { 4 } else { 2 };
+            out.push(serde_json::from_slice(&buf[head..end]).expect("a frame holds JSON"));
+            buf.drain(..end);
+        }
+    }
+
+    /// A client that reads a few bytes at a time through a pipe smaller
+    /// than two frames: the socket takes parts of frames and then nothing,
+    /// yet the wire carries whole frames, every dispatch once and in order,
+    /// with the replies queued in between.
+    #[tokio::test]
+    async fn a_slow_reader_gets_whole_frames_in_order() {
+        let conn = Arc::new(Conn::new(1));
+        let session = Session::for_test(1);
+        session.attach(&conn, 0, |_| {}).expect("attaches");
+        conn.set_session(Arc::clone(&session));
+        let (mut client, server) = tokio::io::duplex(300);
+        let writer = tokio::spawn(write_loop(
+            Arc::clone(&conn),
+            server,
+            Duration::from_secs(60),
+        ));
+        // Bodies from 10 to about 250 bytes: both frame header forms.
+        let count = 80;
+        for i in 0..count {
+            let body = serde_json::json!({ "i": i, "pad": "x".repeat(i * 3) });
+            session.deliver(&Dispatch::new(Event::MessageCreate, &body));
+            if i % 10 == 0 {
+                conn.send(wire::heartbeat_frame());
+            }
+        }
+        let mut bytes = Vec::new();
+        let mut frames = Vec::new();
+        let mut chunk = [0u8; 7];
+        while frames.len() < count + count / 10 {
+            let n = tokio::time::timeout(Duration::from_secs(10), client.read(&mut chunk))
+                .await
+                .expect("every frame arrives (none lost)")
+                .expect("reads");
+            assert!(n > 0, "the writer does not stop early");
+            bytes.extend_from_slice(&chunk[..n]);
+            take_frames(&mut bytes, &mut frames);
+        }
+        let dispatches: Vec<_> = frames.iter().filter(|f| f["f"] == 130).collect();
+        assert_eq!(dispatches.len(), count);
+        for (i, d) in dispatches.iter().enumerate() {
+            assert_eq!(d["s"], i as u64 + 1, "gapless, in order");
+            assert_eq!(d["cnf"]["i"], i as u64, "each number on its own body");
+        }
+        assert_eq!(frames.iter().filter(|f| f["f"] == 120).count(), count / 10);
+        assert!(bytes.is_empty(), "nothing after the last frame");
+        conn.close_with(1000, "", false);
+        assert_eq!(writer.await.expect("writer ends"), WriterEnd::Closed);
     }
 }

@@ -162,10 +162,12 @@ impl Session {
         }
         st.seq += 1;
         let seq = st.seq;
-        st.ring.push_back(Arc::clone(dispatch));
-        if st.ring.len() > self.limits.ring {
+        // Room first, then the new entry: pushing first would take the ring
+        // one past its limit and double its allocation for good.
+        if st.ring.len() >= self.limits.ring {
             st.ring.pop_front();
         }
+        st.ring.push_back(Arc::clone(dispatch));
         let Some(conn) = &st.conn else { return };
         if seq - st.sent > self.limits.outbound_limit as u64 {
             let conn = st.conn.take().expect("checked above");
@@ -351,35 +353,49 @@ impl Session {
         due
     }
 
-    /// Encodes the dispatches `conn_id` has not been sent yet into `buf`,
-    /// up to about `budget` bytes. Returns how many were written and
-    /// whether more are waiting.
+    /// Encodes dispatches `conn_id` has not been sent yet into `buf`, up to
+    /// about `budget` bytes, without marking them sent: the writer tries
+    /// the socket first and then [`commit`](Self::commit)s what it took.
+    /// Returns the number of the first one encoded and how many.
     ///
     /// Hot path: frames are built under the lock straight from the shared
     /// bodies, with no clone of the dispatches and no per-frame allocation.
-    pub fn write_unsent(&self, conn_id: u64, buf: &mut BytesMut, budget: usize) -> (usize, bool) {
-        let mut st = self.state.lock();
-        if st.conn.as_ref().is_none_or(|c| c.id != conn_id) {
-            return (0, false);
-        }
-        if st.sent >= st.seq {
-            return (0, false);
+    pub fn encode_unsent(&self, conn_id: u64, buf: &mut BytesMut, budget: usize) -> (u64, usize) {
+        let st = self.state.lock();
+        if st.conn.as_ref().is_none_or(|c| c.id != conn_id) || st.sent >= st.seq {
+            return (0, 0);
         }
         let first = st.seq + 1 - st.ring.len() as u64;
         let start = (st.sent + 1).saturating_sub(first) as usize;
         let start_len = buf.len();
-        let mut written = 0;
-        let now = Instant::now();
+        let mut encoded = 0;
         for (i, dispatch) in st.ring.iter().enumerate().skip(start) {
             if buf.len() - start_len >= budget {
                 break;
             }
             dispatch.encode(first + i as u64, buf);
-            self.metrics.dispatch_sent(dispatch, now);
-            written += 1;
+            encoded += 1;
         }
-        st.sent += written as u64;
-        (written, st.sent < st.seq)
+        (st.sent + 1, encoded)
+    }
+
+    /// Marks `count` dispatches from number `from` as handed to the socket
+    /// of `conn_id`. Returns whether more are waiting; nothing changes when
+    /// the connection is no longer the attached one or `from` is not the
+    /// next unsent number (a resume moved it).
+    pub fn commit(&self, conn_id: u64, from: u64, count: usize) -> bool {
+        let mut st = self.state.lock();
+        if st.conn.as_ref().is_none_or(|c| c.id != conn_id) || st.sent + 1 != from {
+            return false;
+        }
+        let first = st.seq + 1 - st.ring.len() as u64;
+        let start = from.saturating_sub(first) as usize;
+        let now = Instant::now();
+        for dispatch in st.ring.iter().skip(start).take(count) {
+            self.metrics.dispatch_sent(dispatch, now);
+        }
+        st.sent += count as u64;
+        st.sent < st.seq
     }
 }
 
