@@ -12,7 +12,8 @@
 # bench/node-peer (npm ci there first). NODES=1 runs a single node;
 # WORKER_THREADS=N gives each Rust node N runtime threads; REDIS_MODE=cluster
 # puts the Rust nodes on a Redis Cluster of 3 masters and 3 replicas instead
-# of one Redis (the report then has Redis CPU per server).
+# of one Redis (the report then has Redis CPU per server); REDIS_MODE=none
+# runs them without Redis, on the in-memory backend (with NODES=1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NAME="$1"; IMPL="$2"; shift 2
@@ -21,7 +22,10 @@ LT=target/release/loadtest
 [ -x "$LT" ] || { echo "build target/release/loadtest first" >&2; exit 2; }
 
 source scripts/lib-processes.sh
-if [ "${REDIS_MODE:-single}" = cluster ]; then
+if [ "${REDIS_MODE:-single}" = none ]; then
+  REDIS_PORTS=""
+  REDIS_ENV=()
+elif [ "${REDIS_MODE:-single}" = cluster ]; then
   start_redis_cluster
   REDIS_PORTS="$REDIS_CLUSTER_PORTS"
   REDIS_ENV=(GATEWAY_REDIS_URL="$REDIS_CLUSTER_URLS" GATEWAY_REDIS_CLUSTER=true)
@@ -73,7 +77,7 @@ RCPU0=$(redis_cpu)
 CPU0=$(cpu)
 rc=0
 REDIS_URLS="$(for port in $REDIS_PORTS; do echo "redis://127.0.0.1:$port"; done | paste -sd, -)"
-"$LT" "$@" --urls "$URLS" --jwt-secret "$SECRET" --redis "$REDIS_URLS" --json "bench/results/$NAME.json" --quiet || rc=$?
+"$LT" "$@" --urls "$URLS" --jwt-secret "$SECRET" ${REDIS_URLS:+--redis "$REDIS_URLS"} --json "bench/results/$NAME.json" --quiet || rc=$?
 CPU1=$(cpu)
 RCPU1=$(redis_cpu)
 for port in $REDIS_PORTS; do

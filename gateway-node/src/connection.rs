@@ -1,8 +1,8 @@
-//! One WebSocket connection: three tasks around a shared [`Conn`].
+//! One WebSocket connection: two tasks around a shared [`Conn`].
 //!
 //! # Implementation flow
 //!
-//! 1. `serve` splits the socket. The **reader** task only reads frames,
+//! 1. `serve` splits the socket. The **reader** only reads frames,
 //!    reassembles fragments (refusing anything over 4096 bytes before
 //!    buffering it), and runs each message through the [`Handler`]: the
 //!    session state machine HELLO → PRESENTED → LIVE. Each message earns at
@@ -12,9 +12,10 @@
 //!    it takes the attached session's unsent dispatches and the queued
 //!    control frames, encodes them into one buffer and writes it with one
 //!    syscall.
-//! 3. The **supervisor** (the task running `serve`) enforces the PRESENT
-//!    deadline and the heartbeat timeout, waits for either side to finish,
-//!    and then detaches or ends the session.
+//! 3. The **supervisor** (the task running `serve`, which also polls the
+//!    reader in place) enforces the PRESENT deadline and the heartbeat
+//!    timeout, waits for either side to finish, and then detaches or ends
+//!    the session.
 //!
 //! # Backpressure
 //!
@@ -30,8 +31,9 @@
 //! verdict to the stall deadline.
 //!
 //! Reading a frame is not cancel-safe (a frame half read would be lost), so
-//! it is never raced in a `select!`: the reader runs alone and is only
-//! aborted once the connection is over.
+//! it is never raced in a `select!` that could drop it: the supervisor
+//! polls the one reader future by reference, and drops it only once the
+//! connection is over.
 
 use crate::frame::{self, FrameReader, ReadError};
 use crate::node::Node;
@@ -277,6 +279,10 @@ pub async fn serve(node: Arc<Node>, io: Io) {
         Ok(parts) => {
             let (read, write) = parts.io.into_inner().into_split();
             let reader = FrameReader::with_buffered(read, MAX_PAYLOAD, &parts.read_buf);
+            // `read_buf` is a view into hyper's whole read buffer (8 KiB):
+            // kept in this scope, it would stay allocated for the life of
+            // the connection.
+            drop(parts.read_buf);
             serve_inner(node, conn, reader, write)
                 .instrument(span)
                 .await
@@ -317,34 +323,38 @@ where
     let hb_int = node.config.hb_int();
     // The writer logs nothing: no span to enter on each of its many polls.
     let writer = tokio::spawn(write_loop(Arc::clone(&conn), write, hb_int));
-    let mut reader = tokio::spawn(
-        read_loop(Handler::new(Arc::clone(&node), Arc::clone(&conn)), ws).in_current_span(),
-    );
-
-    loop {
-        let (deadline, code) = conn.deadline(hb_int);
-        tokio::select! {
-            _ = &mut reader => break,
-            _ = conn.close_signal.notified() => break,
-            _ = tokio::time::sleep_until(deadline.into()) => {
-                if conn.deadline(hb_int).0 <= Instant::now() {
-                    if code == ErrorCode::SessionTimedOut && conn.held_back.load(Ordering::Acquire) {
-                        // We stopped reading, not the client: its heartbeat
-                        // may be waiting unread behind replies the writer
-                        // has yet to write. The writer's stall deadline
-                        // ends a connection whose client does not read.
-                        conn.beat();
-                        continue;
+    // The reader runs inside this task, not beside it: one task fewer per
+    // connection. It is polled in place across the loop (never dropped
+    // half-way through a frame, except when the connection is over).
+    {
+        let reader = read_loop(Handler::new(Arc::clone(&node), Arc::clone(&conn)), ws);
+        tokio::pin!(reader);
+        loop {
+            let (deadline, code) = conn.deadline(hb_int);
+            tokio::select! {
+                biased;
+                _ = &mut reader => break,
+                _ = conn.close_signal.notified() => break,
+                _ = tokio::time::sleep_until(deadline.into()) => {
+                    if conn.deadline(hb_int).0 <= Instant::now() {
+                        if code == ErrorCode::SessionTimedOut && conn.held_back.load(Ordering::Acquire) {
+                            // We stopped reading, not the client: its
+                            // heartbeat may be waiting unread behind replies
+                            // the writer has yet to write. The writer's
+                            // stall deadline ends a connection whose client
+                            // does not read.
+                            conn.beat();
+                            continue;
+                        }
+                        let m = if code == ErrorCode::NotPresented { "no PRESENT in time" } else { "heartbeat missed" };
+                        node.metrics.error_sent(code);
+                        conn.close_fatal(code, m, false);
+                        break;
                     }
-                    let m = if code == ErrorCode::NotPresented { "no PRESENT in time" } else { "heartbeat missed" };
-                    node.metrics.error_sent(code);
-                    conn.close_fatal(code, m, false);
-                    break;
                 }
             }
         }
     }
-    reader.abort();
     // The reader ended on its own without asking to close: the peer is gone.
     conn.close_quiet();
     let mut writer = writer;
