@@ -19,6 +19,7 @@
 //!
 //! Locking: a channel's mutex, then its members' session mutexes (leaf).
 
+use crate::ring::Log;
 use crate::session::Session;
 use crate::wire::Dispatch;
 use parking_lot::Mutex;
@@ -67,6 +68,8 @@ struct Inner {
     /// Sessions on their way in (between looking the channel up and
     /// attaching): the channel must not be forgotten meanwhile.
     pins: usize,
+    /// Where delivered events are kept for the members' rings to share.
+    log: Log,
     /// The log's generation (Redis): it changes when the backend lost
     /// events of this channel, and numbers before it mean nothing after.
     gen: u64,
@@ -103,17 +106,19 @@ impl LocalChannel {
                 recent: VecDeque::new(),
                 filling: false,
                 pins: 0,
+                log: Log::default(),
                 gen: 0,
             }),
         })
     }
 
     fn deliver(inner: &mut Inner, n: u64, dispatch: Arc<Dispatch>) {
+        let (block, slot) = inner.log.append(Arc::clone(&dispatch));
         for (id, session) in &inner.members {
             if inner.skip_until.get(id).is_some_and(|&skip| n <= skip) {
                 continue;
             }
-            session.deliver(&dispatch);
+            session.deliver_shared(block, slot);
         }
         inner.skip_until.retain(|_, skip| *skip > n);
         inner.delivered = Some(n);

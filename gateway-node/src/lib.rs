@@ -42,6 +42,7 @@ pub mod frame;
 pub mod hub;
 pub mod metrics;
 pub mod node;
+pub mod ring;
 pub mod server;
 pub mod session;
 pub mod wire;

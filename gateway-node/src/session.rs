@@ -16,11 +16,11 @@
 use crate::auth::Identity;
 use crate::connection::Conn;
 use crate::metrics::Metrics;
+use crate::ring::{Block, Ring};
 use crate::wire::Dispatch;
 use bytes::BytesMut;
 use gateway_shared::protocol::{User, TYPING_COALESCE_MS};
 use parking_lot::Mutex;
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -81,7 +81,7 @@ struct State {
     seq: u64,
     /// The latest dispatches, contiguous, the last one numbered `seq`
     /// (so the first is `seq + 1 - ring.len()`: no number is stored).
-    ring: VecDeque<Arc<Dispatch>>,
+    ring: Ring,
     /// The connection receiving this session's dispatches.
     conn: Option<Arc<Conn>>,
     /// Highest sequence number handed to `conn`'s writer.
@@ -140,7 +140,7 @@ impl Session {
             metrics,
             state: Mutex::new(State {
                 seq: 0,
-                ring: VecDeque::new(),
+                ring: Ring::default(),
                 conn: None,
                 sent: 0,
                 channel,
@@ -156,6 +156,17 @@ impl Session {
     /// the writer. A client more than `outbound_limit` behind is detached
     /// and its connection closed with 4016.
     pub fn deliver(&self, dispatch: &Arc<Dispatch>) {
+        self.admit(|ring| ring.push(Arc::clone(dispatch)));
+    }
+
+    /// [`deliver`](Self::deliver) for an event of the session's channel,
+    /// held in slot `slot` of the channel's log `block` (shared with the
+    /// other members).
+    pub fn deliver_shared(&self, block: &Arc<Block>, slot: u8) {
+        self.admit(|ring| ring.push_shared(block, slot));
+    }
+
+    fn admit(&self, push: impl FnOnce(&mut Ring)) {
         let mut st = self.state.lock();
         if st.ended {
             return;
@@ -167,7 +178,7 @@ impl Session {
         if st.ring.len() >= self.limits.ring {
             st.ring.pop_front();
         }
-        st.ring.push_back(Arc::clone(dispatch));
+        push(&mut st.ring);
         let Some(conn) = &st.conn else { return };
         if seq - st.sent > self.limits.outbound_limit as u64 {
             let conn = st.conn.take().expect("checked above");
@@ -263,16 +274,18 @@ impl Session {
             st.seq = seq;
             st.sent = seq;
             // Keep the contiguous run that ends at `seq`.
-            let mut held: VecDeque<Arc<Dispatch>> = VecDeque::new();
+            let mut held = Vec::new();
             let mut expect = seq;
             for (s, d) in ring.into_iter().rev() {
                 if s != expect || held.len() == limits.ring {
                     break;
                 }
-                held.push_front(d);
+                held.push(d);
                 expect = expect.saturating_sub(1);
             }
-            st.ring = held;
+            for d in held.into_iter().rev() {
+                st.ring.push(d);
+            }
         }
         session
     }
@@ -288,7 +301,9 @@ impl Session {
         }
         st.ended = true;
         let first = st.seq + 1 - st.ring.len() as u64;
-        let ring = std::mem::take(&mut st.ring)
+        let ring = st
+            .ring
+            .take()
             .into_iter()
             .enumerate()
             .map(|(i, d)| (first + i as u64, d))
@@ -369,7 +384,8 @@ impl Session {
         let start = (st.sent + 1).saturating_sub(first) as usize;
         let start_len = buf.len();
         let mut encoded = 0;
-        for (i, dispatch) in st.ring.iter().enumerate().skip(start) {
+        for (i, dispatch) in st.ring.iter_from(start).enumerate() {
+            let i = start + i;
             if buf.len() - start_len >= budget {
                 break;
             }
@@ -391,7 +407,7 @@ impl Session {
         let first = st.seq + 1 - st.ring.len() as u64;
         let start = from.saturating_sub(first) as usize;
         let now = Instant::now();
-        for dispatch in st.ring.iter().skip(start).take(count) {
+        for dispatch in st.ring.iter_from(start).take(count) {
             self.metrics.dispatch_sent(dispatch, now);
         }
         st.sent += count as u64;
@@ -405,7 +421,7 @@ impl Session {
     pub(crate) fn held_bodies(&self) -> Vec<String> {
         let st = self.state.lock();
         st.ring
-            .iter()
+            .iter_from(0)
             .map(|d| String::from_utf8_lossy(d.body()).into_owned())
             .collect()
     }
