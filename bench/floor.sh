@@ -38,6 +38,8 @@ for bin in floor loadtest gateway-node; do
   [ -x "target/release/$bin" ] || { echo "build target/release/$bin first" >&2; exit 2; }
 done
 mkdir -p bench/results
+# Other work on the machine moves every figure here: say how busy it was.
+echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 MSG_RATE=$(python3 -c "print(round($RATE / $CLIENTS, 6))")
 
 echo "floor: $CLIENTS sockets, $RATE deliveries/s, ${FLOOR_DURATION} s" >&2
@@ -64,14 +66,17 @@ if [ -n "$MAX_RATES" ]; then
   f="bench/results/$TAG-blocking-max.json"
   target/release/floor --mode blocking --sockets "$CLIENTS" --rate 0 --duration-s "$FLOOR_DURATION" >"$f"
   MAX_FILES+=("$f")
-  for r in $MAX_RATES; do
-    name="$TAG-gw-max-m$r"
+  i=0
+  for r in $MAX_RATES; do # a rate may repeat: each run has its own file
+    i=$((i + 1))
+    name="$TAG-gw-max-$i-m$r"
     bench/run.sh "$name" rust fanout --clients "$CLIENTS" --channels 1 --publishers "$PUBLISHERS" \
       --rate "$r" --duration-s "$MAX_DURATION" >&2 || true
     MAX_FILES+=("bench/results/$name.json")
   done
 fi
 
+echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 python3 - "$RATE" "${FLOOR_FILES[*]}" "${GW_FILES[*]}" "${MAX_FILES[*]}" <<'PY'
 import json, sys
 rate = float(sys.argv[1])
