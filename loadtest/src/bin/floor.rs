@@ -106,42 +106,54 @@ struct Report {
     lossless: bool,
 }
 
-/// What the gateway writes for a MESSAGE_CREATE of `loadtest fanout`:
+/// The sequence number in the frame (a session's `s` in a run: 4 digits).
+const SEQ: u64 = 1234;
+
+/// A MESSAGE_CREATE body of `loadtest fanout`, its ids, names, timestamps
+/// and nonce as long as a run's, with `content` characters of content.
+fn message_body(content: usize) -> MessageCreate {
+    let run = "k3x9qa"; // loadtest's run id: 6 characters
+    MessageCreate {
+        id: "1764510000000001042".into(), // ms × 10^6 + node × 1000 + counter
+        channel: format!("lt-{run}-0"),
+        author: User {
+            id: format!("lt-{run}-u1042"),
+            name: "lt1042".into(),
+        },
+        content: "x".repeat(content),
+        ts: 1_764_510_000_000,
+        nonce: Some(format!("{run}.12.153.1764510000000123")),
+    }
+}
+
+/// What the gateway writes for `body` as dispatch number SEQ:
 /// `{"f":130,"s":SEQ,"t":"MESSAGE_CREATE","cnf":BODY}` in one unmasked
-/// text frame (gateway-node/src/wire.rs, `Dispatch::encode`), with ids,
-/// names, timestamps and nonce as long as a run's.
-fn dispatch_frame(content_bytes: usize, frame_bytes: usize) -> Result<Vec<u8>> {
-    let build = |content: usize| -> Vec<u8> {
-        let run = "k3x9qa"; // loadtest's run id: 6 characters
-        let body = MessageCreate {
-            id: "1764510000000001042".into(), // ms × 10^6 + node × 1000 + counter
-            channel: format!("lt-{run}-0"),
-            author: User {
-                id: format!("lt-{run}-u1042"),
-                name: "lt1042".into(),
-            },
-            content: "x".repeat(content),
-            ts: 1_764_510_000_000,
-            nonce: Some(format!("{run}.12.153.1764510000000123")),
-        };
-        let mut payload = br#"{"f":130,"s":1234,"t":"MESSAGE_CREATE","cnf":"#.to_vec();
-        payload.extend_from_slice(&serde_json::to_vec(&body).expect("serializes"));
-        payload.push(b'}');
-        let mut frame = vec![0x81];
-        match payload.len() {
-            n if n < 126 => frame.push(n as u8),
-            n if n <= usize::from(u16::MAX) => {
-                frame.push(126);
-                frame.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-            n => {
-                frame.push(127);
-                frame.extend_from_slice(&(n as u64).to_be_bytes());
-            }
+/// text frame (gateway-node/src/wire.rs, `Dispatch::encode`; the test
+/// below holds the two equal).
+fn frame_of(body: &MessageCreate) -> Vec<u8> {
+    let mut payload = format!(r#"{{"f":130,"s":{SEQ},"t":"MESSAGE_CREATE","cnf":"#).into_bytes();
+    payload.extend_from_slice(&serde_json::to_vec(body).expect("serializes"));
+    payload.push(b'}');
+    let mut frame = vec![0x81];
+    match payload.len() {
+        n if n < 126 => frame.push(n as u8),
+        n if n <= usize::from(u16::MAX) => {
+            frame.push(126);
+            frame.extend_from_slice(&(n as u16).to_be_bytes());
         }
-        frame.extend_from_slice(&payload);
-        frame
-    };
+        n => {
+            frame.push(127);
+            frame.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    frame.extend_from_slice(&payload);
+    frame
+}
+
+/// The frame of a message with `content_bytes` of content, or padded to
+/// exactly `frame_bytes` (when not 0).
+fn dispatch_frame(content_bytes: usize, frame_bytes: usize) -> Result<Vec<u8>> {
+    let build = |content: usize| frame_of(&message_body(content));
     if frame_bytes == 0 {
         return Ok(build(content_bytes));
     }
@@ -608,5 +620,31 @@ fn main() -> ExitCode {
             eprintln!("floor: {e:#}");
             ExitCode::from(1)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gateway_node::wire::Dispatch;
+    use gateway_shared::protocol::Event;
+
+    #[test]
+    fn the_frame_is_what_the_gateway_writes() {
+        for content in [1, 32, 100, 2000] {
+            let body = message_body(content);
+            let mut buf = bytes::BytesMut::new();
+            Dispatch::new(Event::MessageCreate, &body).encode(SEQ, &mut buf);
+            assert_eq!(frame_of(&body), buf.to_vec(), "content {content}");
+        }
+    }
+
+    #[test]
+    fn frames_come_in_the_size_asked_for() {
+        assert_eq!(dispatch_frame(32, 0).unwrap().len(), 257);
+        for size in [226, 257, 300, 4000] {
+            assert_eq!(dispatch_frame(32, size).unwrap().len(), size);
+        }
+        assert!(dispatch_frame(32, 178).is_err());
     }
 }
