@@ -14,6 +14,10 @@
 # puts the Rust nodes on a Redis Cluster of 3 masters and 3 replicas instead
 # of one Redis (the report then has Redis CPU per server); REDIS_MODE=none
 # runs them without Redis, on the in-memory backend (with NODES=1).
+# Profiling while loadtest runs (both cost CPU: do not take such a run's CPU
+# figures): PERF_DATA=FILE records the first node with `perf record -g`;
+# SYSCALLS=1 counts the nodes' system calls and context switches with
+# `perf stat` (in the report as bench.node_syscalls, and per delivery).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NAME="$1"; IMPL="$2"; shift 2
@@ -75,16 +79,33 @@ echo "bench: $NAME ($IMPL, $NODES node(s)): loadtest $*" >&2
 for port in $REDIS_PORTS; do redis-cli -p "$port" config resetstat >/dev/null; done
 RCPU0=$(redis_cpu)
 CPU0=$(cpu)
+PERF_PIDS=()
+if [ -n "${PERF_DATA:-}" ]; then
+  perf record -g -o "$PERF_DATA" -p "${NODE_PIDS[0]}" >"$TMP/perf-record.log" 2>&1 &
+  PERF_PIDS+=($!)
+fi
+if [ -n "${SYSCALLS:-}" ]; then
+  events=context-switches
+  for call in sendto write writev sendmsg recvfrom read readv epoll_wait futex; do
+    events="$events,syscalls:sys_enter_$call"
+  done
+  perf stat -x, -e "$events" -o "$TMP/perf-stat.csv" -p "$(IFS=,; echo "${NODE_PIDS[*]}")" >/dev/null 2>&1 &
+  PERF_PIDS+=($!)
+fi
+PIDS+=("${PERF_PIDS[@]}")
+sleep "${PERF_PIDS:+0.5}0"
 rc=0
 REDIS_URLS="$(for port in $REDIS_PORTS; do echo "redis://127.0.0.1:$port"; done | paste -sd, -)"
 "$LT" "$@" --urls "$URLS" --jwt-secret "$SECRET" ${REDIS_URLS:+--redis "$REDIS_URLS"} --json "bench/results/$NAME.json" --quiet || rc=$?
 CPU1=$(cpu)
+for pid in "${PERF_PIDS[@]}"; do kill -INT "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; done
+[ -f "$TMP/perf-stat.csv" ] || : >"$TMP/perf-stat.csv"
 RCPU1=$(redis_cpu)
 for port in $REDIS_PORTS; do
   redis-cli -p "$port" info commandstats | tr -d '\r' | grep '^cmdstat_' || true
 done >"$TMP/commandstats"
 # Node and Redis CPU per delivered / published message, added to the report.
-python3 - "bench/results/$NAME.json" "$CPU0" "$CPU1" "$IMPL" "$NODES" "$RCPU0" "$RCPU1" "$TMP/commandstats" "${REDIS_MODE:-single}" <<'PY'
+python3 - "bench/results/$NAME.json" "$CPU0" "$CPU1" "$IMPL" "$NODES" "$RCPU0" "$RCPU1" "$TMP/commandstats" "${REDIS_MODE:-single}" "$TMP/perf-stat.csv" <<'PY'
 import json, sys
 path, c0, c1, impl, nodes = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), sys.argv[4], int(sys.argv[5])
 per0 = dict(kv.split("=") for kv in sys.argv[6].split())
@@ -107,11 +128,23 @@ for line in open(sys.argv[8]):
     s["calls"] += int(f["calls"])
     s["usec"] += int(f["usec"])
 r["bench"]["redis_commands"] = dict(sorted(stats.items(), key=lambda kv: -kv[1]["calls"]))
+# perf stat -x, lines: value,unit,event,… (SYSCALLS=1)
+calls = {}
+for line in open(sys.argv[10]):
+    f = line.strip().split(",")
+    if len(f) > 2 and f[0].isdigit():
+        calls[f[2].removeprefix("syscalls:sys_enter_")] = int(f[0])
+if calls:
+    r["bench"]["node_syscalls"] = calls
+    if r.get("delivered"):
+        r["bench"]["node_syscalls_per_delivery"] = {k: round(v / r["delivered"], 4) for k, v in calls.items()}
 json.dump(r, open(path, "w"), indent=2)
 print(f"  node cpu               {c1 - c0:.2f} s" + (f" ({r['bench']['node_cpu_us_per_delivery']} us per delivery)" if r.get("delivered") else ""))
 print(f"  redis cpu              {r1 - r0:.2f} s" + (f" ({r['bench']['redis_cpu_us_per_message']} us per message sent)" if r.get("sent") else ""))
 if len(per) > 1:
     print("  redis cpu per server   " + ", ".join(f":{p} {v:.2f} s" for p, v in per.items()))
+if calls and r.get("delivered"):
+    print("  node calls/delivery    " + ", ".join(f"{k} {v}" for k, v in r["bench"]["node_syscalls_per_delivery"].items() if v))
 print("  redis commands         " + ", ".join(f"{k} {v['calls']}" for k, v in list(r["bench"]["redis_commands"].items())[:8]))
 PY
 exit "$rc"
