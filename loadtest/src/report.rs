@@ -146,7 +146,7 @@ impl Percentiles {
             p999: ms(h.quantile(0.999)),
             max: ms(h.max),
             mean: h.mean() / 1000.0,
-            count: h.count,
+            count: h.count(),
         }
     }
 }
@@ -479,11 +479,11 @@ fn ms_line(p: &Percentiles) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::hist::AtomicHistogram;
+    use crate::hist::SharedHistogram;
     use crate::plan::{test_plan, Scenario};
 
     fn hist(values: &[u64]) -> Snapshot {
-        let h = AtomicHistogram::default();
+        let h = SharedHistogram::default();
         values.iter().for_each(|&v| h.record(v));
         h.snapshot()
     }

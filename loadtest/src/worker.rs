@@ -29,7 +29,7 @@
 //! commands as further lines, and events leave as JSON lines on stdout.
 
 use crate::client;
-use crate::hist::AtomicHistogram;
+use crate::hist::SharedHistogram;
 use crate::plan::Plan;
 use crate::report::Tally;
 use anyhow::{Context as _, Result};
@@ -125,9 +125,9 @@ pub struct Stats {
     pub rate_limited: AtomicU64,
     pub heartbeat_acks: AtomicU64,
     pub malformed: AtomicU64,
-    pub latency: AtomicHistogram,
-    pub connect_latency: AtomicHistogram,
-    pub resume_latency: AtomicHistogram,
+    pub latency: SharedHistogram,
+    pub connect_latency: SharedHistogram,
+    pub resume_latency: SharedHistogram,
     /// Rare events, keyed by code or reason; never touched per message.
     pub errors: Mutex<BTreeMap<String, u64>>,
     pub closes: Mutex<BTreeMap<String, u64>>,
@@ -168,9 +168,9 @@ impl Stats {
             rate_limited: AtomicU64::new(0),
             heartbeat_acks: AtomicU64::new(0),
             malformed: AtomicU64::new(0),
-            latency: AtomicHistogram::default(),
-            connect_latency: AtomicHistogram::default(),
-            resume_latency: AtomicHistogram::default(),
+            latency: SharedHistogram::default(),
+            connect_latency: SharedHistogram::default(),
+            resume_latency: SharedHistogram::default(),
             errors: Mutex::default(),
             closes: Mutex::default(),
             setup_errors: Mutex::default(),
