@@ -152,12 +152,12 @@ impl Plan {
         if !non_negative(self.hold_s) || !non_negative(self.drain_s) {
             bail!("--hold-s and --drain-s must be zero or more");
         }
+        if self.channels > 0 && !is_valid_channel_name(&self.channel_name(self.channels - 1)) {
+            bail!("too many channels for a valid channel name");
+        }
         if self.scenario != Scenario::Connect {
             if self.channels == 0 {
                 bail!("--channels must be at least 1");
-            }
-            if !is_valid_channel_name(&self.channel_name(self.channels - 1)) {
-                bail!("too many channels for a valid channel name");
             }
             let max_publishers = self.clients.div_ceil(self.urls.len());
             if self.publishers == 0 || self.publishers_clients_end() > self.clients {
@@ -201,10 +201,9 @@ impl Plan {
         i % self.urls.len()
     }
 
-    /// Client `i`'s channel, if the scenario uses channels.
+    /// The channel client `i` moves into, if the plan has channels.
     pub fn channel_of(&self, i: usize) -> Option<usize> {
-        (self.scenario != Scenario::Connect && self.channels > 0)
-            .then(|| (i / self.urls.len()) % self.channels)
+        (self.channels > 0).then(|| (i / self.urls.len()) % self.channels)
     }
 
     pub fn channel_name(&self, c: usize) -> String {
@@ -305,6 +304,17 @@ mod tests {
                 .collect();
             assert_eq!(nodes.len(), 3, "channel {c}");
         }
+    }
+
+    #[test]
+    fn connect_moves_into_its_channels_only_when_asked() {
+        let mut plan = test_plan(Scenario::Connect);
+        plan.channels = 2;
+        assert_eq!(plan.channel_of(0), Some(0));
+        assert_eq!(plan.channel_of(1), Some(1));
+        assert!((0..plan.clients).all(|i| plan.publisher_of(i).is_none()));
+        plan.channels = 0;
+        assert!((0..plan.clients).all(|i| plan.channel_of(i).is_none()));
     }
 
     #[test]
