@@ -115,7 +115,8 @@ sampler() {
     [ -f "$TMP/lt.pid" ] && tp="$(cat "$TMP/lt.pid")"
     [ -n "$tp" ] && driver="$(pgrep -P "$tp" || true)"
     for pid in $driver $([ -n "$driver" ] && pgrep -P "$driver" || true); do
-      lt_rss=$((lt_rss + $(awk '/^VmRSS:/ {print $2}' "/proc/$pid/status" 2>/dev/null || echo 0)))
+      rss=$(awk '/^VmRSS:/ {print $2}' "/proc/$pid/status" 2>/dev/null || true)
+      lt_rss=$((lt_rss + ${rss:-0}))
     done
     tcp=$(awk '$1 == "TCP:" {for (i = 2; i < NF; i++) if ($i == "mem") m = $(i + 1); else if ($i == "inuse") u = $(i + 1); print m "," u}' /proc/net/sockstat)
     echo "$line,$lt_rss,$tcp" >>"$SAMPLES"
@@ -146,6 +147,7 @@ echo "$LT_PID" >"$TMP/lt.pid"
 wait "$LT_PID" || rc=$?
 CPU1="$(node_cpu)"
 RCPU1="$(cpu_of "$REDIS_PID")"
+redis-cli -p "$REDIS_PORT" info commandstats | tr -d '\r' | grep '^cmdstat_' >"$TMP/commandstats" || true
 kill "$SAMPLER_PID" 2>/dev/null || true
 # Nodes first, while their Redis is still there (the cleanup stops
 # processes in the order they started, Redis first).
@@ -153,19 +155,22 @@ for pid in "${NODE_PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
 for pid in "${NODE_PIDS[@]}"; do
   for _ in $(seq 1 300); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
 done
+# The nodes' warnings and errors, counted by message (session ids and
+# timestamps left out), into the report: a node that struggled says so.
 for i in $(seq 1 "$NODES"); do
-  n=$(grep -c -E "WARN|ERROR" "$TMP/node$i.log" || true)
-  if [ "$n" -gt 0 ]; then
-    echo "node $i: $n warnings or errors in its log, the first three:" >&2
-    grep -m 3 -E "WARN|ERROR" "$TMP/node$i.log" >&2 || true
-  fi
-done
+  sed 's/\x1b\[[0-9;]*m//g' "$TMP/node$i.log" | grep -E " (WARN|ERROR) " |
+    sed -E 's/^[^ ]+ +//; s/session=[0-9]+/session=N/g' || true
+done | sort | uniq -c | sort -rn >"$TMP/node-warnings"
+if [ -s "$TMP/node-warnings" ]; then
+  echo "100k: warnings and errors in the nodes' logs (all nodes, by message):" >&2
+  head -5 "$TMP/node-warnings" >&2
+fi
 [ -f "bench/results/$NAME.json" ] || { echo "100k: no report (loadtest exit $rc)" >&2; exit "${rc:-1}"; }
 
 python3 - "bench/results/$NAME.json" "$SAMPLES" "$CPU0" "$CPU1" "$RCPU0" "$RCPU1" "$TMP/lt.time" \
-  "$NODES" "$WORKERS" "$SOURCE_IPS" "$limit" "$WORKER_THREADS" "$RSS0" <<'PY'
+  "$NODES" "$WORKERS" "$SOURCE_IPS" "$limit" "$WORKER_THREADS" "$RSS0" "$TMP/commandstats" "$TMP/node-warnings" <<'PY'
 import csv, json, os, sys
-path, samples, c0, c1, r0, r1, lt_time, nodes, workers, source_ips, limit, threads, rss0 = sys.argv[1:]
+path, samples, c0, c1, r0, r1, lt_time, nodes, workers, source_ips, limit, threads, rss0, cmdstats, warns = sys.argv[1:]
 rss0 = [int(x) for x in rss0.split()]
 tick = os.sysconf("SC_CLK_TCK")
 nodes = int(nodes)
@@ -198,6 +203,16 @@ r["bench"] = {
     "tcp_mem_peak_pages": max(col("tcp_mem_pages"), default=None),
     "tcp_inuse_peak": max(col("tcp_inuse"), default=None),
 }
+# cmdstat_evalsha:calls=26600,usec=…: Redis' commands over the whole run.
+stats = {}
+for line in open(cmdstats):
+    name, _, fields = line.strip().partition(":")
+    f = dict(kv.split("=", 1) for kv in fields.split(","))
+    stats[name.removeprefix("cmdstat_")] = {"calls": int(f["calls"]), "usec": int(f["usec"])}
+r["bench"]["redis_commands"] = dict(sorted(stats.items(), key=lambda kv: -kv[1]["usec"]))
+r["bench"]["node_log_warnings"] = {
+    msg: int(n) for n, msg in (line.strip().split(" ", 1) for line in open(warns) if line.strip())
+}
 json.dump(r, open(path, "w"), indent=2)
 for i, n in enumerate(per_node):
     print(f"  node {i + 1} (/proc)        rss {n['rss_before_kib'] / 1024:.1f} -> peak {n['rss_peak_kib'] / 1024:.1f} MiB, "
@@ -205,6 +220,7 @@ for i, n in enumerate(per_node):
 b = r["bench"]
 print(f"  redis                  cpu {b['redis_cpu_s']} s, used_memory peak {b['redis_used_memory_peak'] / 2**20:.1f} MiB")
 print(f"  loadtest               cpu {b['loadtest_cpu_s']} s, rss peak {b['loadtest_rss_peak_kib'] / 1024:.1f} MiB (all processes)")
+print("  redis commands (by time) " + ", ".join(f"{k} {v['calls']} calls {v['usec'] / 1e6:.1f} s" for k, v in list(b["redis_commands"].items())[:6]))
 print(f"  kernel tcp             peak {b['tcp_mem_peak_pages'] * 4 / 1024:.1f} MiB, {b['tcp_inuse_peak']} sockets")
 PY
 exit "$rc"
