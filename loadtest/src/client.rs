@@ -404,8 +404,9 @@ enum Ended {
     Broken(Option<u16>),
 }
 
-/// When the connection's unanswered heartbeat left, in µs since the
-/// worker started (0: none outstanding); shared by its reader and writer.
+/// Microseconds since the worker started, at least 1: the clock of a
+/// connection's `heartbeat_sent`, which its reader and writer share (when
+/// its unanswered heartbeat left; 0 while none is outstanding).
 fn since_start_us(ctx: &Ctx) -> u64 {
     (ctx.started.elapsed().as_micros() as u64).max(1)
 }
