@@ -149,12 +149,35 @@ CPU1="$(node_cpu)"
 RCPU1="$(cpu_of "$REDIS_PID")"
 redis-cli -p "$REDIS_PORT" info commandstats | tr -d '\r' | grep '^cmdstat_' >"$TMP/commandstats" || true
 kill "$SAMPLER_PID" 2>/dev/null || true
+# The tester closed every session (close 1000) as it finished; let the
+# nodes finish ending them before stopping them: wait until the default
+# channel's member count reaches 0 or stops falling for 5 s (at most
+# 120 s). A node does not retry a session end that timed out.
+members() { redis-cli -p "$REDIS_PORT" hlen 'gw:{c:general}:members'; }
+AT_EXIT="$(members)"
+prev=-1; still=0; WAITED=0
+while [ "$WAITED" -lt 120 ]; do
+  now="$(members)"
+  [ "$now" = 0 ] && break
+  if [ "$now" = "$prev" ]; then
+    still=$((still + 1))
+    [ "$still" -ge 5 ] && break
+  else
+    still=0
+  fi
+  prev="$now"; sleep 1; WAITED=$((WAITED + 1))
+done
 # Nodes first, while their Redis is still there (the cleanup stops
 # processes in the order they started, Redis first).
 for pid in "${NODE_PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
 for pid in "${NODE_PIDS[@]}"; do
   for _ in $(seq 1 300); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
 done
+# What the sessions left in the default channel once every node has
+# stopped: members and presence entries of sessions whose end did not
+# reach Redis (0 and 0 when every leave happened).
+LEFT="$(redis-cli -p "$REDIS_PORT" hlen 'gw:{c:general}:members') $(redis-cli -p "$REDIS_PORT" zcard 'gw:{c:general}:presence')"
+echo "100k: default channel members when the tester exited: $AT_EXIT; after ${WAITED}s and the nodes' stop (members, presence): $LEFT" >&2
 # The nodes' warnings and errors, counted by message (session ids and
 # timestamps left out), into the report: a node that struggled says so.
 for i in $(seq 1 "$NODES"); do
@@ -168,9 +191,10 @@ fi
 [ -f "bench/results/$NAME.json" ] || { echo "100k: no report (loadtest exit $rc)" >&2; exit "${rc:-1}"; }
 
 python3 - "bench/results/$NAME.json" "$SAMPLES" "$CPU0" "$CPU1" "$RCPU0" "$RCPU1" "$TMP/lt.time" \
-  "$NODES" "$WORKERS" "$SOURCE_IPS" "$limit" "$WORKER_THREADS" "$RSS0" "$TMP/commandstats" "$TMP/node-warnings" <<'PY'
+  "$NODES" "$WORKERS" "$SOURCE_IPS" "$limit" "$WORKER_THREADS" "$RSS0" "$TMP/commandstats" "$TMP/node-warnings" "$LEFT" "$AT_EXIT" "$WAITED" <<'PY'
 import csv, json, os, sys
-path, samples, c0, c1, r0, r1, lt_time, nodes, workers, source_ips, limit, threads, rss0, cmdstats, warns = sys.argv[1:]
+(path, samples, c0, c1, r0, r1, lt_time, nodes, workers, source_ips, limit, threads, rss0, cmdstats, warns, left,
+ at_exit, waited) = sys.argv[1:]
 rss0 = [int(x) for x in rss0.split()]
 tick = os.sysconf("SC_CLK_TCK")
 nodes = int(nodes)
@@ -210,6 +234,11 @@ for line in open(cmdstats):
     f = dict(kv.split("=", 1) for kv in fields.split(","))
     stats[name.removeprefix("cmdstat_")] = {"calls": int(f["calls"]), "usec": int(f["usec"])}
 r["bench"]["redis_commands"] = dict(sorted(stats.items(), key=lambda kv: -kv[1]["usec"]))
+members_left, presence_left = (int(x) for x in left.split())
+r["bench"]["default_channel_left"] = {
+    "members_at_tester_exit": int(at_exit), "waited_s": int(waited),
+    "members": members_left, "presence": presence_left,
+}
 r["bench"]["node_log_warnings"] = {
     msg: int(n) for n, msg in (line.strip().split(" ", 1) for line in open(warns) if line.strip())
 }
