@@ -9,7 +9,7 @@
 //! is reported (and warned about) but exits 0.
 
 use crate::driver::{self, Options};
-use crate::plan::{random_run_id, ChurnPlan, Plan, Scenario};
+use crate::plan::{parse_source_ips, random_run_id, ChurnPlan, Plan, Scenario};
 use crate::report::Report;
 use crate::{smoke, worker};
 use anyhow::{Context as _, Result};
@@ -95,6 +95,13 @@ pub struct Setup {
     /// other flags, with a margin).
     #[arg(long)]
     pub max_run_s: Option<f64>,
+    /// Local addresses to connect from, round-robin over the clients:
+    /// comma-separated addresses and IPv4 ranges, e.g.
+    /// `127.0.0.2-127.0.0.9`. Each address has its own ephemeral ports
+    /// (about 28,000 with Linux' default range), so more addresses, more
+    /// connections. Default: the kernel's choice.
+    #[arg(long, value_name = "LIST")]
+    pub source_ips: Option<String>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -113,6 +120,14 @@ pub struct ConnectArgs {
     /// default channel).
     #[arg(long, default_value_t = 0)]
     pub channels: usize,
+    /// After the hold, one client sends one message into its channel (the
+    /// default channel without `--channels`, else channel 0) and the
+    /// report counts and times its deliveries to every member.
+    #[arg(long)]
+    pub fanout_at_end: bool,
+    /// With `--fanout-at-end`: how long to wait for the deliveries.
+    #[arg(long, default_value_t = 30.0)]
+    pub drain_s: f64,
 }
 
 /// The message traffic of `fanout` and `churn`.
@@ -173,8 +188,12 @@ struct Globals {
     threads: usize,
 }
 
-fn base_plan(scenario: Scenario, target: Target, setup: &Setup, g: &Globals) -> Plan {
-    Plan {
+fn base_plan(scenario: Scenario, target: Target, setup: &Setup, g: &Globals) -> Result<Plan> {
+    let source_ips = match &setup.source_ips {
+        Some(spec) => parse_source_ips(spec).context("--source-ips")?,
+        None => Vec::new(),
+    };
+    Ok(Plan {
         scenario,
         urls: target.urls,
         secret: target.jwt_secret,
@@ -195,7 +214,9 @@ fn base_plan(scenario: Scenario, target: Target, setup: &Setup, g: &Globals) -> 
         workers: g.workers,
         threads: g.threads,
         max_run_s: 0.0,
-    }
+        source_ips,
+        fanout_at_end: false,
+    })
 }
 
 fn with_traffic(mut plan: Plan, t: &Traffic) -> Plan {
@@ -214,6 +235,9 @@ fn default_max_run_s(plan: &Plan) -> f64 {
     let ramp = plan.clients as f64 / plan.ramp_per_s;
     let channels = 60.0 + plan.channels as f64 / 10.0;
     let main = match plan.scenario {
+        Scenario::Connect if plan.fanout_at_end => {
+            plan.hold_s + plan.duration_s + 5.0 + plan.drain_s
+        }
         Scenario::Connect => plan.hold_s,
         _ => plan.duration_s + 5.0 + plan.drain_s,
     };
@@ -245,19 +269,28 @@ pub fn main() -> Result<ExitCode> {
         }
         Command::Smoke(target) => return run_smoke(target, cli.json, cli.threads),
         Command::Connect(a) => {
-            let mut plan = base_plan(Scenario::Connect, a.target, &a.setup, &g);
+            let mut plan = base_plan(Scenario::Connect, a.target, &a.setup, &g)?;
             plan.clients = a.clients;
             plan.hold_s = a.hold_s;
             plan.channels = a.channels;
+            if a.fanout_at_end {
+                // One publisher sending one message: 1 msg/s for 1 s.
+                plan.fanout_at_end = true;
+                plan.publishers = 1;
+                plan.rate = 1.0;
+                plan.duration_s = 1.0;
+                plan.drain_s = a.drain_s;
+                plan.content_bytes = 32;
+            }
             finish_plan(plan, a.setup.max_run_s)
         }
         Command::Fanout(a) => {
-            let plan = base_plan(Scenario::Fanout, a.target, &a.setup, &g);
+            let plan = base_plan(Scenario::Fanout, a.target, &a.setup, &g)?;
             finish_plan(with_traffic(plan, &a.traffic), a.setup.max_run_s)
         }
         Command::Churn(a) => {
             let mut plan = with_traffic(
-                base_plan(Scenario::Churn, a.target, &a.setup, &g),
+                base_plan(Scenario::Churn, a.target, &a.setup, &g)?,
                 &a.traffic,
             );
             plan.churn = Some(ChurnPlan {
@@ -374,13 +407,48 @@ mod tests {
         };
         let plan = finish_plan(
             with_traffic(
-                base_plan(Scenario::Fanout, a.target, &a.setup, &g),
+                base_plan(Scenario::Fanout, a.target, &a.setup, &g).unwrap(),
                 &a.traffic,
             ),
             None,
         );
         plan.validate().unwrap();
         assert!(plan.max_run_s > plan.duration_s + plan.drain_s);
+    }
+
+    #[test]
+    fn connect_with_source_ips_and_a_final_fanout_parses() {
+        let cli = Cli::try_parse_from([
+            "loadtest",
+            "--workers",
+            "6",
+            "connect",
+            "--urls",
+            "ws://127.0.0.1:1/gateway",
+            "--jwt-secret",
+            "0123456789abcdef0123456789abcdef",
+            "--clients",
+            "100000",
+            "--hold-s",
+            "60",
+            "--source-ips",
+            "127.0.0.2-127.0.0.9",
+            "--fanout-at-end",
+        ])
+        .unwrap();
+        let Command::Connect(a) = cli.command else {
+            panic!("connect")
+        };
+        assert!(a.fanout_at_end);
+        let g = Globals {
+            workers: 6,
+            threads: 1,
+        };
+        let plan = base_plan(Scenario::Connect, a.target.clone(), &a.setup, &g).unwrap();
+        assert_eq!(plan.source_ips.len(), 8);
+        let mut bad = a.setup.clone();
+        bad.source_ips = Some("127.0.0.9-127.0.0.2".into());
+        assert!(base_plan(Scenario::Connect, a.target, &bad, &g).is_err());
     }
 
     #[test]

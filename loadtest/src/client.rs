@@ -30,14 +30,15 @@
 use crate::plan::Scenario;
 use crate::scan::{self, Head};
 use crate::worker::{bump, Ctx, Phase};
-use gateway_shared::client::{connect_raw, RawFrame, RawReader, RawWriter};
+use gateway_shared::client::{connect_raw_from, RawFrame, RawReader, RawWriter};
 use gateway_shared::protocol::{ErrorCode, Event, FunctionCode};
 use gateway_shared::token;
 use gateway_shared::ClientError;
 use rand::Rng;
 use std::fmt::Write as _;
 use std::future::pending;
-use std::sync::atomic::Ordering;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
@@ -111,6 +112,7 @@ fn now_us() -> u64 {
 
 const DISPATCH: u16 = FunctionCode::Dispatch.code();
 const ERROR: u16 = FunctionCode::Error.code();
+const HEARTBEAT: u16 = FunctionCode::Heartbeat.code();
 
 impl Track {
     /// Checks and counts one frame; returns its envelope for the caller's
@@ -142,7 +144,7 @@ impl Track {
                     self.message(frame, ctx);
                 }
             }
-            120 => {
+            HEARTBEAT => {
                 stats.heartbeat_acks.fetch_add(1, Ordering::Relaxed);
             }
             _ => {}
@@ -213,10 +215,11 @@ pub async fn next_text(reader: &mut RawReader) -> Result<bytes::Bytes, Fail> {
 /// READY.
 pub async fn open(
     url: &str,
+    source: Option<IpAddr>,
     token: &str,
     resume: Option<(u64, u64)>,
 ) -> Result<(Conn, Ready), Fail> {
-    let (mut reader, mut writer) = connect_raw(url).await?;
+    let (mut reader, mut writer) = connect_raw_from(url, source).await?;
     let hello = next_text(&mut reader).await?;
     let hb_int = match scan::head(&hello) {
         Some(h) if h.f == FunctionCode::Hello.code() => scan::u64_field(&hello, "hb_int")
@@ -401,13 +404,31 @@ enum Ended {
     Broken(Option<u16>),
 }
 
-async fn read_loop(reader: &mut RawReader, track: &mut Track, ctx: &Ctx) -> Ended {
+/// Microseconds since the worker started, at least 1: the clock of a
+/// connection's `heartbeat_sent`, which its reader and writer share (when
+/// its unanswered heartbeat left; 0 while none is outstanding).
+fn since_start_us(ctx: &Ctx) -> u64 {
+    (ctx.started.elapsed().as_micros() as u64).max(1)
+}
+
+async fn read_loop(
+    reader: &mut RawReader,
+    track: &mut Track,
+    ctx: &Ctx,
+    heartbeat_sent: &AtomicU64,
+) -> Ended {
     loop {
         match reader.next().await {
             Ok(RawFrame::Text(frame)) => {
                 if let Some(h) = track.observe(&frame, ctx) {
                     if h.f == ERROR {
                         count_error(&frame, ctx);
+                    } else if h.f == HEARTBEAT {
+                        let sent = heartbeat_sent.swap(0, Ordering::Relaxed);
+                        if sent != 0 && ctx.all_set_up.load(Ordering::Relaxed) {
+                            let rtt = since_start_us(ctx).saturating_sub(sent);
+                            ctx.stats.heartbeat_latency.record(rtt);
+                        }
                     }
                 }
             }
@@ -422,12 +443,23 @@ async fn write_loop(
     hb_int: Duration,
     mut publisher: Option<&mut Publisher>,
     mut phase: watch::Receiver<Phase>,
+    heartbeat_sent: &AtomicU64,
+    ctx: &Ctx,
 ) -> Ended {
     let mut heartbeat = tokio::time::interval_at(Instant::now() + hb_int, hb_int);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = heartbeat.tick() => {
+                // With an ack still outstanding (a round trip over
+                // hb_int), that one stays timed from its own send; the
+                // node answers in order, so this one's ack goes untimed.
+                let _ = heartbeat_sent.compare_exchange(
+                    0,
+                    since_start_us(ctx),
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                );
                 if writer.heartbeat().await.is_err() {
                     return Ended::Broken(None);
                 }
@@ -501,8 +533,12 @@ pub async fn run(ctx: Arc<Ctx>, i: usize) {
         &token::claims(&user_id, &format!("lt{i}"), false, ttl),
     );
     let url_index = plan.url_of(i);
+    let source = plan.source_ip_of(i);
     let channel = plan.channel_of(i);
     let channel_name = channel.map(|c| plan.channel_name(c));
+    // The channel this client is counted in (the default channel, as 0,
+    // for `connect --fanout-at-end` without channels).
+    let tracked = plan.tracked_channel_of(i);
     let mut track = Track::default();
 
     // 1. Setup, bounded.
@@ -510,7 +546,7 @@ pub async fn run(ctx: Arc<Ctx>, i: usize) {
         let _permit = ctx.setup_permits.acquire().await;
         let started = Instant::now();
         let result = timeout(Duration::from_secs_f64(plan.setup_timeout_s), async {
-            let (mut conn, ready) = open(&plan.urls[url_index], &token, None).await?;
+            let (mut conn, ready) = open(&plan.urls[url_index], source, &token, None).await?;
             track.session_id = ready.session_id;
             if let Some(name) = &channel_name {
                 join(&mut conn, name, &mut track, &ctx).await?;
@@ -534,28 +570,32 @@ pub async fn run(ctx: Arc<Ctx>, i: usize) {
     };
     stats.connect_latency.record(took.as_micros() as u64);
     stats.ok_per_url[url_index].fetch_add(1, Ordering::Relaxed);
-    if let Some(c) = channel {
+    if let Some(c) = tracked {
         stats.members[c].fetch_add(1, Ordering::Relaxed);
     }
     stats.setup_ok.fetch_add(1, Ordering::Relaxed);
     ctx.setup_outcome();
 
-    let mut publisher = match (plan.publisher_of(i), channel) {
+    let mut publisher = match (plan.publisher_of(i), tracked) {
         (Some(j), Some(c)) => Some(Publisher::new(ctx.clone(), j, c)),
         _ => None,
     };
     let churner = plan.scenario == Scenario::Churn && publisher.is_none();
     let mut hb_int = ready.hb_int;
+    let heartbeat_sent = AtomicU64::new(0);
 
     // 2. Main loop; 3. drop and resume.
     loop {
+        heartbeat_sent.store(0, Ordering::Relaxed);
         let ended = {
             let Conn { reader, writer } = &mut conn;
             tokio::select! {
                 biased;
                 _ = reach(ctx.phase.subscribe(), Phase::Finish) => Ended::Finish,
-                ended = read_loop(reader, &mut track, &ctx) => ended,
-                ended = write_loop(writer, hb_int, publisher.as_mut(), ctx.phase.subscribe()) => ended,
+                ended = read_loop(reader, &mut track, &ctx, &heartbeat_sent) => ended,
+                ended = write_loop(
+                    writer, hb_int, publisher.as_mut(), ctx.phase.subscribe(), &heartbeat_sent, &ctx,
+                ) => ended,
                 _ = async {
                     if churner { drop_timer(&ctx, ctx.phase.subscribe()).await } else { pending().await }
                 } => Ended::Drop,
@@ -584,7 +624,16 @@ pub async fn run(ctx: Arc<Ctx>, i: usize) {
             }
         };
         drop(conn);
-        match resume(&ctx, &token, channel_name.as_deref(), &mut track, down).await {
+        match resume(
+            &ctx,
+            source,
+            &token,
+            channel_name.as_deref(),
+            &mut track,
+            down,
+        )
+        .await
+        {
             Some((new_conn, ready)) => {
                 conn = new_conn;
                 hb_int = ready.hb_int;
@@ -602,6 +651,7 @@ const RESUME_FOR: Duration = Duration::from_secs(30);
 /// when the node answers `resumed: false`.
 async fn resume(
     ctx: &Ctx,
+    source: Option<IpAddr>,
     token: &str,
     channel: Option<&str>,
     track: &mut Track,
@@ -615,7 +665,7 @@ async fn resume(
         let url = &ctx.plan.urls[rand::rng().random_range(0..ctx.plan.urls.len())];
         let started = Instant::now();
         let resume = Some((track.session_id, track.last_s));
-        let attempt = timeout(Duration::from_secs(10), open(url, token, resume))
+        let attempt = timeout(Duration::from_secs(10), open(url, source, token, resume))
             .await
             .unwrap_or(Err(Fail::Timeout));
         match attempt {

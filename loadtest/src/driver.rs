@@ -414,10 +414,13 @@ pub async fn create_channels(plan: &Plan) -> Result<()> {
         plan.secret.as_bytes(),
         &token::claims(&user, "loadtest", false, 3600),
     );
-    let (mut conn, _) = timeout(Duration::from_secs(10), client::open(url, &token, None))
-        .await
-        .unwrap_or(Err(client::Fail::Timeout))
-        .map_err(|f| anyhow!("creating channels: cannot present on {url}: {f}"))?;
+    let (mut conn, _) = timeout(
+        Duration::from_secs(10),
+        client::open(url, None, &token, None),
+    )
+    .await
+    .unwrap_or(Err(client::Fail::Timeout))
+    .map_err(|f| anyhow!("creating channels: cannot present on {url}: {f}"))?;
     let deadline = Instant::now() + Duration::from_secs_f64(60.0 + plan.channels as f64 / 10.0);
     let prefix = format!("lt-{}-", plan.run_id);
     let mut pending: BTreeSet<usize> = (0..plan.channels).collect();
@@ -488,6 +491,44 @@ pub async fn create_channels(plan: &Plan) -> Result<()> {
     Ok(())
 }
 
+/// Go: publishers send; then waits until every worker stopped, works out
+/// the expected deliveries and drains until they arrived or the drain time
+/// is over. Returns the seconds from Go to the end of the drain.
+async fn publish_and_drain(
+    fleet: &mut Fleet,
+    plan: &Plan,
+    warnings: &mut Vec<String>,
+) -> Result<f64> {
+    fleet.label = "publish";
+    fleet.broadcast(Command::Go).await;
+    let go = Instant::now();
+    let stop_by = go + Duration::from_secs_f64(plan.duration_s + 15.0);
+    fleet
+        .until(Some(stop_by), |f| f.stopped.iter().all(Option::is_some))
+        .await?;
+    let mut merged = Tally::default();
+    for (sent, members) in fleet.stopped.iter().flatten() {
+        merged.merge(&Tally {
+            sent: sent.clone(),
+            members: members.clone(),
+            ..Default::default()
+        });
+    }
+    let expected = merged.expected();
+    fleet.label = "drain";
+    let drain_end = Instant::now() + Duration::from_secs_f64(plan.drain_s);
+    let complete = fleet
+        .until(Some(drain_end), |f| f.total().delivered >= expected)
+        .await?;
+    if !complete {
+        warnings.push(format!(
+            "drain ended after {:.1} s with deliveries missing",
+            plan.drain_s
+        ));
+    }
+    Ok(go.elapsed().as_secs_f64())
+}
+
 async fn run_inner(plan: &Plan, opts: &Options) -> Result<Report> {
     let started = Instant::now();
     let before = scrape_all(plan).await;
@@ -507,37 +548,15 @@ async fn run_inner(plan: &Plan, opts: &Options) -> Result<Report> {
             fleet.label = "hold";
             let hold_end = Instant::now() + Duration::from_secs_f64(plan.hold_s);
             fleet.until(Some(hold_end), |_| false).await?;
-            scrape_all(plan).await
+            // Memory at the end of the hold, before the fan-out's buffers.
+            let after = scrape_all(plan).await;
+            if plan.fanout_at_end {
+                traffic_s = publish_and_drain(&mut fleet, plan, &mut warnings).await?;
+            }
+            after
         }
         Scenario::Fanout | Scenario::Churn => {
-            fleet.label = "publish";
-            fleet.broadcast(Command::Go).await;
-            let go = Instant::now();
-            let stop_by = go + Duration::from_secs_f64(plan.duration_s + 15.0);
-            fleet
-                .until(Some(stop_by), |f| f.stopped.iter().all(Option::is_some))
-                .await?;
-            let mut merged = Tally::default();
-            for (sent, members) in fleet.stopped.iter().flatten() {
-                merged.merge(&Tally {
-                    sent: sent.clone(),
-                    members: members.clone(),
-                    ..Default::default()
-                });
-            }
-            let expected = merged.expected();
-            fleet.label = "drain";
-            let drain_end = Instant::now() + Duration::from_secs_f64(plan.drain_s);
-            let complete = fleet
-                .until(Some(drain_end), |f| f.total().delivered >= expected)
-                .await?;
-            if !complete {
-                warnings.push(format!(
-                    "drain ended after {:.1} s with deliveries missing",
-                    plan.drain_s
-                ));
-            }
-            traffic_s = go.elapsed().as_secs_f64();
+            traffic_s = publish_and_drain(&mut fleet, plan, &mut warnings).await?;
             scrape_all(plan).await
         }
     };

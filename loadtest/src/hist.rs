@@ -1,200 +1,179 @@
-//! Latency histograms: recorded lock-free from every connection, merged
+//! Latency histograms: recorded from every connection of a worker, merged
 //! across worker processes, read as percentiles.
 //!
-//! Values are microseconds in log-linear buckets (the HdrHistogram idea):
-//! values below 64 have a bucket each, and every power of two above is cut
-//! into 64 equal buckets, so a bucket is never wider than 1/64 (1.6 %) of
-//! its values. 3,776 buckets cover all of `u64`; a worker keeps one array
-//! of atomic counters per histogram (30 KB) instead of one histogram per
-//! connection.
+//! Values are microseconds in an HdrHistogram (crate `hdrhistogram`) with
+//! 3 significant digits: every value below 2,048 µs has a bucket of its
+//! own, and a bucket is never wider than 1/1,024 of its values above. The
+//! histogram grows to whatever range it is given (auto-resize).
 //!
-//! A [`Snapshot`] is the serializable, mergeable form: the non-empty
-//! buckets plus exact count, min, max and sum. Percentiles are read from
-//! the buckets and reported as the bucket's upper bound (never understating
-//! a latency), clamped to the exact max.
+//! A worker keeps one [`SharedHistogram`] per measurement, which its
+//! client tasks record into under a mutex: hdrhistogram records through
+//! `&mut`, and a worker's runtime has one thread by default, so the lock
+//! is uncontended (docs/BENCHMARKS.md, "Latency histograms in the tester",
+//! has what it costs against the atomic counters it replaced).
+//!
+//! A [`Snapshot`] is the serializable, mergeable form: the histogram in
+//! HdrHistogram's V2 encoding (base64 in JSON, so any HdrHistogram
+//! implementation can read it) plus the exact min, max and sum, which the
+//! histogram only knows to its bucket precision. Percentiles are read from
+//! the buckets and reported as the bucket's upper bound (never
+//! understating a latency), clamped to the exact min and max.
 
+use base64::Engine as _;
+use hdrhistogram::serialization::{Deserializer, Serializer, V2Serializer};
+use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 
-/// Sub-buckets per power of two, as a power of two.
-const SUB_BITS: u32 = 6;
-const SUB: u64 = 1 << SUB_BITS;
-/// Bucket count covering every `u64`.
-pub const BUCKETS: usize = (SUB + (64 - SUB_BITS as u64) * SUB) as usize;
+/// Significant decimal digits every value keeps.
+pub const SIGFIG: u8 = 3;
 
-/// The bucket of `v`.
-pub fn bucket_of(v: u64) -> usize {
-    if v < SUB {
-        return v as usize;
-    }
-    let exp = 63 - v.leading_zeros(); // >= SUB_BITS
-    let shift = exp - SUB_BITS;
-    let sub = (v >> shift) - SUB;
-    (SUB + u64::from(shift) * SUB + sub) as usize
+fn empty() -> Histogram<u64> {
+    Histogram::new(SIGFIG).expect("3 significant digits are valid")
 }
 
-/// The smallest and largest value of bucket `i`.
-pub fn bucket_bounds(i: usize) -> (u64, u64) {
-    let i = i as u64;
-    if i < SUB {
-        return (i, i);
-    }
-    let shift = (i - SUB) / SUB;
-    let sub = (i - SUB) % SUB;
-    let low = (SUB + sub) << shift;
-    (low, low + ((1u64 << shift) - 1))
+/// A histogram the tasks of one worker record into.
+#[derive(Default)]
+pub struct SharedHistogram {
+    inner: Mutex<Snapshot>,
 }
 
-/// A histogram many tasks record into at once.
-pub struct AtomicHistogram {
-    buckets: Box<[AtomicU64]>,
-    count: AtomicU64,
-    sum: AtomicU64,
-    min: AtomicU64,
-    max: AtomicU64,
-}
-
-impl Default for AtomicHistogram {
-    fn default() -> Self {
-        Self {
-            buckets: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(),
-            count: AtomicU64::new(0),
-            sum: AtomicU64::new(0),
-            min: AtomicU64::new(u64::MAX),
-            max: AtomicU64::new(0),
-        }
-    }
-}
-
-impl AtomicHistogram {
+impl SharedHistogram {
     pub fn record(&self, v: u64) {
-        self.buckets[bucket_of(v)].fetch_add(1, Ordering::Relaxed);
-        self.count.fetch_add(1, Ordering::Relaxed);
-        self.sum.fetch_add(v, Ordering::Relaxed);
-        // A plain load first: min and max rarely change, and fetch_min/max
-        // would be a compare-and-swap on every record.
-        if v < self.min.load(Ordering::Relaxed) {
-            self.min.fetch_min(v, Ordering::Relaxed);
-        }
-        if v > self.max.load(Ordering::Relaxed) {
-            self.max.fetch_max(v, Ordering::Relaxed);
-        }
+        self.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .record(v);
     }
 
     pub fn count(&self) -> u64 {
-        self.count.load(Ordering::Relaxed)
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).count()
     }
 
     pub fn snapshot(&self) -> Snapshot {
-        let buckets = self
-            .buckets
-            .iter()
-            .enumerate()
-            .filter_map(|(i, c)| {
-                let c = c.load(Ordering::Relaxed);
-                (c > 0).then_some((i as u32, c))
-            })
-            .collect();
-        let count = self.count.load(Ordering::Relaxed);
-        Snapshot {
-            buckets,
-            count,
-            sum: self.sum.load(Ordering::Relaxed),
-            min: if count == 0 {
-                0
-            } else {
-                self.min.load(Ordering::Relaxed)
-            },
-            max: self.max.load(Ordering::Relaxed),
-        }
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
 
 /// A histogram at rest: what workers send and the driver merges.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Snapshot {
-    /// `(bucket, count)` for every non-empty bucket, by bucket.
-    pub buckets: Vec<(u32, u64)>,
-    pub count: u64,
+    /// The buckets, as HdrHistogram V2 (base64) on the wire.
+    #[serde(with = "v2_base64")]
+    pub hist: Histogram<u64>,
     pub sum: u64,
+    /// Exact smallest value (0 when empty).
     pub min: u64,
+    /// Exact largest value (0 when empty).
     pub max: u64,
 }
 
+impl Default for Snapshot {
+    fn default() -> Self {
+        Self {
+            hist: empty(),
+            sum: 0,
+            min: 0,
+            max: 0,
+        }
+    }
+}
+
 impl Snapshot {
+    pub fn record(&mut self, v: u64) {
+        // Auto-resize grows the histogram to any value up to 2^62 or so;
+        // one beyond that is counted at the histogram's top (its exact
+        // value still sets `max`).
+        if self.hist.record(v).is_err() {
+            self.hist.saturating_record(v);
+        }
+        self.min = if self.count() == 1 {
+            v
+        } else {
+            self.min.min(v)
+        };
+        self.max = self.max.max(v);
+        self.sum = self.sum.saturating_add(v);
+    }
+
+    pub fn count(&self) -> u64 {
+        self.hist.len()
+    }
+
     /// Adds `other`'s values to these.
     pub fn merge(&mut self, other: &Snapshot) {
-        if other.count == 0 {
+        if other.count() == 0 {
             return;
         }
-        self.min = if self.count == 0 {
+        self.min = if self.count() == 0 {
             other.min
         } else {
             self.min.min(other.min)
         };
         self.max = self.max.max(other.max);
-        self.count += other.count;
         self.sum = self.sum.saturating_add(other.sum);
-        let mut merged = Vec::with_capacity(self.buckets.len() + other.buckets.len());
-        let (mut a, mut b) = (
-            self.buckets.iter().peekable(),
-            other.buckets.iter().peekable(),
-        );
-        loop {
-            match (a.peek(), b.peek()) {
-                (Some(&&(ia, ca)), Some(&&(ib, cb))) => {
-                    if ia == ib {
-                        merged.push((ia, ca + cb));
-                        a.next();
-                        b.next();
-                    } else if ia < ib {
-                        merged.push((ia, ca));
-                        a.next();
-                    } else {
-                        merged.push((ib, cb));
-                        b.next();
-                    }
-                }
-                (Some(&&x), None) => {
-                    merged.push(x);
-                    a.next();
-                }
-                (None, Some(&&x)) => {
-                    merged.push(x);
-                    b.next();
-                }
-                (None, None) => break,
-            }
-        }
-        self.buckets = merged;
+        // Auto-resize is on (also after deserializing), so adding grows
+        // the range as needed and cannot fail.
+        self.hist
+            .add(&other.hist)
+            .expect("an auto-resizing histogram takes any other");
     }
 
     /// The value at quantile `q` (0 < q ≤ 1): the upper bound of the bucket
-    /// holding the ⌈q·count⌉-th smallest value, clamped to the exact max.
-    /// 0 for an empty histogram.
+    /// holding the ⌈q·count⌉-th smallest value, clamped to the exact min
+    /// and max; the largest value for the top rank. 0 for an empty
+    /// histogram.
     pub fn quantile(&self, q: f64) -> u64 {
-        if self.count == 0 {
+        let count = self.count();
+        if count == 0 {
             return 0;
         }
-        // The epsilon keeps float noise (0.9 * 50 = 45.000…01) from
-        // pushing the rank one value up.
-        let rank = ((q * self.count as f64 - 1e-9).ceil() as u64).clamp(1, self.count);
-        let mut seen = 0;
-        for &(i, c) in &self.buckets {
-            seen += c;
-            if seen >= rank {
-                return bucket_bounds(i as usize).1.clamp(self.min, self.max);
-            }
+        // The rank computed here, with an epsilon so that float noise
+        // (0.9 * 50 = 45.000…01) does not push it one value up; then a
+        // quantile half a value below it, which hdrhistogram's own ceil()
+        // maps back to exactly this rank.
+        let rank = ((q * count as f64 - 1e-9).ceil() as u64).clamp(1, count);
+        if rank == count {
+            return self.max;
         }
-        self.max
+        let at = self
+            .hist
+            .value_at_quantile((rank as f64 - 0.5) / count as f64);
+        at.clamp(self.min, self.max)
     }
 
     pub fn mean(&self) -> f64 {
-        if self.count == 0 {
-            0.0
-        } else {
-            self.sum as f64 / self.count as f64
+        match self.count() {
+            0 => 0.0,
+            n => self.sum as f64 / n as f64,
         }
+    }
+}
+
+/// `Histogram<u64>` as a base64 string of its V2 serialization.
+mod v2_base64 {
+    use super::*;
+    use serde::de::Error as _;
+    use serde::ser::Error as _;
+
+    pub fn serialize<S: serde::Serializer>(h: &Histogram<u64>, s: S) -> Result<S::Ok, S::Error> {
+        let mut bytes = Vec::new();
+        V2Serializer::new()
+            .serialize(h, &mut bytes)
+            .map_err(|e| S::Error::custom(format!("histogram: {e:?}")))?;
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(bytes))
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Histogram<u64>, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(text.as_bytes())
+            .map_err(D::Error::custom)?;
+        let mut h: Histogram<u64> = Deserializer::new()
+            .deserialize(&mut bytes.as_slice())
+            .map_err(|e| D::Error::custom(format!("histogram: {e:?}")))?;
+        h.auto(true);
+        Ok(h)
     }
 }
 
@@ -202,26 +181,8 @@ impl Snapshot {
 mod tests {
     use super::*;
 
-    #[test]
-    fn buckets_cover_every_value_in_order() {
-        assert_eq!(bucket_of(0), 0);
-        assert_eq!(bucket_of(63), 63);
-        assert_eq!(bucket_of(64), 64);
-        assert_eq!(bucket_of(u64::MAX), BUCKETS - 1);
-        for v in [0, 1, 63, 64, 65, 127, 128, 1000, 123_456, 1 << 40, u64::MAX] {
-            let (lo, hi) = bucket_bounds(bucket_of(v));
-            assert!(lo <= v && v <= hi, "{v} in [{lo}, {hi}]");
-            // A bucket is at most 1/64 of its values wide.
-            assert!((hi - lo) as f64 <= lo as f64 / 64.0 + 1.0, "{v}");
-        }
-        // Consecutive buckets tile the line with no gap or overlap.
-        for i in 0..BUCKETS - 1 {
-            assert_eq!(bucket_bounds(i).1 + 1, bucket_bounds(i + 1).0, "{i}");
-        }
-    }
-
     fn filled(values: impl IntoIterator<Item = u64>) -> Snapshot {
-        let h = AtomicHistogram::default();
+        let h = SharedHistogram::default();
         for v in values {
             h.record(v);
         }
@@ -232,7 +193,7 @@ mod tests {
     fn small_values_give_exact_percentiles() {
         // 1..=50: p50 is the 25th value, p90 the 45th, p99 and max the 50th.
         let s = filled(1..=50);
-        assert_eq!(s.count, 50);
+        assert_eq!(s.count(), 50);
         assert_eq!(s.quantile(0.5), 25);
         assert_eq!(s.quantile(0.9), 45);
         assert_eq!(s.quantile(0.99), 50);
@@ -248,11 +209,20 @@ mod tests {
         for (q, exact) in [(0.5, 5_000_000u64), (0.9, 9_000_000), (0.99, 9_900_000)] {
             let got = s.quantile(q);
             assert!(got >= exact, "q{q}: {got} < {exact}");
-            assert!((got - exact) as f64 <= exact as f64 / 64.0, "q{q}: {got}");
+            assert!((got - exact) as f64 <= exact as f64 / 1000.0, "q{q}: {got}");
         }
         // The top quantile is the exact max, not a bucket bound above it.
         assert_eq!(s.quantile(1.0), 10_000_000);
         assert_eq!(s.quantile(0.9999), 10_000_000);
+    }
+
+    #[test]
+    fn zero_and_huge_values_are_kept() {
+        let s = filled([0, 0, 1 << 40, u64::MAX]);
+        assert_eq!(s.count(), 4);
+        assert_eq!((s.min, s.max), (0, u64::MAX));
+        assert_eq!(s.quantile(0.5), 0);
+        assert_eq!(s.quantile(1.0), u64::MAX);
     }
 
     #[test]
@@ -292,9 +262,17 @@ mod tests {
     }
 
     #[test]
-    fn snapshots_round_trip_through_json() {
+    fn snapshots_round_trip_through_json_and_still_merge() {
         let s = filled([3, 300, 30_000]);
         let json = serde_json::to_string(&s).unwrap();
-        assert_eq!(serde_json::from_str::<Snapshot>(&json).unwrap(), s);
+        let mut back = serde_json::from_str::<Snapshot>(&json).unwrap();
+        assert_eq!(back, s);
+        // A deserialized histogram takes values beyond its original range.
+        back.merge(&filled([5_000_000_000]));
+        assert_eq!(back.count(), 4);
+        assert_eq!(back.quantile(1.0), 5_000_000_000);
+        assert!(
+            serde_json::from_str::<Snapshot>(r#"{"hist":"AAAA","sum":0,"min":0,"max":0}"#).is_err()
+        );
     }
 }

@@ -16,7 +16,7 @@
 //! - [`client`]: one load client: setup, the read/write loop, publishing,
 //!   drop and resume, and the per-dispatch checks.
 //! - [`scan`]: reading envelope fields out of frames without parsing them.
-//! - [`hist`]: lock-free, mergeable latency histograms.
+//! - [`hist`]: mergeable latency histograms (HdrHistogram).
 //! - [`report`]: mergeable tallies and the final report.
 //! - [`nodes`]: scraping a node's `/metrics`.
 //! - [`smoke`]: the `smoke` scenario.

@@ -9,6 +9,8 @@
 //! - client `i` connects to `urls[i mod U]` as user `lt-<run>-u<i>`;
 //! - client `i` lives in channel `(i div U) mod C`, named `lt-<run>-<c>`,
 //!   so every channel has members on every node;
+//! - client `i` connects from source address `source_ips[i mod S]` (when
+//!   `--source-ips` gives S of them);
 //! - publisher `j` (0 ≤ j < P) is client `U·j + (j mod U)`: it sits in
 //!   channel `j mod C` on node `j mod U`, so with P ≥ C every channel has a
 //!   publisher and publishers are spread over nodes and workers.
@@ -17,6 +19,7 @@ use anyhow::{bail, Result};
 use gateway_shared::protocol::{is_valid_channel_name, MAX_CONTENT_CHARS};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
+use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -90,6 +93,54 @@ pub struct Plan {
     /// Redis servers whose CPU (`INFO cpu`) the report gives for the run.
     #[serde(default)]
     pub redis: Vec<String>,
+    /// Local addresses the clients connect from, round-robin (empty: the
+    /// kernel's choice).
+    #[serde(default)]
+    pub source_ips: Vec<IpAddr>,
+    /// `connect`: after the hold, client 0 sends one MESSAGE_CREATE into
+    /// its channel (channel 0, or the default channel without
+    /// `--channels`) and every member's delivery is counted and timed.
+    #[serde(default)]
+    pub fanout_at_end: bool,
+}
+
+/// Most addresses `--source-ips` may name (a /16).
+pub const MAX_SOURCE_IPS: usize = 65_536;
+
+/// Parses `--source-ips`: comma-separated addresses and inclusive IPv4
+/// ranges, e.g. `127.0.0.2-127.0.0.9,127.0.1.1`.
+pub fn parse_source_ips(spec: &str) -> Result<Vec<IpAddr>> {
+    let mut out = Vec::new();
+    for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match part.split_once('-') {
+            None => out.push(
+                part.parse::<IpAddr>()
+                    .map_err(|_| anyhow::anyhow!("{part:?} is not an IP address"))?,
+            ),
+            Some((a, b)) => {
+                let parse = |x: &str| {
+                    x.trim()
+                        .parse::<Ipv4Addr>()
+                        .map_err(|_| anyhow::anyhow!("{x:?} in {part:?} is not an IPv4 address"))
+                };
+                let (a, b) = (u32::from(parse(a)?), u32::from(parse(b)?));
+                if a > b {
+                    bail!("the range {part:?} runs backwards");
+                }
+                if (b - a) as usize >= MAX_SOURCE_IPS {
+                    bail!("the range {part:?} has more than {MAX_SOURCE_IPS} addresses");
+                }
+                out.extend((a..=b).map(|ip| IpAddr::V4(Ipv4Addr::from(ip))));
+            }
+        }
+        if out.len() > MAX_SOURCE_IPS {
+            bail!("--source-ips names more than {MAX_SOURCE_IPS} addresses");
+        }
+    }
+    if out.is_empty() {
+        bail!("--source-ips names no address");
+    }
+    Ok(out)
 }
 
 /// A random run id: 6 characters of `[a-z0-9]`.
@@ -152,12 +203,18 @@ impl Plan {
         if !non_negative(self.hold_s) || !non_negative(self.drain_s) {
             bail!("--hold-s and --drain-s must be zero or more");
         }
+        if self.channels > 0 && !is_valid_channel_name(&self.channel_name(self.channels - 1)) {
+            bail!("too many channels for a valid channel name");
+        }
+        if self.scenario == Scenario::Connect && self.fanout_at_end && self.publishers != 1 {
+            bail!("--fanout-at-end has one publisher");
+        }
         if self.scenario != Scenario::Connect {
             if self.channels == 0 {
                 bail!("--channels must be at least 1");
             }
-            if !is_valid_channel_name(&self.channel_name(self.channels - 1)) {
-                bail!("too many channels for a valid channel name");
+            if self.fanout_at_end {
+                bail!("--fanout-at-end is a `connect` option");
             }
             let max_publishers = self.clients.div_ceil(self.urls.len());
             if self.publishers == 0 || self.publishers_clients_end() > self.clients {
@@ -201,10 +258,34 @@ impl Plan {
         i % self.urls.len()
     }
 
-    /// Client `i`'s channel, if the scenario uses channels.
+    /// The channel client `i` moves into, if the plan has channels.
     pub fn channel_of(&self, i: usize) -> Option<usize> {
-        (self.scenario != Scenario::Connect && self.channels > 0)
-            .then(|| (i / self.urls.len()) % self.channels)
+        (self.channels > 0).then(|| (i / self.urls.len()) % self.channels)
+    }
+
+    /// Channels whose members and messages are counted: the plan's, or for
+    /// `connect --fanout-at-end` without channels the default channel, as
+    /// channel 0.
+    pub fn tracked_channels(&self) -> usize {
+        if self.channels == 0 && self.fanout_at_end {
+            1
+        } else {
+            self.channels
+        }
+    }
+
+    /// The counted channel client `i` is a member of (see
+    /// [`tracked_channels`](Self::tracked_channels)).
+    pub fn tracked_channel_of(&self, i: usize) -> Option<usize> {
+        match self.channel_of(i) {
+            Some(c) => Some(c),
+            None => (self.tracked_channels() == 1).then_some(0),
+        }
+    }
+
+    /// The local address client `i` connects from, if the plan names any.
+    pub fn source_ip_of(&self, i: usize) -> Option<IpAddr> {
+        (!self.source_ips.is_empty()).then(|| self.source_ips[i % self.source_ips.len()])
     }
 
     pub fn channel_name(&self, c: usize) -> String {
@@ -223,7 +304,7 @@ impl Plan {
 
     /// The publisher number of client `i`, if it publishes.
     pub fn publisher_of(&self, i: usize) -> Option<usize> {
-        if self.scenario == Scenario::Connect {
+        if self.scenario == Scenario::Connect && !self.fanout_at_end {
             return None;
         }
         let j = i / self.urls.len();
@@ -269,6 +350,8 @@ pub(crate) fn test_plan(scenario: Scenario) -> Plan {
         threads: 1,
         max_run_s: 60.0,
         redis: Vec::new(),
+        source_ips: Vec::new(),
+        fanout_at_end: false,
     }
 }
 
@@ -308,6 +391,17 @@ mod tests {
     }
 
     #[test]
+    fn connect_moves_into_its_channels_only_when_asked() {
+        let mut plan = test_plan(Scenario::Connect);
+        plan.channels = 2;
+        assert_eq!(plan.channel_of(0), Some(0));
+        assert_eq!(plan.channel_of(1), Some(1));
+        assert!((0..plan.clients).all(|i| plan.publisher_of(i).is_none()));
+        plan.channels = 0;
+        assert!((0..plan.clients).all(|i| plan.channel_of(i).is_none()));
+    }
+
+    #[test]
     fn workers_split_clients_without_overlap() {
         let mut plan = test_plan(Scenario::Fanout);
         plan.workers = 3;
@@ -335,9 +429,70 @@ mod tests {
         let mut p = ok.clone();
         p.rate = f64::NAN;
         assert!(p.validate().is_err());
-        let mut p = ok;
+        let mut p = ok.clone();
         p.workers = 30;
         assert!(p.validate().is_err());
+        let mut p = ok;
+        p.fanout_at_end = true;
+        assert!(p.validate().is_err());
         assert_eq!(random_run_id().len(), 6);
+    }
+
+    #[test]
+    fn source_ips_parse_from_lists_and_ranges() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(
+            parse_source_ips("127.0.0.2-127.0.0.4").unwrap(),
+            vec![ip("127.0.0.2"), ip("127.0.0.3"), ip("127.0.0.4")]
+        );
+        // Ranges cross octets; single addresses and IPv6 mix in.
+        assert_eq!(
+            parse_source_ips("10.0.0.255-10.0.1.0, ::1,127.0.0.9").unwrap(),
+            vec![ip("10.0.0.255"), ip("10.0.1.0"), ip("::1"), ip("127.0.0.9")]
+        );
+        assert_eq!(parse_source_ips("127.0.0.5-127.0.0.5").unwrap().len(), 1);
+        for bad in [
+            "",
+            ",",
+            "127.0.0.9-127.0.0.2",
+            "127.0.0.300",
+            "localhost",
+            "::1-::2",
+            "10.0.0.0-10.1.0.0",
+        ] {
+            assert!(parse_source_ips(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(
+            parse_source_ips("10.0.0.0-10.0.255.255").unwrap().len(),
+            65_536
+        );
+    }
+
+    #[test]
+    fn clients_spread_over_source_ips_and_the_fanout_reaches_the_default_channel() {
+        let mut plan = test_plan(Scenario::Connect);
+        plan.channels = 0;
+        plan.publishers = 1;
+        plan.fanout_at_end = true;
+        plan.source_ips = parse_source_ips("127.0.0.2-127.0.0.4").unwrap();
+        plan.validate().unwrap();
+        assert_eq!(plan.source_ip_of(0), Some("127.0.0.2".parse().unwrap()));
+        assert_eq!(plan.source_ip_of(5), Some("127.0.0.4".parse().unwrap()));
+        // One publisher, client 0; everyone counts as a member of the
+        // default channel (tracked as channel 0) and nobody moves.
+        let publishers: Vec<usize> = (0..plan.clients)
+            .filter(|&i| plan.publisher_of(i).is_some())
+            .collect();
+        assert_eq!(publishers, vec![0]);
+        assert_eq!(plan.tracked_channels(), 1);
+        assert!((0..plan.clients).all(|i| plan.tracked_channel_of(i) == Some(0)));
+        assert!((0..plan.clients).all(|i| plan.channel_of(i).is_none()));
+        // Without the fan-out, connect has no publisher and tracks nothing.
+        plan.fanout_at_end = false;
+        assert!((0..plan.clients).all(|i| plan.publisher_of(i).is_none()));
+        assert_eq!(plan.tracked_channels(), 0);
+        assert_eq!(plan.source_ip_of(1), Some("127.0.0.3".parse().unwrap()));
+        plan.source_ips.clear();
+        assert_eq!(plan.source_ip_of(1), None);
     }
 }

@@ -64,6 +64,10 @@ pub struct Tally {
     /// Why setups failed, by reason.
     pub setup_errors: BTreeMap<String, u64>,
     pub heartbeat_acks: u64,
+    /// HEARTBEAT sent → HEARTBEAT_ACK received, in µs, once the worker's
+    /// clients were all set up.
+    #[serde(default)]
+    pub heartbeat_latency: Snapshot,
     /// Frames that were not a JSON object with `f`, or dispatches with no `s`.
     pub malformed: u64,
 }
@@ -108,6 +112,7 @@ impl Tally {
         add_map(&mut self.closes, &other.closes);
         add_map(&mut self.setup_errors, &other.setup_errors);
         self.heartbeat_acks += other.heartbeat_acks;
+        self.heartbeat_latency.merge(&other.heartbeat_latency);
         self.malformed += other.malformed;
     }
 
@@ -146,7 +151,7 @@ impl Percentiles {
             p999: ms(h.quantile(0.999)),
             max: ms(h.max),
             mean: h.mean() / 1000.0,
-            count: h.count,
+            count: h.count(),
         }
     }
 }
@@ -215,6 +220,10 @@ pub struct Report {
     pub closes: BTreeMap<String, u64>,
     pub setup_errors: BTreeMap<String, u64>,
     pub heartbeat_acks: u64,
+    /// Round trip of HEARTBEAT → HEARTBEAT_ACK, once every client of the
+    /// worker was set up.
+    #[serde(default)]
+    pub heartbeat_latency_ms: Percentiles,
     pub malformed: u64,
     pub connect_latency_ms: Percentiles,
     pub resumes: u64,
@@ -282,6 +291,7 @@ impl Report {
             closes: tally.closes.clone(),
             setup_errors: tally.setup_errors.clone(),
             heartbeat_acks: tally.heartbeat_acks,
+            heartbeat_latency_ms: Percentiles::from_us(&tally.heartbeat_latency),
             malformed: tally.malformed,
             connect_latency_ms: Percentiles::from_us(&tally.connect_latency),
             resumes: tally.resumes,
@@ -390,6 +400,7 @@ impl Report {
             ),
         );
         row("connect latency", ms_line(&self.connect_latency_ms));
+        row("heartbeat rtt", ms_line(&self.heartbeat_latency_ms));
         for node in &self.nodes {
             let mib = |b: u64| format!("{:.1} MiB", b as f64 / 1048576.0);
             let mut line = format!(
@@ -420,7 +431,7 @@ impl Report {
             };
             row("redis cpu", format!("{cpu:.2} s{per}"));
         }
-        if self.scenario != "connect" {
+        if self.scenario != "connect" || self.sent > 0 {
             row(
                 "traffic",
                 format!(
@@ -479,11 +490,11 @@ fn ms_line(p: &Percentiles) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::hist::AtomicHistogram;
+    use crate::hist::SharedHistogram;
     use crate::plan::{test_plan, Scenario};
 
     fn hist(values: &[u64]) -> Snapshot {
-        let h = AtomicHistogram::default();
+        let h = SharedHistogram::default();
         values.iter().for_each(|&v| h.record(v));
         h.snapshot()
     }

@@ -29,7 +29,7 @@
 //! commands as further lines, and events leave as JSON lines on stdout.
 
 use crate::client;
-use crate::hist::AtomicHistogram;
+use crate::hist::SharedHistogram;
 use crate::plan::Plan;
 use crate::report::Tally;
 use anyhow::{Context as _, Result};
@@ -125,9 +125,10 @@ pub struct Stats {
     pub rate_limited: AtomicU64,
     pub heartbeat_acks: AtomicU64,
     pub malformed: AtomicU64,
-    pub latency: AtomicHistogram,
-    pub connect_latency: AtomicHistogram,
-    pub resume_latency: AtomicHistogram,
+    pub latency: SharedHistogram,
+    pub connect_latency: SharedHistogram,
+    pub resume_latency: SharedHistogram,
+    pub heartbeat_latency: SharedHistogram,
     /// Rare events, keyed by code or reason; never touched per message.
     pub errors: Mutex<BTreeMap<String, u64>>,
     pub closes: Mutex<BTreeMap<String, u64>>,
@@ -155,8 +156,8 @@ impl Stats {
             setup_ok: AtomicU64::new(0),
             setup_failed: AtomicU64::new(0),
             ok_per_url: counters(plan.url_count()),
-            members: counters(plan.channels),
-            sent: counters(plan.channels),
+            members: counters(plan.tracked_channels()),
+            sent: counters(plan.tracked_channels()),
             delivered: AtomicU64::new(0),
             duplicated: AtomicU64::new(0),
             seq_gaps: AtomicU64::new(0),
@@ -168,9 +169,10 @@ impl Stats {
             rate_limited: AtomicU64::new(0),
             heartbeat_acks: AtomicU64::new(0),
             malformed: AtomicU64::new(0),
-            latency: AtomicHistogram::default(),
-            connect_latency: AtomicHistogram::default(),
-            resume_latency: AtomicHistogram::default(),
+            latency: SharedHistogram::default(),
+            connect_latency: SharedHistogram::default(),
+            resume_latency: SharedHistogram::default(),
+            heartbeat_latency: SharedHistogram::default(),
             errors: Mutex::default(),
             closes: Mutex::default(),
             setup_errors: Mutex::default(),
@@ -228,6 +230,7 @@ impl Stats {
             closes: Self::map(&self.closes),
             setup_errors: Self::map(&self.setup_errors),
             heartbeat_acks: r(&self.heartbeat_acks),
+            heartbeat_latency: self.heartbeat_latency.snapshot(),
             malformed: r(&self.malformed),
         }
     }
@@ -251,6 +254,10 @@ pub struct Ctx {
     pub started: Instant,
     /// The 4008 hint is printed once per process.
     pub rate_hint_shown: AtomicBool,
+    /// Every client of this worker has its setup outcome: from here on
+    /// heartbeat round trips are timed (during the ramp, setups delay
+    /// them; that is the connect latency's story, not the heartbeat's).
+    pub all_set_up: AtomicBool,
 }
 
 impl Ctx {
@@ -267,6 +274,7 @@ impl Ctx {
             setup_notify: Notify::new(),
             started: Instant::now(),
             rate_hint_shown: AtomicBool::new(false),
+            all_set_up: AtomicBool::new(false),
         })
     }
 
@@ -333,6 +341,7 @@ pub async fn run(
         };
         if setup_done && !setup_reported {
             setup_reported = true;
+            ctx.all_set_up.store(true, Ordering::Relaxed);
             let _ = events.send(Event::SetupDone(ctx.stats.progress())).await;
         }
         if let Some((earliest, latest)) = publish_until {

@@ -15,10 +15,14 @@ const SECRET: &str = "loadtest-secret-loadtest-secret-!!";
 
 /// Starts a node on port 0; it stops when the sender is dropped.
 async fn start_node() -> (String, oneshot::Sender<()>) {
+    start_node_with(Config::default()).await
+}
+
+async fn start_node_with(config: Config) -> (String, oneshot::Sender<()>) {
     let config = Config {
         // Publishers send faster than the default 120 per minute.
         rate_limit_count: 1_000_000,
-        ..Config::default()
+        ..config
     };
     let node = gateway_node::build(config, SECRET)
         .await
@@ -54,6 +58,8 @@ fn fanout_plan(url: &str, run_id: &str) -> Plan {
         threads: 1,
         max_run_s: 60.0,
         redis: Vec::new(),
+        source_ips: Vec::new(),
+        fanout_at_end: false,
     }
 }
 
@@ -118,4 +124,31 @@ async fn smoke_fanout_and_churn_run_clean_against_a_real_node() {
     assert!(report.resumes > 0, "{report:#?}");
     assert_eq!(report.resumed_false, 0);
     assert_eq!(report.resume_failed, 0);
+}
+
+/// `connect --fanout-at-end` from two source addresses: every session
+/// heartbeats during the hold (timed), then one message reaches all of
+/// them in the default channel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_from_source_ips_holds_heartbeats_and_fans_out_once() {
+    let (url, _stop) = start_node_with(Config {
+        hb_int_ms: 200,
+        ..Config::default()
+    })
+    .await;
+    let mut plan = fanout_plan(&url, "itconn1");
+    plan.scenario = Scenario::Connect;
+    plan.channels = 0;
+    plan.publishers = 1;
+    plan.rate = 1.0;
+    plan.duration_s = 1.0;
+    plan.hold_s = 1.0;
+    plan.fanout_at_end = true;
+    plan.source_ips = vec!["127.0.0.2".parse().unwrap(), "127.0.0.3".parse().unwrap()];
+    let report = driver::run(plan, &Options::default()).await.unwrap();
+    assert_clean(&report);
+    assert_eq!(report.sent, 1);
+    assert_eq!(report.expected, 20);
+    assert!(report.heartbeat_latency_ms.count > 0, "{report:#?}");
+    assert!(report.heartbeat_latency_ms.count <= report.heartbeat_acks);
 }

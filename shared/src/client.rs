@@ -16,10 +16,11 @@ use hyper::Request;
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
 use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::time::Duration;
 use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -155,11 +156,46 @@ fn parse_url(url: &str) -> Result<(String, String), ClientError> {
     Ok((authority, path))
 }
 
-/// Connects to `url`, performs the WebSocket handshake and returns the two
-/// halves of the stream.
-async fn handshake(url: &str) -> Result<(ReadHalf<Io>, WriteHalf<Io>), ClientError> {
+/// Opens a TCP connection to `authority`, from `source` (port chosen by
+/// the kernel) when given. A load generator spreads its connections over
+/// several source addresses (127.0.0.2, 127.0.0.3, … on loopback) so that
+/// it is not limited to one address's ephemeral ports.
+async fn tcp_connect(authority: &str, source: Option<IpAddr>) -> std::io::Result<TcpStream> {
+    let Some(source) = source else {
+        return TcpStream::connect(authority).await;
+    };
+    let mut last = None;
+    for addr in tokio::net::lookup_host(authority).await? {
+        if addr.is_ipv4() != source.is_ipv4() {
+            continue;
+        }
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        socket.bind(SocketAddr::new(source, 0))?;
+        match socket.connect(addr).await {
+            Ok(stream) => return Ok(stream),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{authority} has no address of the family of {source}"),
+        )
+    }))
+}
+
+/// Connects to `url` (from `source`, when given), performs the WebSocket
+/// handshake and returns the two halves of the stream.
+async fn handshake(
+    url: &str,
+    source: Option<IpAddr>,
+) -> Result<(ReadHalf<Io>, WriteHalf<Io>), ClientError> {
     let (authority, path) = parse_url(url)?;
-    let stream = TcpStream::connect(&authority).await?;
+    let stream = tcp_connect(&authority, source).await?;
     stream.set_nodelay(true)?;
     let request = Request::builder()
         .method("GET")
@@ -197,7 +233,7 @@ impl Client {
     ///
     /// [`recv`]: Client::recv
     pub async fn connect(url: &str) -> Result<Self, ClientError> {
-        let (read, write) = handshake(url).await?;
+        let (read, write) = handshake(url, None).await?;
         // Only the read side goes through fastwebsockets; it never writes
         // (auto-pong and auto-close are off), hence the sink.
         let (mut read, _) =
@@ -431,7 +467,15 @@ async fn read_loop(read: &mut WebSocketRead<ReadHalf<Io>>, tx: mpsc::Sender<Inco
 /// queue in between. Dropping both halves drops the TCP connection without
 /// a close frame, as a network failure would.
 pub async fn connect_raw(url: &str) -> Result<(RawReader, RawWriter), ClientError> {
-    let (read, write) = handshake(url).await?;
+    connect_raw_from(url, None).await
+}
+
+/// [`connect_raw`] from a given local address (the kernel picks the port).
+pub async fn connect_raw_from(
+    url: &str,
+    source: Option<IpAddr>,
+) -> Result<(RawReader, RawWriter), ClientError> {
+    let (read, write) = handshake(url, source).await?;
     let (mut read, write) = fastwebsockets::after_handshake_split(read, write, Role::Client);
     // Nothing is ever answered from the read half: the node sends no pings,
     // and a close from the node ends the connection for the caller.
