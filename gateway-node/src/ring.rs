@@ -117,7 +117,8 @@ impl Ring {
                 return;
             }
         }
-        self.entries.push_back(Entry::Run(Arc::clone(block), slot, 1));
+        self.entries
+            .push_back(Entry::Run(Arc::clone(block), slot, 1));
         self.len += 1;
     }
 
@@ -155,9 +156,10 @@ impl Ring {
                 let skip = if i == 0 { skip } else { 0 };
                 let (one, run) = match entry {
                     Entry::One(d) => (Some(d), None),
-                    Entry::Run(block, start, len) => {
-                        (None, Some((*start + skip as u8..*start + *len).map(|s| block.get(s))))
-                    }
+                    Entry::Run(block, start, len) => (
+                        None,
+                        Some((*start + skip as u8..*start + *len).map(|s| block.get(s))),
+                    ),
                 };
                 // `skip` is 0 for a single entry: a whole entry is skipped
                 // above.
@@ -211,7 +213,11 @@ mod tests {
         }
         // Entries: the own dispatches, and one run per block between them
         // (not one per channel event).
-        assert!(ring.entries.len() <= 2 * own + 4, "{} entries", ring.entries.len());
+        assert!(
+            ring.entries.len() <= 2 * own + 4,
+            "{} entries",
+            ring.entries.len()
+        );
     }
 
     #[test]
@@ -226,7 +232,10 @@ mod tests {
             ring.pop_front();
             assert_eq!(ring.len(), BLOCK + 2 - i);
             assert_eq!(ring.iter_from(0).count(), ring.len());
-            assert_eq!(bodies(ring.iter_from(0)).first(), Some(&(i + 1).to_string()));
+            assert_eq!(
+                bodies(ring.iter_from(0)).first(),
+                Some(&(i + 1).to_string())
+            );
         }
         assert_eq!(bodies(ring.iter_from(0)), ["33", "34"]);
         assert_eq!(bodies(ring.take().iter()), ["33", "34"]);

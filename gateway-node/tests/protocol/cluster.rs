@@ -453,6 +453,51 @@ async fn a_killed_nodes_sessions_resume_as_new_and_leave_their_channels(store: &
     assert_eq!(left.cnf["user"]["id"], victim.user_id.as_str());
 }
 
+/// Scores (expiry times) of a channel's presence entries, by session id.
+fn presence_expiries(store: &Store, room: &str) -> std::collections::HashMap<String, u64> {
+    let key = format!("gw:{{c:{room}}}:presence");
+    let out = store.cli(&key, &["ZRANGE", &key, "0", "-1", "WITHSCORES"]);
+    let words: Vec<&str> = out.split_whitespace().collect();
+    words
+        .chunks(2)
+        .filter(|pair| pair.len() == 2)
+        .map(|pair| (pair[0].to_owned(), pair[1].parse().unwrap()))
+        .collect()
+}
+
+async fn every_live_members_presence_is_refreshed(store: &Store) {
+    // A short window: upkeep rounds every 500 ms.
+    let node = node_on(store, |c| c.resume_window_s = 2).await;
+    let room = fresh_channel("refresh");
+    let mut peers = Vec::new();
+    for name in ["a", "b", "c"] {
+        let mut peer = Peer::join(&node, name).await;
+        if peers.is_empty() {
+            peer.create_and_move(&room).await;
+        } else {
+            peer.move_to(&room).await;
+        }
+        peers.push(peer);
+    }
+    let first = presence_expiries(store, &room);
+    assert_eq!(first.len(), 3, "{first:?}");
+    // Refreshed together (one ZADD for the channel): every entry's expiry
+    // moves forward, none is swept as expired.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let now = presence_expiries(store, &room);
+        assert_eq!(now.len(), 3, "no live member swept: {now:?}");
+        if first.iter().all(|(id, &t)| now[id] > t) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not refreshed: {first:?} then {now:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
 async fn a_node_subscribes_to_a_channel_only_while_it_has_members_there(store: &Store) {
     let node = node_on(store, |_| {}).await;
     let room = fresh_channel("subs");
@@ -759,6 +804,7 @@ on_each_store!(
     drain_parks_sessions_and_they_resume_elsewhere_without_loss,
     a_killed_nodes_sessions_resume_as_new_and_leave_their_channels,
     a_node_subscribes_to_a_channel_only_while_it_has_members_there,
+    every_live_members_presence_is_refreshed,
     a_node_that_joins_later_does_not_replay_old_cluster_events,
     a_node_whose_clock_is_behind_still_orders_its_messages_after_the_last,
     a_redis_that_requires_auth_takes_a_password_or_an_acl_user,

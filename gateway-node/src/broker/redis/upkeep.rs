@@ -12,10 +12,14 @@ use crate::broker::{Broker, NodeInfo};
 use crate::node::Node;
 use crate::wire::Reject;
 use redis::RedisResult;
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
-use std::sync::Weak;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 use tracing::debug;
+
+/// Members refreshed by one ZADD of the upkeep round.
+const PRESENCE_PER_ZADD: usize = 512;
 
 impl RedisBroker {
     /// Makes sure the default channel exists and returns the data set's
@@ -154,15 +158,30 @@ impl RedisBroker {
         let mut cmd = redis::cmd("PEXPIRE");
         cmd.arg(&index_key).arg(60_000);
         batch.add(&index_key, cmd);
+        // Presence: one ZADD per channel (up to PRESENCE_PER_ZADD members)
+        // rather than one per session; a session's own key, in a slot of
+        // its own, needs its own PEXPIRE.
+        let mut by_channel: HashMap<Arc<str>, Vec<u64>> = HashMap::new();
         for session in node.local_sessions() {
-            let presence = ck(&session.channel(), "presence");
-            let mut cmd = redis::cmd("ZADD");
-            cmd.arg(&presence).arg(now + window).arg(session.id);
-            batch.add(&presence, cmd);
+            by_channel
+                .entry(session.channel())
+                .or_default()
+                .push(session.id);
             let key = sk(session.id);
             let mut cmd = redis::cmd("PEXPIRE");
             cmd.arg(&key).arg(window);
             batch.add(&key, cmd);
+        }
+        for (channel, ids) in by_channel {
+            let presence = ck(&channel, "presence");
+            for ids in ids.chunks(PRESENCE_PER_ZADD) {
+                let mut cmd = redis::cmd("ZADD");
+                cmd.arg(&presence);
+                for id in ids {
+                    cmd.arg(now + window).arg(id);
+                }
+                batch.add(&presence, cmd);
+            }
         }
         self.op("upkeep", batch.run(&self.cmd)).await?;
         self.sweep(node, now).await
