@@ -126,19 +126,63 @@ class Room {
   constructor(channel) {
     this.channel = channel;
     this.members = []; // Conn, dense; a leaving member swaps with the last
-    this.listener = (payload) => this.deliver(payload);
+    this.pending = null; // tails of the events received in this turn of the event loop
+    this.listener = (body) => this.receive(body);
     this.ready = sub.subscribe(keys.room(channel), this.listener);
   }
 
-  // A MESSAGE_CREATE body from Redis: serialized once, spliced per member.
-  deliver(body) {
+  // A MESSAGE_CREATE body from Redis: serialized once by its sender, not
+  // parsed here, spliced per member. Events that arrive together (one read
+  // from Redis) go out together: each member's frames in one write.
+  receive(body) {
     const tail = ',"t":"MESSAGE_CREATE","cnf":' + body + '}';
-    const members = this.members;
-    for (let i = 0; i < members.length; i++) {
-      const conn = members[i];
-      if (conn.live) dispatch(conn, tail);
+    if (this.pending === null) {
+      this.pending = [tail];
+      if (dirtyRooms.push(this) === 1) setImmediate(flushRooms);
+    } else {
+      this.pending.push(tail);
     }
   }
+
+  flush() {
+    const tails = this.pending;
+    this.pending = null;
+    const members = this.members;
+    if (tails.length === 1) {
+      const tail = tails[0];
+      for (let i = 0; i < members.length; i++) {
+        const conn = members[i];
+        if (conn.live) dispatch(conn, tail);
+      }
+      return;
+    }
+    corkTails = tails;
+    for (let i = 0; i < members.length; i++) {
+      const conn = members[i];
+      if (!conn.live) continue;
+      corkConn = conn;
+      conn.ws.cork(corkedDispatch);
+    }
+    corkTails = null;
+    corkConn = null;
+  }
+}
+
+let dirtyRooms = [];
+function flushRooms() {
+  const list = dirtyRooms;
+  dirtyRooms = [];
+  for (let i = 0; i < list.length; i++) list[i].flush();
+}
+
+// ws.cork runs its callback at once and sends what it queued in one write;
+// these two say what to send, so no closure is made per member.
+let corkConn = null;
+let corkTails = null;
+function corkedDispatch() {
+  const conn = corkConn;
+  const tails = corkTails;
+  for (let i = 0; i < tails.length; i++) dispatch(conn, tails[i]);
 }
 
 function enterRoom(channel, conn) {
@@ -164,7 +208,8 @@ function leaveRoom(conn) {
   }
   conn.room = null;
   conn.roomIndex = -1;
-  if (members.length === 0 && rooms.get(room.channel) === room) {
+  // The default channel stays subscribed: every session passes through it.
+  if (members.length === 0 && room.channel !== DEFAULT_CHANNEL && rooms.get(room.channel) === room) {
     rooms.delete(room.channel);
     sub.unsubscribe(keys.room(room.channel), room.listener).catch(() => {});
   }
