@@ -4,12 +4,13 @@
 # against both, the JSON report kept in bench/results/NAME.json, and
 # everything stopped afterwards. Loopback only; bounded by loadtest.
 #
-#   bench/run.sh NAME rust|node SCENARIO [loadtest flags…]
+#   bench/run.sh NAME rust|node|bun SCENARIO [loadtest flags…]
 #   bench/run.sh fanout-1x2000-r150 rust fanout --clients 2000 --channels 1 --publishers 10 --rate 150 --duration-s 10
 #
 # `rust` runs target/release/gateway-node, or $GATEWAY_BIN (build it first:
 # cargo build --release -p gateway-node -p gateway-loadtest); `node` runs
-# bench/node-peer (npm ci there first). NODES=1 runs a single node;
+# bench/node-peer (npm ci there first); `bun` runs bench/bun-peer on the Bun
+# binary its npm ci installs (npm ci there first). NODES=1 runs a single node;
 # WORKER_THREADS=N gives each Rust node N runtime threads; REDIS_MODE=cluster
 # puts the Rust nodes on a Redis Cluster of 3 masters and 3 replicas instead
 # of one Redis (the report then has Redis CPU per server); REDIS_MODE=none
@@ -48,6 +49,11 @@ for i in $(seq 1 "$NODES"); do
     env GATEWAY_JWT_SECRET="$SECRET" GATEWAY_LISTEN="127.0.0.1:$port" "${REDIS_ENV[@]}" \
       GATEWAY_RATE_LIMIT_COUNT=1000000 GATEWAY_NODE_ID="bench-$i" GATEWAY_LOG=warn \
       ${WORKER_THREADS:+GATEWAY_WORKER_THREADS=$WORKER_THREADS} "${GATEWAY_BIN:-target/release/gateway-node}" serve >"$TMP/node$i.log" 2>&1 &
+  elif [ "$IMPL" = bun ]; then
+    BUN=bench/bun-peer/node_modules/@oven/bun-linux-x64/bin/bun
+    [ -x "$BUN" ] || { echo "run npm ci in bench/bun-peer first" >&2; exit 2; }
+    REDIS_URL="redis://127.0.0.1:$REDIS_PORT" JWT_SECRET="$SECRET" PORT="$port" \
+      "$BUN" bench/bun-peer/server.js >"$TMP/node$i.log" 2>&1 &
   else
     REDIS_URL="redis://127.0.0.1:$REDIS_PORT" JWT_SECRET="$SECRET" PORT="$port" \
       node bench/node-peer/server.js >"$TMP/node$i.log" 2>&1 &
