@@ -259,6 +259,9 @@ pub struct RedisBroker {
     ids: OnceLock<IdGenerator>,
     /// This node's message-id bits, held in `gw:nodeidx:I` while it lives.
     node_index: AtomicU64,
+    /// When the upkeep last refreshed this node's presence entries and
+    /// session keys (ms since the epoch).
+    presence_refreshed_ms: AtomicU64,
     healthy: AtomicBool,
     subs: mpsc::Sender<SubRequest>,
     /// Taken by `start`: the pub/sub connection and its messages.
@@ -337,6 +340,7 @@ impl RedisBroker {
             },
             ids: OnceLock::new(),
             node_index: AtomicU64::new(0),
+            presence_refreshed_ms: AtomicU64::new(0),
             healthy: AtomicBool::new(true),
             subs,
             pending_start: Mutex::new(Some((pubsub, push_rx, sub_rx))),
