@@ -196,6 +196,15 @@ struct Cpu {
 }
 
 impl Cpu {
+    /// What was used between `earlier` and this reading.
+    fn since(&self, earlier: &Cpu) -> Cpu {
+        Cpu {
+            ns: self.ns - earlier.ns,
+            utime: self.utime - earlier.utime,
+            stime: self.stime - earlier.stime,
+        }
+    }
+
     fn of(tid: &str) -> Result<Self> {
         let sched = std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat"))
             .context("reading schedstat")?;
@@ -416,11 +425,7 @@ fn write_blocking(
     Ok(Written {
         messages: k,
         wall,
-        cpu: Cpu {
-            ns: cpu1.ns - cpu0.ns,
-            utime: cpu1.utime - cpu0.utime,
-            stime: cpu1.stime - cpu0.stime,
-        },
+        cpu: cpu1.since(&cpu0),
         max_late,
     })
 }
@@ -518,11 +523,7 @@ fn write_tokio(
         Ok(Written {
             messages: k,
             wall,
-            cpu: Cpu {
-                ns: cpu1.ns - cpu0.ns,
-                utime: cpu1.utime - cpu0.utime,
-                stime: cpu1.stime - cpu0.stime,
-            },
+            cpu: cpu1.since(&cpu0),
             max_late,
         })
     })
