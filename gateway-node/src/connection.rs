@@ -52,6 +52,7 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tracing::{debug, Instrument};
@@ -112,6 +113,16 @@ pub struct Conn {
     presented: AtomicBool,
     started: Instant,
     inner: Mutex<ConnInner>,
+    /// Whoever writes to the socket holds this: the writer while it offers
+    /// a batch, the fan-out while it writes a dispatch straight to the
+    /// socket ([`Conn::write_direct`]). It holds the socket for the latter
+    /// (TCP connections only; `None` once the connection is over).
+    io: Mutex<Option<Arc<OwnedWriteHalf>>>,
+    /// The writer owes the socket the rest of a frame (its own, or one the
+    /// fan-out began, in `handoff`): nobody else writes until it is done.
+    owed_pending: AtomicBool,
+    /// The rest of a frame the fan-out wrote in part, for the writer.
+    handoff: Mutex<Option<Bytes>>,
 }
 
 impl Conn {
@@ -133,7 +144,51 @@ impl Conn {
                 close: None,
                 session: None,
             }),
+            io: Mutex::new(None),
+            owed_pending: AtomicBool::new(false),
+            handoff: Mutex::new(None),
         }
+    }
+
+    /// Writes one dispatch frame (built by `encode`) straight to the
+    /// socket, from the fan-out, when nothing is queued before it: no
+    /// unwritten control frame (a READY goes first), nothing owed, not
+    /// closing, and the writer not at the socket. Returns whether the frame
+    /// is the socket's (all of it written, or the rest handed to the
+    /// writer); `false` leaves it to the writer.
+    ///
+    /// Hot path: at moderate load a dispatch is one `write` from the
+    /// thread that fans it out, with no task woken; the writer task is for
+    /// backlogs. The caller holds the session's lock, so frames of the
+    /// session leave in their order.
+    pub fn write_direct(&self, encode: impl FnOnce(&mut BytesMut)) -> bool {
+        if self.closing.load(Ordering::Acquire) || self.unwritten.load(Ordering::Acquire) != 0 {
+            return false;
+        }
+        let Some(io) = self.io.try_lock() else {
+            return false;
+        };
+        let Some(socket) = io.as_ref() else {
+            return false;
+        };
+        if self.owed_pending.load(Ordering::Acquire) || self.closing.load(Ordering::Acquire) {
+            return false;
+        }
+        DIRECT.with_borrow_mut(|buf| {
+            buf.clear();
+            encode(buf);
+            match socket.try_write(buf) {
+                Ok(n) if n == buf.len() => true,
+                Ok(n) => {
+                    *self.handoff.lock() = Some(Bytes::copy_from_slice(&buf[n..]));
+                    self.owed_pending.store(true, Ordering::Release);
+                    self.wake();
+                    true
+                }
+                // Full, or broken (the writer finds out): the writer's.
+                Err(_) => false,
+            }
+        })
     }
 
     /// Wakes the writer (new dispatches or control frames).
@@ -283,7 +338,9 @@ pub async fn serve(node: Arc<Node>, io: Io) {
             // kept in this scope, it would stay allocated for the life of
             // the connection.
             drop(parts.read_buf);
-            serve_inner(node, conn, reader, write)
+            let write = Arc::new(write);
+            *conn.io.lock() = Some(Arc::clone(&write));
+            serve_inner(node, conn, reader, SharedWrite(write))
                 .instrument(span)
                 .await
         }
@@ -377,6 +434,8 @@ where
             debug!(session = session.id, "detached; resumable");
         }
     }
+    // The fan-out writes no more to this socket.
+    *conn.io.lock() = None;
     node.metrics.connections.dec();
 }
 
@@ -420,6 +479,45 @@ thread_local! {
     /// connection on it; a connection keeps only what its socket did not
     /// take (see [`offer`]).
     static BATCH: RefCell<BytesMut> = RefCell::new(BytesMut::new());
+    /// Where the fan-out builds a frame it writes straight to a socket.
+    static DIRECT: RefCell<BytesMut> = RefCell::new(BytesMut::new());
+}
+
+/// The write half of a TCP connection, shared by the writer task (through
+/// this) and the fan-out ([`Conn::write_direct`]), which both only need
+/// `&TcpStream` to write.
+struct SharedWrite(Arc<OwnedWriteHalf>);
+
+impl AsyncWrite for SharedWrite {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let stream: &TcpStream = (*self.0).as_ref();
+        loop {
+            std::task::ready!(stream.poll_write_ready(cx))?;
+            match stream.try_write(buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                other => return Poll::Ready(other),
+            }
+        }
+    }
+
+    fn poll_flush(
+        self: Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        self: Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let stream: &TcpStream = (*self.0).as_ref();
+        Poll::Ready(socket2::SockRef::from(stream).shutdown(std::net::Shutdown::Write))
+    }
 }
 
 /// What one offer to the socket did.
@@ -467,6 +565,15 @@ fn offer<W: AsyncWrite + Unpin>(
     budget: &mut usize,
     owed: &mut BytesMut,
 ) -> Result<Offered, WriteError> {
+    let _io = conn.io.lock();
+    // The rest of a frame the fan-out began goes before anything else.
+    if let Some(rest) = conn.handoff.lock().take() {
+        owed.extend_from_slice(&rest);
+        return Ok(Offered {
+            replies: 0,
+            more: true,
+        });
+    }
     BATCH.with_borrow_mut(|buf| {
         buf.clear();
         // Dispatches are taken before control frames: a READY queued before
@@ -515,6 +622,9 @@ fn offer<W: AsyncWrite + Unpin>(
             committed += 1;
         }
         owed.extend_from_slice(&buf[took..cut]);
+        if !owed.is_empty() {
+            conn.owed_pending.store(true, Ordering::Release);
+        }
         if took < buf.len() {
             *budget = took.clamp(MIN_BATCH, WRITE_BATCH);
         } else {
@@ -560,6 +670,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                     }
                 }
                 owed = BytesMut::new();
+                conn.owed_pending.store(false, Ordering::Release);
                 conn.replies_written(std::mem::take(&mut owed_replies));
             }
             let close = if conn.closing.load(Ordering::Acquire) {
@@ -603,6 +714,9 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                 continue;
             }
             if let Some(close) = close {
+                // A direct write that saw no close yet finishes first; any
+                // later one sees `closing`.
+                drop(conn.io.lock());
                 if !close.frames.is_empty() {
                     let _ = io.write_all(&close.frames).await;
                 }

@@ -119,6 +119,7 @@ impl Node {
         let limits = Limits {
             ring: config.replay_buffer.max(config.outbound_limit),
             outbound_limit: config.outbound_limit,
+            direct_writes: config.direct_writes,
             rate_burst: config.rate_limit_count as f64,
             rate_per_s: config.rate_limit_count as f64 / config.rate_limit_window_s as f64,
         };

@@ -101,6 +101,14 @@ impl Ring {
         self.len == 0
     }
 
+    /// The newest dispatch.
+    pub fn last(&self) -> Option<&Arc<Dispatch>> {
+        match self.entries.back()? {
+            Entry::One(d) => Some(d),
+            Entry::Run(block, start, len) => Some(block.get(*start + *len - 1)),
+        }
+    }
+
     pub fn push(&mut self, dispatch: Arc<Dispatch>) {
         self.entries.push_back(Entry::One(dispatch));
         self.len += 1;

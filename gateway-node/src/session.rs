@@ -31,6 +31,8 @@ pub struct Limits {
     pub ring: usize,
     /// Unsent dispatches before a client is a slow consumer.
     pub outbound_limit: usize,
+    /// Write from the fan-out when nothing is queued ([`Conn::write_direct`]).
+    pub direct_writes: bool,
     /// Token bucket size.
     pub rate_burst: f64,
     /// Tokens added per second.
@@ -192,7 +194,20 @@ impl Session {
                 false,
             );
         } else {
-            conn.wake();
+            let direct = self.limits.direct_writes
+                && seq == st.sent + 1
+                && st
+                    .ring
+                    .last()
+                    .is_some_and(|d| conn.write_direct(|buf| d.encode(seq, buf)));
+            if direct {
+                st.sent = seq;
+                if let Some(d) = st.ring.last() {
+                    self.metrics.dispatch_sent(d, Instant::now());
+                }
+            } else {
+                conn.wake();
+            }
         }
     }
 
@@ -436,6 +451,7 @@ impl Session {
         let limits = Limits {
             ring: 100,
             outbound_limit: 100,
+            direct_writes: false,
             rate_burst: 1.0,
             rate_per_s: 1.0,
         };
