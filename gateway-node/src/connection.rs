@@ -566,13 +566,17 @@ fn offer<W: AsyncWrite + Unpin>(
     owed: &mut BytesMut,
 ) -> Result<Offered, WriteError> {
     let _io = conn.io.lock();
-    // The rest of a frame the fan-out began goes before anything else.
-    if let Some(rest) = conn.handoff.lock().take() {
-        owed.extend_from_slice(&rest);
-        return Ok(Offered {
-            replies: 0,
-            more: true,
-        });
+    // The rest of a frame the fan-out began goes before anything else. Here
+    // `owed` is empty, so a pending debt can only be such a frame: the
+    // handoff's lock is taken only then, not per batch.
+    if conn.owed_pending.load(Ordering::Acquire) {
+        if let Some(rest) = conn.handoff.lock().take() {
+            owed.extend_from_slice(&rest);
+            return Ok(Offered {
+                replies: 0,
+                more: true,
+            });
+        }
     }
     BATCH.with_borrow_mut(|buf| {
         buf.clear();

@@ -196,15 +196,15 @@ impl Session {
         } else {
             let direct = self.limits.direct_writes
                 && seq == st.sent + 1
-                && st
-                    .ring
-                    .last()
-                    .is_some_and(|d| conn.write_direct(|buf| d.encode(seq, buf)));
+                && st.ring.last().is_some_and(|d| {
+                    let written = conn.write_direct(|buf| d.encode(seq, buf));
+                    if written {
+                        self.metrics.dispatch_sent(d, Instant::now());
+                    }
+                    written
+                });
             if direct {
                 st.sent = seq;
-                if let Some(d) = st.ring.last() {
-                    self.metrics.dispatch_sent(d, Instant::now());
-                }
             } else {
                 conn.wake();
             }
