@@ -35,7 +35,8 @@ GATEWAY_LISTEN="127.0.0.1:$PORT" GATEWAY_API_KEYS="$KEY" GATEWAY_LOG=warn \
 PIDS+=($!)
 
 rc=0
-(cd "$TMP" && timeout 300 "$VENV/bin/schemathesis" run \
+(cd "$TMP" && timeout 300 "$VENV/bin/schemathesis" \
+  --config-file "$REPO/scripts/schemathesis.toml" run \
   "http://127.0.0.1:$PORT/api/v1/openapi.json" \
   --wait-for-schema 30 \
   -H "Authorization: Bearer $KEY" \
