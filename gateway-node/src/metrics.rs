@@ -35,6 +35,8 @@ pub struct Metrics {
     pub reads_held_back: IntCounter,
     pub broker_errors: IntCounter,
     pub broker_publish: Histogram,
+    /// Messages per script call to Redis (the publish batches).
+    pub redis_publish_batch: Histogram,
     /// Channel logs (and the cluster-wide one) that the backend lost events
     /// of: their sessions on this node were ended with 1012.
     pub log_resets: IntCounter,
@@ -177,6 +179,14 @@ impl Metrics {
             ),
         )
         .unwrap();
+        let redis_publish_batch = Histogram::with_opts(
+            HistogramOpts::new(
+                "redis_publish_batch_messages",
+                "Messages sent to Redis in one script call",
+            )
+            .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0]),
+        )
+        .unwrap();
         let api_requests = IntCounterVec::new(
             Opts::new(
                 "api_requests_total",
@@ -210,6 +220,7 @@ impl Metrics {
             Box::new(reads_held_back.clone()),
             Box::new(broker_errors.clone()),
             Box::new(broker_publish.clone()),
+            Box::new(redis_publish_batch.clone()),
             Box::new(log_resets.clone()),
             Box::new(cpu_seconds.clone()),
             Box::new(api_requests.clone()),
@@ -272,6 +283,7 @@ impl Metrics {
             reads_held_back,
             broker_errors,
             broker_publish,
+            redis_publish_batch,
             log_resets,
             cpu_seconds,
             api_requests,

@@ -732,9 +732,18 @@ async fn a_redis_over_tls_with_a_private_ca() {
 
 async fn batched_publishing_keeps_every_senders_order(store: &Store) {
     // Messages gathered for 3 ms before they go to Redis together.
+    senders_race_and_keep_their_order(store, 3_000).await;
+}
+
+async fn self_clocked_publishing_keeps_every_senders_order(store: &Store) {
+    // No window: a batch goes when the one before it is answered.
+    senders_race_and_keep_their_order(store, 0).await;
+}
+
+async fn senders_race_and_keep_their_order(store: &Store, window_us: u64) {
     let node = || {
         node_on(store, |c| {
-            c.redis_publish_batch_us = 3_000;
+            c.redis_publish_batch_us = window_us;
             c.rate_limit_count = 1_000_000;
         })
     };
@@ -775,6 +784,10 @@ async fn batched_publishing_keeps_every_senders_order(store: &Store) {
             "sender {i}: every message once, in order"
         );
     }
+    // Every message went to Redis in exactly one batch.
+    let batched = metric(a.addr, "gateway_redis_publish_batch_messages_sum").await
+        + metric(b.addr, "gateway_redis_publish_batch_messages_sum").await;
+    assert_eq!(batched, 150);
 }
 
 /// Each test above that takes a `Store`, on one Redis and on a cluster.
@@ -809,4 +822,5 @@ on_each_store!(
     a_node_whose_clock_is_behind_still_orders_its_messages_after_the_last,
     a_redis_that_requires_auth_takes_a_password_or_an_acl_user,
     batched_publishing_keeps_every_senders_order,
+    self_clocked_publishing_keeps_every_senders_order,
 );

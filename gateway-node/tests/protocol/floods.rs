@@ -70,17 +70,6 @@ async fn chat_until<T: Send + 'static>(
     (task.await.unwrap(), during)
 }
 
-/// The value of a metric (summed over its label sets) on the node at
-/// `addr`.
-async fn metric(addr: SocketAddr, name: &str) -> u64 {
-    let (_, metrics) = http_get(&format!("http://{addr}/metrics")).await;
-    metrics
-        .lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>() as u64
-}
-
 /// Waits until `gateway_connections_refused_total` for `reason` on the
 /// node at `addr` is `want` (it is counted as the connection's task ends,
 /// just after the client saw the close).

@@ -229,6 +229,17 @@ pub fn fresh_channel(prefix: &str) -> String {
     format!("{prefix}-{}", CHANNELS.fetch_add(1, Ordering::Relaxed))
 }
 
+/// The value of a metric (summed over its label sets) on the node at
+/// `addr`.
+pub async fn metric(addr: SocketAddr, name: &str) -> u64 {
+    let (_, metrics) = http_get(&format!("http://{addr}/metrics")).await;
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
 /// A plain HTTP GET; returns the status and the body.
 pub async fn http_get(url: &str) -> (u16, String) {
     let (status, _, body) = http("GET", url, None).await;

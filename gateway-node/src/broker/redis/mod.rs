@@ -320,6 +320,7 @@ impl RedisBroker {
             settings.log_retain(),
             settings.publish_window,
             cluster,
+            Arc::clone(&metrics),
         ));
         let broker = Self {
             hub,

@@ -11,6 +11,7 @@ use super::{
 };
 use crate::broker::memory::unix_ms;
 use crate::broker::{DeleteAs, HistoryPage, MessageBody, Published};
+use crate::metrics::Metrics;
 use crate::session::Session;
 use crate::wire::{Dispatch, Reject};
 use gateway_shared::protocol::{ChannelAdd, ErrorCode, Event, MessageDelete, StartTyping, User};
@@ -277,12 +278,21 @@ pub(super) struct PublishJob {
 /// Messages one batch carries at most.
 const PUBLISH_BATCH: usize = 256;
 
-/// Sends the messages of every session of this node to Redis. The messages
-/// that arrive within `window` of the first waiting one (with a zero
-/// window: those already waiting) are sent together, in one script call
-/// (on a cluster, one per channel, all in one write): Redis reads, runs and
-/// answers them in one wake-up, which is most of what it spends per
-/// message at moderate rates. A batch does not wait for the one before it.
+/// How long a batch waits for the one before it to be answered: past it,
+/// the batch goes anyway (pipelined behind it), so a stalled Redis (a
+/// cut link, a failing-over master) delays the messages behind it by at
+/// most this much more than the stall itself.
+const PUBLISH_OVERLAP: Duration = Duration::from_millis(2);
+
+/// Sends the messages of every session of this node to Redis, in batches:
+/// one script call (on a cluster, one per channel, all in one write) that
+/// Redis reads, runs and answers in one wake-up, which is most of what it
+/// spends per message at moderate rates. A batch is sent when the one
+/// before it has been answered (or after `PUBLISH_OVERLAP`), with every
+/// message that arrived meanwhile: when nothing is in flight a message
+/// goes at once, and the busier Redis is, the more each wake-up carries
+/// (self-clocking). `window` makes a batch also wait that long after its
+/// first message, trading latency for fewer wake-ups still.
 pub(super) async fn publish_task(
     mut jobs: mpsc::Receiver<PublishJob>,
     conn: Conn,
@@ -290,11 +300,16 @@ pub(super) async fn publish_task(
     log_retain: usize,
     window: Duration,
     cluster: bool,
+    metrics: Arc<Metrics>,
 ) {
+    let mut in_flight: Option<tokio::task::JoinHandle<()>> = None;
     loop {
         let Some(first) = jobs.recv().await else {
             return;
         };
+        if let Some(mut previous) = in_flight.take() {
+            let _ = tokio::time::timeout(PUBLISH_OVERLAP, &mut previous).await;
+        }
         let mut batch = vec![first];
         let deadline = tokio::time::Instant::now() + window;
         while batch.len() < PUBLISH_BATCH {
@@ -323,8 +338,11 @@ pub(super) async fn publish_task(
                 None => groups.push(vec![job]),
             }
         }
+        for group in &groups {
+            metrics.redis_publish_batch.observe(group.len() as f64);
+        }
         let (conn, script) = (conn.clone(), Arc::clone(&script));
-        tokio::spawn(async move {
+        in_flight = Some(tokio::spawn(async move {
             let runs = groups.into_iter().map(|group| {
                 let mut conn = conn.clone();
                 let script = &script;
@@ -363,7 +381,7 @@ pub(super) async fn publish_task(
                 }
             });
             futures_util::future::join_all(runs).await;
-        });
+        }));
     }
 }
 
