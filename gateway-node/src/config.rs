@@ -85,8 +85,9 @@ pub struct Config {
     #[arg(long, env = "GATEWAY_REDIS_PASSWORD", hide_env_values = true)]
     pub redis_password: Option<String>,
     /// How long a node gathers messages before sending them to Redis
-    /// together, in µs (0: only those already waiting). Longer saves Redis
-    /// CPU per message at the cost of that much latency.
+    /// together, in µs, on top of its self-clocked batches (0: a batch goes
+    /// when the one before it is answered). Longer saves Redis CPU per
+    /// message at the cost of that much latency.
     #[arg(long, env = "GATEWAY_REDIS_PUBLISH_BATCH_US", default_value_t = 0)]
     pub redis_publish_batch_us: u64,
     /// PEM file of the CA that signed the Redis servers' certificates
