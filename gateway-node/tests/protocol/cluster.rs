@@ -790,6 +790,46 @@ async fn senders_race_and_keep_their_order(store: &Store, window_us: u64) {
     assert_eq!(batched, 150);
 }
 
+/// Sessions that end at the same moment leave together (several to a
+/// script call): each one's ROOM_USER_REMOVE once, and a user with a
+/// session still there stays a member.
+async fn sessions_that_end_together_all_leave(store: &Store) {
+    let (a, b) = two_nodes(store).await;
+    let room = fresh_channel("exodus");
+    let mut watcher = Peer::join(&b, "watcher").await;
+    watcher.create_and_move(&room).await;
+    let mut leavers = Vec::new();
+    for i in 0..30 {
+        let mut p = Peer::join(&a, &format!("leaver{i}")).await;
+        p.move_to(&room).await;
+        leavers.push(p);
+    }
+    // A second session of the first leaver's user, which stays.
+    let mut twin = Peer::present(
+        &a.url(),
+        leavers[0].token.clone(),
+        leavers[0].user_id.clone(),
+    )
+    .await;
+    twin.move_to(&room).await;
+    let ids: std::collections::HashSet<u64> = leavers.iter().map(Peer::session_id).collect();
+    let closing = leavers.into_iter().map(|mut p| async move {
+        p.client.close(1000).await.unwrap();
+    });
+    futures_util::future::join_all(closing).await;
+    let mut gone = std::collections::HashSet::new();
+    while gone.len() < ids.len() {
+        let left = watcher.dispatch(Event::RoomUserRemove).await.cnf;
+        let id = left["session_id"].as_u64().unwrap();
+        assert!(ids.contains(&id), "only the leavers leave: {left}");
+        assert!(gone.insert(id), "{id} left twice");
+    }
+    // Members now: the watcher, the twin's user, and a newcomer.
+    let mut newcomer = Peer::join(&b, "newcomer").await;
+    let moved = newcomer.move_to(&room).await;
+    assert_eq!(moved["member_count"], 3, "{moved}");
+}
+
 /// Each test above that takes a `Store`, on one Redis and on a cluster.
 macro_rules! on_each_store {
     ($($test:ident),* $(,)?) => {
@@ -823,4 +863,5 @@ on_each_store!(
     a_redis_that_requires_auth_takes_a_password_or_an_acl_user,
     batched_publishing_keeps_every_senders_order,
     self_clocked_publishing_keeps_every_senders_order,
+    sessions_that_end_together_all_leave,
 );

@@ -77,6 +77,7 @@
 //! | `upkeep.rs` | start-up keys and node index, liveness, presence refresh and sweep, a Redis that lost its data |
 //! | `lua/` | the scripts, one a file; `emit.lua` (the one way events other than messages enter a log) and `history.lua` are put in front of those that call them |
 
+mod batch;
 mod conn;
 mod presence;
 mod publish;
@@ -116,7 +117,7 @@ const PUBLISH_DEADLINE: Duration = Duration::from_millis(1500);
 const CLAIM_TIMEOUT: Duration = Duration::from_secs(3);
 /// Events a channel log keeps (for catch-up on resume and gap fills).
 const LOG_RETAIN: usize = 10_000;
-/// Messages waiting for the publisher task; past it, sessions wait.
+/// Messages, or leaves, waiting for their batch task; past it, sessions wait.
 const PUBLISH_QUEUE: usize = 4096;
 /// Pub/sub messages queued between the connection and the hub; past it
 /// messages are dropped and recovered from the log as a gap.
@@ -196,7 +197,6 @@ fn script(body: &str, cluster: bool) -> Script {
 
 struct Scripts {
     join: Script,
-    leave: Script,
     delete: Script,
     add_channel: Script,
     take: Script,
@@ -253,6 +253,8 @@ pub struct RedisBroker {
     cmd: Conn,
     /// Messages to publish, batched by `publish::publish_task`.
     publisher: mpsc::Sender<publish::PublishJob>,
+    /// Sessions leaving channels, batched by `presence::leave_task`.
+    leaver: mpsc::Sender<presence::LeaveJob>,
     settings: Settings,
     metrics: Arc<Metrics>,
     scripts: Scripts,
@@ -322,15 +324,23 @@ impl RedisBroker {
             cluster,
             Arc::clone(&metrics),
         ));
+        let (leaver, leaves) = mpsc::channel(PUBLISH_QUEUE);
+        let leave_task = tokio::spawn(presence::leave_task(
+            leaves,
+            cmd.clone(),
+            Arc::new(script(LEAVE_LUA, cluster)),
+            settings.presence_threshold,
+            settings.log_retain(),
+        ));
         let broker = Self {
             hub,
             cmd,
             publisher,
+            leaver,
             settings,
             metrics,
             scripts: Scripts {
                 join: script(JOIN_LUA, cluster),
-                leave: script(LEAVE_LUA, cluster),
                 delete: script(DELETE_LUA, cluster),
                 add_channel: script(ADD_CHANNEL_LUA, cluster),
                 take: script(TAKE_LUA, cluster),
@@ -350,7 +360,7 @@ impl RedisBroker {
             sweep: Mutex::new((Vec::new(), 0)),
             epoch: Mutex::new(String::new()),
             clock_offset_ms: AtomicI64::new(0),
-            tasks: Mutex::new(vec![publish_task]),
+            tasks: Mutex::new(vec![publish_task, leave_task]),
         };
         let mut conn = broker.conn();
         let epoch = broker

@@ -2,6 +2,8 @@
 //! then the join script fixes where the session starts in the channel's
 //! log. Presence entries, refreshed by the owner, and bans.
 
+use super::batch::{groups, Batcher};
+use super::conn::Conn;
 use super::{channel_topic, ck, sk, RedisBroker, CHANNELS, CONTROL_TOPIC};
 use crate::broker::memory::unix_ms;
 use crate::broker::{move_body, Ban, ChannelInfo, Member, PresencePage};
@@ -9,8 +11,10 @@ use crate::hub::LocalChannel;
 use crate::session::Session;
 use crate::wire::{Dispatch, Reject};
 use gateway_shared::protocol::{ErrorCode, Event, User};
-use redis::AsyncCommands;
+use redis::{AsyncCommands, RedisResult, Script};
 use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
 
 /// An integer in a script's reply (0 when absent).
 fn script_int(v: Option<&redis::Value>) -> u64 {
@@ -162,20 +166,27 @@ impl RedisBroker {
         self.op("join", inv.invoke_async(&mut c)).await
     }
 
+    /// Leaves `name` through the node's leave batches (`leave_task`).
     pub(super) async fn leave_script(&self, session_id: u64, name: &str) -> Result<(), Reject> {
-        let mut c = self.conn();
-        let channel_json = serde_json::to_string(name).expect("string serializes");
-        let mut inv = self.scripts.leave.prepare_invoke();
-        for suffix in CHANNEL_KEYS {
-            inv.key(ck(name, suffix));
-        }
-        inv.arg(session_id)
-            .arg(self.settings.presence_threshold)
-            .arg(channel_topic(name))
-            .arg(channel_json)
-            .arg(self.settings.log_retain());
-        let _: i64 = self.op("leave", inv.invoke_async(&mut c)).await?;
-        Ok(())
+        let (reply, replied) = oneshot::channel();
+        let job = LeaveJob {
+            channel: Arc::from(name),
+            session_id,
+            reply,
+        };
+        self.leaver
+            .send(job)
+            .await
+            .map_err(|_| Reject::new(ErrorCode::Unavailable, "node is shutting down"))?;
+        let replied = async {
+            replied.await.unwrap_or_else(|_| {
+                Err(redis::RedisError::from((
+                    redis::ErrorKind::Client,
+                    "leave batches stopped",
+                )))
+            })
+        };
+        self.op("leave", replied).await
     }
 
     pub(super) async fn touch_presence(&self, session_id: u64, name: &str) -> Result<(), Reject> {
@@ -367,5 +378,62 @@ impl RedisBroker {
         let mut c = self.conn();
         let _: () = self.op("unban", c.del(format!("gw:ban:{user_id}"))).await?;
         Ok(())
+    }
+}
+
+/// A session leaving a channel, and who waits for the script's reply.
+pub(super) struct LeaveJob {
+    channel: Arc<str>,
+    session_id: u64,
+    reply: oneshot::Sender<RedisResult<()>>,
+}
+
+/// Sends the leaves of every session of this node to Redis in
+/// self-clocked batches (`batch.rs`), one `lua/leave.lua` call per
+/// channel: when thousands of sessions end at once (a node's clients all
+/// closing, a drain), their leaves cost Redis a fraction of one call each.
+pub(super) async fn leave_task(
+    jobs: mpsc::Receiver<LeaveJob>,
+    conn: Conn,
+    script: Arc<Script>,
+    threshold: usize,
+    log_retain: usize,
+) {
+    let mut batcher = Batcher::new(jobs, Duration::ZERO);
+    while let Some(batch) = batcher.next().await {
+        let groups = groups(batch, |a, b| a.channel == b.channel);
+        let (conn, script) = (conn.clone(), Arc::clone(&script));
+        batcher.send(async move {
+            let runs = groups.into_iter().map(|group| {
+                let mut conn = conn.clone();
+                let script = &script;
+                async move {
+                    let name = &group[0].channel;
+                    let mut inv = script.prepare_invoke();
+                    for suffix in CHANNEL_KEYS {
+                        inv.key(ck(name, suffix));
+                    }
+                    inv.arg(threshold)
+                        .arg(channel_topic(name))
+                        .arg(serde_json::to_string(&**name).expect("string serializes"))
+                        .arg(log_retain);
+                    for job in &group {
+                        inv.arg(job.session_id);
+                    }
+                    let result: RedisResult<i64> = inv.invoke_async(&mut conn).await;
+                    for job in group {
+                        let _ = job.reply.send(match &result {
+                            Ok(_) => Ok(()),
+                            Err(e) => Err(redis::RedisError::from((
+                                redis::ErrorKind::Client,
+                                "leave failed",
+                                e.to_string(),
+                            ))),
+                        });
+                    }
+                }
+            });
+            futures_util::future::join_all(runs).await;
+        });
     }
 }

@@ -4,6 +4,7 @@
 //! per-node `publish_task`, in batches, with `lua/message.lua`);
 //! `read_log` reads a log back for gap fills, joins and resumes.
 
+use super::batch::{groups, Batcher};
 use super::conn::Conn;
 use super::{
     channel_topic, ck, RedisBroker, CHANNELS, GLOBAL_LOG, GLOBAL_TOPIC, LOG_RETAIN,
@@ -275,26 +276,14 @@ pub(super) struct PublishJob {
     reply: oneshot::Sender<RedisResult<(u64, String)>>,
 }
 
-/// Messages one batch carries at most.
-const PUBLISH_BATCH: usize = 256;
-
-/// How long a batch waits for the one before it to be answered: past it,
-/// the batch goes anyway (pipelined behind it), so a stalled Redis (a
-/// cut link, a failing-over master) delays the messages behind it by at
-/// most this much more than the stall itself.
-const PUBLISH_OVERLAP: Duration = Duration::from_millis(2);
-
-/// Sends the messages of every session of this node to Redis, in batches:
-/// one script call (on a cluster, one per channel, all in one write) that
-/// Redis reads, runs and answers in one wake-up, which is most of what it
-/// spends per message at moderate rates. A batch is sent when the one
-/// before it has been answered (or after `PUBLISH_OVERLAP`), with every
-/// message that arrived meanwhile: when nothing is in flight a message
-/// goes at once, and the busier Redis is, the more each wake-up carries
-/// (self-clocking). `window` makes a batch also wait that long after its
-/// first message, trading latency for fewer wake-ups still.
+/// Sends the messages of every session of this node to Redis in
+/// self-clocked batches (`batch.rs`): one script call (on a cluster, one
+/// per channel, all in one write) that Redis reads, runs and answers in
+/// one wake-up, which is most of what it spends per message at moderate
+/// rates. `window` makes a batch also wait that long after its first
+/// message, trading latency for fewer wake-ups still.
 pub(super) async fn publish_task(
-    mut jobs: mpsc::Receiver<PublishJob>,
+    jobs: mpsc::Receiver<PublishJob>,
     conn: Conn,
     script: Arc<Script>,
     log_retain: usize,
@@ -302,47 +291,16 @@ pub(super) async fn publish_task(
     cluster: bool,
     metrics: Arc<Metrics>,
 ) {
-    let mut in_flight: Option<tokio::task::JoinHandle<()>> = None;
-    loop {
-        let Some(first) = jobs.recv().await else {
-            return;
-        };
-        if let Some(mut previous) = in_flight.take() {
-            let _ = tokio::time::timeout(PUBLISH_OVERLAP, &mut previous).await;
-        }
-        let mut batch = vec![first];
-        let deadline = tokio::time::Instant::now() + window;
-        while batch.len() < PUBLISH_BATCH {
-            let next = if window.is_zero() {
-                jobs.try_recv().ok()
-            } else {
-                tokio::time::timeout_at(deadline, jobs.recv())
-                    .await
-                    .ok()
-                    .flatten()
-            };
-            match next {
-                Some(job) => batch.push(job),
-                None => break,
-            }
-        }
+    let mut batcher = Batcher::new(jobs, window);
+    while let Some(batch) = batcher.next().await {
         // One script call per group: the whole batch on one Redis; on a
         // cluster, the messages of each channel (a call stays in one slot).
-        let mut groups: Vec<Vec<PublishJob>> = Vec::new();
-        for job in batch {
-            match groups
-                .iter_mut()
-                .find(|g| !cluster || g[0].channel == job.channel)
-            {
-                Some(group) => group.push(job),
-                None => groups.push(vec![job]),
-            }
-        }
+        let groups = groups(batch, |a, b| !cluster || a.channel == b.channel);
         for group in &groups {
             metrics.redis_publish_batch.observe(group.len() as f64);
         }
         let (conn, script) = (conn.clone(), Arc::clone(&script));
-        in_flight = Some(tokio::spawn(async move {
+        batcher.send(async move {
             let runs = groups.into_iter().map(|group| {
                 let mut conn = conn.clone();
                 let script = &script;
@@ -381,7 +339,7 @@ pub(super) async fn publish_task(
                 }
             });
             futures_util::future::join_all(runs).await;
-        }));
+        });
     }
 }
 

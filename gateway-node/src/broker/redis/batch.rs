@@ -1,0 +1,140 @@
+//! Self-clocked batches: the messages and leaves of every session of a node
+//! go to Redis several to a script call. A batch goes as soon as the one
+//! before it has been answered, with everything that arrived meanwhile, so
+//! a quiet node sends each at once and a busy Redis gets more per wake-up.
+
+use std::future::Future;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+/// How long a batch waits for the one before it to be answered: past it,
+/// the batch goes anyway (pipelined behind it), so a stalled Redis (a cut
+/// link, a failing-over master) delays the jobs behind it by at most this
+/// much more than the stall itself.
+const OVERLAP: Duration = Duration::from_millis(2);
+
+/// Jobs one batch carries at most.
+const MAX_BATCH: usize = 256;
+
+pub(super) struct Batcher<J> {
+    jobs: mpsc::Receiver<J>,
+    in_flight: Option<JoinHandle<()>>,
+    /// How long a batch also waits after its first job (0: not at all).
+    window: Duration,
+}
+
+impl<J> Batcher<J> {
+    pub(super) fn new(jobs: mpsc::Receiver<J>, window: Duration) -> Self {
+        Self {
+            jobs,
+            in_flight: None,
+            window,
+        }
+    }
+
+    /// The next batch: a first job, then (once the batch in flight was
+    /// answered, or after `OVERLAP`) every job waiting, and with a window
+    /// those that arrive within it. `None` once every sender is gone.
+    pub(super) async fn next(&mut self) -> Option<Vec<J>> {
+        let first = self.jobs.recv().await?;
+        if let Some(mut previous) = self.in_flight.take() {
+            let _ = tokio::time::timeout(OVERLAP, &mut previous).await;
+        }
+        let mut batch = vec![first];
+        let deadline = tokio::time::Instant::now() + self.window;
+        while batch.len() < MAX_BATCH {
+            let next = if self.window.is_zero() {
+                self.jobs.try_recv().ok()
+            } else {
+                tokio::time::timeout_at(deadline, self.jobs.recv())
+                    .await
+                    .ok()
+                    .flatten()
+            };
+            match next {
+                Some(job) => batch.push(job),
+                None => break,
+            }
+        }
+        Some(batch)
+    }
+
+    /// Sends a batch in a task of its own; the next batch waits for it.
+    pub(super) fn send(&mut self, sending: impl Future<Output = ()> + Send + 'static) {
+        self.in_flight = Some(tokio::spawn(sending));
+    }
+}
+
+/// `batch` split into groups of jobs for which `together` holds with the
+/// group's first, in order of first appearance; each group keeps the
+/// jobs' order.
+pub(super) fn groups<J>(batch: Vec<J>, together: impl Fn(&J, &J) -> bool) -> Vec<Vec<J>> {
+    let mut groups: Vec<Vec<J>> = Vec::new();
+    for job in batch {
+        match groups.iter_mut().find(|g| together(&g[0], &job)) {
+            Some(group) => group.push(job),
+            None => groups.push(vec![job]),
+        }
+    }
+    groups
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn groups_keep_first_appearance_and_order() {
+        let g = groups(
+            vec![(1, 'a'), (2, 'b'), (1, 'c'), (3, 'd'), (2, 'e')],
+            |x, y| x.0 == y.0,
+        );
+        assert_eq!(
+            g,
+            vec![
+                vec![(1, 'a'), (1, 'c')],
+                vec![(2, 'b'), (2, 'e')],
+                vec![(3, 'd')]
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_batch_takes_what_arrives_while_the_one_before_is_at_redis() {
+        let (tx, rx) = mpsc::channel(16);
+        let mut batcher = Batcher::new(rx, Duration::ZERO);
+        tx.send(1).await.unwrap();
+        assert_eq!(batcher.next().await, Some(vec![1]));
+        let (answer, answered) = tokio::sync::oneshot::channel::<()>();
+        batcher.send(async move {
+            let _ = answered.await;
+        });
+        // 2 waits; 3 arrives while the batch of 1 is still unanswered, and
+        // only then is it answered: 2 and 3 go together.
+        tx.send(2).await.unwrap();
+        let later = tx.clone();
+        tokio::spawn(async move {
+            later.send(3).await.unwrap();
+            answer.send(()).unwrap();
+        });
+        assert_eq!(batcher.next().await, Some(vec![2, 3]));
+        drop(tx);
+        assert_eq!(batcher.next().await, None);
+    }
+
+    #[tokio::test]
+    async fn a_batch_goes_even_if_the_one_before_is_never_answered() {
+        let (tx, rx) = mpsc::channel(16);
+        let mut batcher = Batcher::new(rx, Duration::ZERO);
+        tx.send(1).await.unwrap();
+        assert_eq!(batcher.next().await, Some(vec![1]));
+        batcher.send(std::future::pending());
+        tx.send(2).await.unwrap();
+        let next = tokio::time::timeout(Duration::from_secs(10), batcher.next()).await;
+        assert_eq!(
+            next.expect("not held behind a stalled batch"),
+            Some(vec![2])
+        );
+    }
+}
