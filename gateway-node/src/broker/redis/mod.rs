@@ -70,6 +70,7 @@
 //! |---|---|
 //! | `mod.rs` | the broker, its settings, `connect`, key names, the deadline every operation runs under |
 //! | `conn.rs` | the one connection (commands and pub/sub), one Redis or a cluster; per-slot batches |
+//! | `batch.rs` | self-clocked batches: the messages and the leaves of every session go to Redis several to a script call |
 //! | `publish.rs` | publishing (messages, deletes, typing, new channels) and reading the logs |
 //! | `pubsub.rs` | subscriptions, live messages to the hub, gap fills, checks after a lost connection, claim requests |
 //! | `presence.rs` | sessions entering, moving between and leaving channels; presence; bans |
