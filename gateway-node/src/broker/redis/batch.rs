@@ -3,9 +3,12 @@
 //! before it has been answered, with everything that arrived meanwhile, so
 //! a quiet node sends each at once and a busy Redis gets more per wake-up.
 
+use crate::wire::Reject;
+use gateway_shared::protocol::ErrorCode;
+use redis::RedisResult;
 use std::future::Future;
 use std::time::Duration;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 /// How long a batch waits for the one before it to be answered: past it,
@@ -64,6 +67,39 @@ impl<J> Batcher<J> {
     pub(super) fn send(&mut self, sending: impl Future<Output = ()> + Send + 'static) {
         self.in_flight = Some(tokio::spawn(sending));
     }
+
+    /// Sends a batch's groups, each with `call` (one script call, which
+    /// answers the group's jobs), all at once in one task of their own.
+    pub(super) fn send_each<G, F>(&mut self, groups: Vec<G>, call: impl Fn(G) -> F + Send + 'static)
+    where
+        G: Send + 'static,
+        F: Future<Output = ()> + Send,
+    {
+        self.send(async move {
+            futures_util::future::join_all(groups.into_iter().map(call)).await;
+        });
+    }
+}
+
+/// Queues the job `make` builds around its reply sender, and returns the
+/// wait for that reply (to be run under the operation deadline).
+pub(super) async fn submit<J, T>(
+    queue: &mpsc::Sender<J>,
+    make: impl FnOnce(oneshot::Sender<RedisResult<T>>) -> J,
+) -> Result<impl Future<Output = RedisResult<T>>, Reject> {
+    let (reply, replied) = oneshot::channel();
+    queue
+        .send(make(reply))
+        .await
+        .map_err(|_| Reject::new(ErrorCode::Unavailable, "node is shutting down"))?;
+    Ok(async {
+        replied.await.unwrap_or_else(|_| {
+            Err(redis::RedisError::from((
+                redis::ErrorKind::Client,
+                "batch task stopped",
+            )))
+        })
+    })
 }
 
 /// `batch` split into groups of jobs for which `together` holds with the

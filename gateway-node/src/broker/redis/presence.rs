@@ -2,7 +2,7 @@
 //! then the join script fixes where the session starts in the channel's
 //! log. Presence entries, refreshed by the owner, and bans.
 
-use super::batch::{groups, Batcher};
+use super::batch::{groups, submit, Batcher};
 use super::conn::Conn;
 use super::{channel_topic, ck, sk, RedisBroker, CHANNELS, CONTROL_TOPIC};
 use crate::broker::memory::unix_ms;
@@ -168,24 +168,12 @@ impl RedisBroker {
 
     /// Leaves `name` through the node's leave batches (`leave_task`).
     pub(super) async fn leave_script(&self, session_id: u64, name: &str) -> Result<(), Reject> {
-        let (reply, replied) = oneshot::channel();
-        let job = LeaveJob {
+        let replied = submit(&self.leaver, |reply| LeaveJob {
             channel: Arc::from(name),
             session_id,
             reply,
-        };
-        self.leaver
-            .send(job)
-            .await
-            .map_err(|_| Reject::new(ErrorCode::Unavailable, "node is shutting down"))?;
-        let replied = async {
-            replied.await.unwrap_or_else(|_| {
-                Err(redis::RedisError::from((
-                    redis::ErrorKind::Client,
-                    "leave batches stopped",
-                )))
-            })
-        };
+        })
+        .await?;
         self.op("leave", replied).await
     }
 
@@ -403,37 +391,33 @@ pub(super) async fn leave_task(
     while let Some(batch) = batcher.next().await {
         let groups = groups(batch, |a, b| a.channel == b.channel);
         let (conn, script) = (conn.clone(), Arc::clone(&script));
-        batcher.send(async move {
-            let runs = groups.into_iter().map(|group| {
-                let mut conn = conn.clone();
-                let script = &script;
-                async move {
-                    let name = &group[0].channel;
-                    let mut inv = script.prepare_invoke();
-                    for suffix in CHANNEL_KEYS {
-                        inv.key(ck(name, suffix));
-                    }
-                    inv.arg(threshold)
-                        .arg(channel_topic(name))
-                        .arg(serde_json::to_string(&**name).expect("string serializes"))
-                        .arg(log_retain);
-                    for job in &group {
-                        inv.arg(job.session_id);
-                    }
-                    let result: RedisResult<i64> = inv.invoke_async(&mut conn).await;
-                    for job in group {
-                        let _ = job.reply.send(match &result {
-                            Ok(_) => Ok(()),
-                            Err(e) => Err(redis::RedisError::from((
-                                redis::ErrorKind::Client,
-                                "leave failed",
-                                e.to_string(),
-                            ))),
-                        });
-                    }
+        batcher.send_each(groups, move |group| {
+            let (mut conn, script) = (conn.clone(), Arc::clone(&script));
+            async move {
+                let name = &group[0].channel;
+                let mut inv = script.prepare_invoke();
+                for suffix in CHANNEL_KEYS {
+                    inv.key(ck(name, suffix));
                 }
-            });
-            futures_util::future::join_all(runs).await;
+                inv.arg(threshold)
+                    .arg(channel_topic(name))
+                    .arg(serde_json::to_string(&**name).expect("string serializes"))
+                    .arg(log_retain);
+                for job in &group {
+                    inv.arg(job.session_id);
+                }
+                let result: RedisResult<i64> = inv.invoke_async(&mut conn).await;
+                for job in group {
+                    let _ = job.reply.send(match &result {
+                        Ok(_) => Ok(()),
+                        Err(e) => Err(redis::RedisError::from((
+                            redis::ErrorKind::Client,
+                            "leave failed",
+                            e.to_string(),
+                        ))),
+                    });
+                }
+            }
         });
     }
 }

@@ -4,7 +4,7 @@
 //! per-node `publish_task`, in batches, with `lua/message.lua`);
 //! `read_log` reads a log back for gap fills, joins and resumes.
 
-use super::batch::{groups, Batcher};
+use super::batch::{groups, submit, Batcher};
 use super::conn::Conn;
 use super::{
     channel_topic, ck, RedisBroker, CHANNELS, GLOBAL_LOG, GLOBAL_TOPIC, LOG_RETAIN,
@@ -65,11 +65,10 @@ impl RedisBroker {
             nonce,
         })
         .expect("message serializes");
-        let (reply, replied) = oneshot::channel();
         let deadline_ms = ts as i64
             + self.clock_offset_ms.load(Ordering::Relaxed)
             + PUBLISH_DEADLINE.as_millis() as i64;
-        let job = PublishJob {
+        let replied = submit(&self.publisher, |reply| PublishJob {
             // The session's own name: no copy per message.
             channel: Arc::clone(channel),
             body: full,
@@ -77,19 +76,8 @@ impl RedisBroker {
             suffix: id.suffix,
             deadline_ms,
             reply,
-        };
-        self.publisher
-            .send(job)
-            .await
-            .map_err(|_| Reject::new(ErrorCode::Unavailable, "node is shutting down"))?;
-        let replied = async {
-            replied.await.unwrap_or_else(|_| {
-                Err(redis::RedisError::from((
-                    redis::ErrorKind::Client,
-                    "publisher stopped",
-                )))
-            })
-        };
+        })
+        .await?;
         let (_, final_id): (u64, String) = self.op("publish", replied).await?;
         if let Some(ms) = final_id.get(..13).and_then(|ms| ms.parse::<u64>().ok()) {
             if ms > id.ms {
@@ -300,45 +288,41 @@ pub(super) async fn publish_task(
             metrics.redis_publish_batch.observe(group.len() as f64);
         }
         let (conn, script) = (conn.clone(), Arc::clone(&script));
-        batcher.send(async move {
-            let runs = groups.into_iter().map(|group| {
-                let mut conn = conn.clone();
-                let script = &script;
-                async move {
-                    let mut inv = script.prepare_invoke();
-                    inv.arg(log_retain);
-                    for job in &group {
-                        inv.key(ck(&job.channel, "meta"))
-                            .key(ck(&job.channel, "log"));
-                        inv.arg(channel_topic(&job.channel))
-                            .arg(&job.body[r#"{"id":"""#.len()..])
-                            .arg(format!("{:013}", job.ms))
-                            .arg(format!("{:06}", job.suffix));
-                    }
-                    // The batch's earliest deadline, last.
-                    inv.arg(
-                        group
-                            .iter()
-                            .map(|j| j.deadline_ms)
-                            .min()
-                            .unwrap_or(i64::MAX),
-                    );
-                    let result: RedisResult<Vec<(u64, String)>> = inv.invoke_async(&mut conn).await;
-                    match result {
-                        Ok(done) if done.len() == group.len() => {
-                            for (job, done) in group.into_iter().zip(done) {
-                                let _ = job.reply.send(Ok(done));
-                            }
-                        }
-                        Ok(done) if done.is_empty() => {
-                            reply_all(group, "reached Redis after its deadline")
-                        }
-                        Ok(_) => reply_all(group, "the message script answered a batch short"),
-                        Err(e) => reply_all(group, &e.to_string()),
-                    }
+        batcher.send_each(groups, move |group| {
+            let (mut conn, script) = (conn.clone(), Arc::clone(&script));
+            async move {
+                let mut inv = script.prepare_invoke();
+                inv.arg(log_retain);
+                for job in &group {
+                    inv.key(ck(&job.channel, "meta"))
+                        .key(ck(&job.channel, "log"));
+                    inv.arg(channel_topic(&job.channel))
+                        .arg(&job.body[r#"{"id":"""#.len()..])
+                        .arg(format!("{:013}", job.ms))
+                        .arg(format!("{:06}", job.suffix));
                 }
-            });
-            futures_util::future::join_all(runs).await;
+                // The batch's earliest deadline, last.
+                inv.arg(
+                    group
+                        .iter()
+                        .map(|j| j.deadline_ms)
+                        .min()
+                        .unwrap_or(i64::MAX),
+                );
+                let result: RedisResult<Vec<(u64, String)>> = inv.invoke_async(&mut conn).await;
+                match result {
+                    Ok(done) if done.len() == group.len() => {
+                        for (job, done) in group.into_iter().zip(done) {
+                            let _ = job.reply.send(Ok(done));
+                        }
+                    }
+                    Ok(done) if done.is_empty() => {
+                        reply_all(group, "reached Redis after its deadline")
+                    }
+                    Ok(_) => reply_all(group, "the message script answered a batch short"),
+                    Err(e) => reply_all(group, &e.to_string()),
+                }
+            }
         });
     }
 }
