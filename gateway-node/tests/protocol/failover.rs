@@ -169,12 +169,17 @@ pub(crate) async fn check(seen: &[(Seen, Peer)], url: &str) -> (usize, usize) {
 }
 
 /// A node on the Redis Cluster at `url` (seed URLs) whose rate limit lets
-/// the tests' publishers talk as fast as they like.
+/// the tests' publishers talk as fast as they like, and whose heartbeat
+/// deadline outlasts a slow failover: the tests' clients do not heartbeat,
+/// and a cluster on a loaded machine can take over 30 s (1.5 × the default
+/// 20 s interval) to flag a master failed and promote its replica; their
+/// clients were then closed with 4009 mid-test.
 async fn busy_node(url: String) -> TestNode {
     TestNode::with(move |c| {
         c.redis_url = Some(url);
         c.redis_cluster = true;
         c.rate_limit_count = 1_000_000;
+        c.hb_int_ms = 600_000;
     })
     .await
 }
