@@ -113,10 +113,15 @@ pub struct Conn {
     presented: AtomicBool,
     started: Instant,
     inner: Mutex<ConnInner>,
+    /// Whether the fan-out may write to this connection's socket
+    /// (`--direct-writes`): only then is the socket put in `io`, and only
+    /// then does the writer take `io` for each batch.
+    shares_socket: bool,
     /// Whoever writes to the socket holds this: the writer while it offers
     /// a batch, the fan-out while it writes a dispatch straight to the
     /// socket ([`Conn::write_direct`]). It holds the socket for the latter
-    /// (TCP connections only; `None` once the connection is over).
+    /// (TCP connections with `shares_socket` only; `None` once the
+    /// connection is over).
     io: Mutex<Option<Arc<OwnedWriteHalf>>>,
     /// The writer owes the socket the rest of a frame (its own, or one the
     /// fan-out began, in `handoff`): nobody else writes until it is done.
@@ -126,9 +131,10 @@ pub struct Conn {
 }
 
 impl Conn {
-    fn new(id: u64) -> Self {
+    fn new(id: u64, shares_socket: bool) -> Self {
         Self {
             id,
+            shares_socket,
             wake: Notify::new(),
             close_signal: Notify::new(),
             room: Notify::new(),
@@ -162,6 +168,8 @@ impl Conn {
     /// backlogs. The caller holds the session's lock, so frames of the
     /// session leave in their order.
     pub fn write_direct(&self, encode: impl FnOnce(&mut BytesMut)) -> bool {
+        // Cheap refusals first; `closing` is looked at again under the lock,
+        // which the close path takes after setting it.
         if self.closing.load(Ordering::Acquire) || self.unwritten.load(Ordering::Acquire) != 0 {
             return false;
         }
@@ -325,7 +333,7 @@ impl Conn {
 
 /// Serves one upgraded WebSocket until it closes.
 pub async fn serve(node: Arc<Node>, io: Io) {
-    let conn = Arc::new(Conn::new(node.next_conn_id()));
+    let conn = Arc::new(Conn::new(node.next_conn_id(), node.config.direct_writes));
     let span = tracing::info_span!("conn", node = %node.node_id, conn = conn.id, session = tracing::field::Empty, user = tracing::field::Empty);
     // Hot path: back to the TCP stream itself, whose owned halves need no
     // lock between reader and writer (tokio::io::split takes one on every
@@ -339,7 +347,9 @@ pub async fn serve(node: Arc<Node>, io: Io) {
             // the connection.
             drop(parts.read_buf);
             let write = Arc::new(write);
-            *conn.io.lock() = Some(Arc::clone(&write));
+            if conn.shares_socket {
+                *conn.io.lock() = Some(Arc::clone(&write));
+            }
             serve_inner(node, conn, reader, SharedWrite(write))
                 .instrument(span)
                 .await
@@ -362,7 +372,7 @@ where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let conn = Arc::new(Conn::new(node.next_conn_id()));
+    let conn = Arc::new(Conn::new(node.next_conn_id(), false));
     serve_inner(node, conn, FrameReader::new(read, MAX_PAYLOAD), write).await
 }
 
@@ -565,7 +575,8 @@ fn offer<W: AsyncWrite + Unpin>(
     budget: &mut usize,
     owed: &mut BytesMut,
 ) -> Result<Offered, WriteError> {
-    let _io = conn.io.lock();
+    // Shut out the fan-out's direct writes while this batch is offered.
+    let _io = conn.shares_socket.then(|| conn.io.lock());
     // The rest of a frame the fan-out began goes before anything else. Here
     // `owed` is empty, so a pending debt can only be such a frame: the
     // handoff's lock is taken only then, not per batch.
@@ -982,7 +993,7 @@ mod tests {
     /// with the replies queued in between.
     #[tokio::test]
     async fn a_slow_reader_gets_whole_frames_in_order() {
-        let conn = Arc::new(Conn::new(1));
+        let conn = Arc::new(Conn::new(1, false));
         let session = Session::for_test(1);
         session.attach(&conn, 0, |_| {}).expect("attaches");
         conn.set_session(Arc::clone(&session));

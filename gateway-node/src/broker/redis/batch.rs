@@ -93,13 +93,15 @@ pub(super) async fn submit<J, T>(
         .await
         .map_err(|_| Reject::new(ErrorCode::Unavailable, "node is shutting down"))?;
     Ok(async {
-        replied.await.unwrap_or_else(|_| {
-            Err(redis::RedisError::from((
-                redis::ErrorKind::Client,
-                "batch task stopped",
-            )))
-        })
+        replied
+            .await
+            .unwrap_or_else(|_| Err((redis::ErrorKind::Client, "batch task stopped").into()))
     })
+}
+
+/// The error a job of a batch is answered with: `what` failed, `why`.
+pub(super) fn failed(what: &'static str, why: &str) -> redis::RedisError {
+    redis::RedisError::from((redis::ErrorKind::Client, what, why.to_owned()))
 }
 
 /// `batch` split into groups of jobs for which `together` holds with the

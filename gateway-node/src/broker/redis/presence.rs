@@ -2,7 +2,7 @@
 //! then the join script fixes where the session starts in the channel's
 //! log. Presence entries, refreshed by the owner, and bans.
 
-use super::batch::{groups, submit, Batcher};
+use super::batch::{failed, groups, submit, Batcher};
 use super::conn::Conn;
 use super::{channel_topic, ck, sk, RedisBroker, CHANNELS, CONTROL_TOPIC};
 use crate::broker::memory::unix_ms;
@@ -407,14 +407,11 @@ pub(super) async fn leave_task(
                     inv.arg(job.session_id);
                 }
                 let result: RedisResult<i64> = inv.invoke_async(&mut conn).await;
+                let why = result.err().map(|e| e.to_string());
                 for job in group {
-                    let _ = job.reply.send(match &result {
-                        Ok(_) => Ok(()),
-                        Err(e) => Err(redis::RedisError::from((
-                            redis::ErrorKind::Client,
-                            "leave failed",
-                            e.to_string(),
-                        ))),
+                    let _ = job.reply.send(match &why {
+                        None => Ok(()),
+                        Some(why) => Err(failed("leave failed", why)),
                     });
                 }
             }

@@ -4,7 +4,7 @@
 //! per-node `publish_task`, in batches, with `lua/message.lua`);
 //! `read_log` reads a log back for gap fills, joins and resumes.
 
-use super::batch::{groups, submit, Batcher};
+use super::batch::{failed, groups, submit, Batcher};
 use super::conn::Conn;
 use super::{
     channel_topic, ck, RedisBroker, CHANNELS, GLOBAL_LOG, GLOBAL_TOPIC, LOG_RETAIN,
@@ -330,11 +330,7 @@ pub(super) async fn publish_task(
 /// Fails every message of a batch with `why`.
 fn reply_all(group: Vec<PublishJob>, why: &str) {
     for job in group {
-        let _ = job.reply.send(Err(redis::RedisError::from((
-            redis::ErrorKind::Client,
-            "publish failed",
-            why.to_owned(),
-        ))));
+        let _ = job.reply.send(Err(failed("publish failed", why)));
     }
 }
 
