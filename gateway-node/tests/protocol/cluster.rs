@@ -50,6 +50,14 @@ impl Store {
         }
     }
 
+    /// The port of the server that holds `key`.
+    pub fn server_for(&self, key: &str) -> u16 {
+        match self {
+            Self::One(r) => r.port,
+            Self::Cluster(c) => c.master_for_key(key),
+        }
+    }
+
     /// Every server's port (masters and replicas).
     pub fn ports(&self) -> Vec<u16> {
         match self {
@@ -830,6 +838,66 @@ async fn sessions_that_end_together_all_leave(store: &Store) {
     assert_eq!(moved["member_count"], 3, "{moved}");
 }
 
+/// Sessions that end just before their node stops still leave, and their
+/// keys go: the node does not wait for a leave when a session ends, but it
+/// waits for those it queued before it stops.
+async fn sessions_that_end_as_their_node_stops_still_leave(store: &Store) {
+    let (a, b) = two_nodes(store).await;
+    // On a cluster, a channel on another master than the node registry,
+    // whose removal is the last thing a stopping node sends: the leaves'
+    // replies do not come before it on the same socket.
+    let registry = store.server_for("gw:{g}:nodes");
+    let room = std::iter::repeat_with(|| fresh_channel("lastcall"))
+        .find(|r| !store.is_cluster() || store.server_for(&format!("gw:{{c:{r}}}")) != registry)
+        .unwrap();
+    let mut watcher = Peer::join(&b, "watcher").await;
+    watcher.create_and_move(&room).await;
+    let mut leavers = Vec::new();
+    for i in 0..20 {
+        let mut p = Peer::join(&a, &format!("last{i}")).await;
+        p.move_to(&room).await;
+        leavers.push(p);
+    }
+    let ids: Vec<u64> = leavers.iter().map(Peer::session_id).collect();
+    // The channel's server takes no writes for a while: the leaves are
+    // still at Redis when the node is told to stop.
+    let meta = format!("gw:{{c:{room}}}:meta");
+    assert_eq!(store.cli(&meta, &["CLIENT", "PAUSE", "700", "WRITE"]), "OK");
+    // Each close is echoed before the node stops: the node has taken it
+    // as the end of the session (a drain's 1012 would park it instead).
+    let closing = leavers.into_iter().map(|mut p| async move {
+        p.client.close(1000).await.unwrap();
+        assert_eq!(p.client.closed().await.unwrap(), Some(1000));
+    });
+    futures_util::future::join_all(closing).await;
+    a.shutdown().await;
+    let members = format!("gw:{{c:{room}}}:members");
+    assert_eq!(
+        store.cli(&members, &["HLEN", &members]),
+        "1",
+        "only the watcher is left once the node has stopped"
+    );
+    for id in &ids {
+        let key = format!("gw:{{s:{id}}}");
+        let buf = format!("{key}:buf");
+        assert_eq!(
+            store.cli(&key, &["EXISTS", &key, &buf]),
+            "0",
+            "session {id}'s keys are gone"
+        );
+    }
+    let mut gone = std::collections::HashSet::new();
+    while gone.len() < ids.len() {
+        let left = watcher.dispatch(Event::RoomUserRemove).await.cnf;
+        let id = left["session_id"].as_u64().unwrap();
+        assert!(ids.contains(&id), "only the leavers leave: {left}");
+        assert!(gone.insert(id), "{id} left twice");
+    }
+    let mut newcomer = Peer::join(&b, "newcomer").await;
+    let moved = newcomer.move_to(&room).await;
+    assert_eq!(moved["member_count"], 2, "{moved}");
+}
+
 /// Each test above that takes a `Store`, on one Redis and on a cluster.
 macro_rules! on_each_store {
     ($($test:ident),* $(,)?) => {
@@ -864,4 +932,5 @@ on_each_store!(
     batched_publishing_keeps_every_senders_order,
     self_clocked_publishing_keeps_every_senders_order,
     sessions_that_end_together_all_leave,
+    sessions_that_end_as_their_node_stops_still_leave,
 );

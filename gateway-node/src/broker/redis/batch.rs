@@ -7,8 +7,9 @@ use crate::wire::Reject;
 use gateway_shared::protocol::ErrorCode;
 use redis::RedisResult;
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::task::JoinHandle;
 
 /// How long a batch waits for the one before it to be answered: past it,
@@ -102,6 +103,40 @@ pub(super) async fn submit<J, T>(
 /// The error a job of a batch is answered with: `what` failed, `why`.
 pub(super) fn failed(what: &'static str, why: &str) -> redis::RedisError {
     redis::RedisError::from((redis::ErrorKind::Client, what, why.to_owned()))
+}
+
+/// Jobs queued that no caller waits for (the leaves of ended sessions):
+/// a node that stops waits for them first, so that what it queued lands.
+#[derive(Default)]
+pub(super) struct Pending {
+    count: AtomicUsize,
+    none: Notify,
+}
+
+impl Pending {
+    pub(super) fn add(&self) {
+        self.count.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// `n` of them were answered (done or failed), or will never be.
+    pub(super) fn done(&self, n: usize) {
+        if n > 0 && self.count.fetch_sub(n, Ordering::SeqCst) == n {
+            self.none.notify_waiters();
+        }
+    }
+
+    /// Returns once none is pending.
+    pub(super) async fn none(&self) {
+        loop {
+            let notified = self.none.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.count.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
 }
 
 /// `batch` split into groups of jobs for which `together` holds with the

@@ -2,9 +2,9 @@
 //! then the join script fixes where the session starts in the channel's
 //! log. Presence entries, refreshed by the owner, and bans.
 
-use super::batch::{failed, groups, submit, Batcher};
-use super::conn::Conn;
-use super::{channel_topic, ck, sk, RedisBroker, CHANNELS, CONTROL_TOPIC};
+use super::batch::{failed, groups, submit, Batcher, Pending};
+use super::conn::{Batch, Conn};
+use super::{channel_topic, ck, sk, RedisBroker, CHANNELS, CONTROL_TOPIC, OP_TIMEOUT};
 use crate::broker::memory::unix_ms;
 use crate::broker::{move_body, Ban, ChannelInfo, Member, PresencePage};
 use crate::hub::LocalChannel;
@@ -15,6 +15,7 @@ use redis::{AsyncCommands, RedisResult, Script};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
+use tracing::warn;
 
 /// An integer in a script's reply (0 when absent).
 fn script_int(v: Option<&redis::Value>) -> u64 {
@@ -171,7 +172,7 @@ impl RedisBroker {
         let replied = submit(&self.leaver, |reply| LeaveJob {
             channel: Arc::from(name),
             session_id,
-            reply,
+            reply: Some(reply),
         })
         .await?;
         self.op("leave", replied).await
@@ -289,18 +290,33 @@ impl RedisBroker {
         self.join(session, &session.channel(), None).await
     }
 
+    /// Ends a session in Redis: its leave and the removal of its keys are
+    /// queued for the leave batches, and not waited for. The session is
+    /// already gone from this node, so nothing can resume it meanwhile (a
+    /// claim finds no owner holding it, and it was never parked); a
+    /// thousand sessions that end at once wait for room in the queue, not
+    /// for Redis. A leave that fails is logged once per batch, and done
+    /// by the presence sweep once the entry this node no longer refreshes
+    /// expires; the keys expire with the resume window.
     pub async fn end_session(&self, session: &Arc<Session>) -> Result<(), Reject> {
         self.hub.global.detach(session.id);
         let channel = session.channel();
         if let Some(local) = self.hub.get(&channel) {
             local.detach(session.id);
         }
-        self.leave_script(session.id, &channel).await?;
-        let mut c = self.conn();
-        let key = sk(session.id);
-        let _: () = self
-            .op("session", c.del(&[key.clone(), format!("{key}:buf")]))
-            .await?;
+        self.ending.add();
+        let queued = self
+            .leaver
+            .send(LeaveJob {
+                channel,
+                session_id: session.id,
+                reply: None,
+            })
+            .await;
+        if queued.is_err() {
+            self.ending.done(1);
+            return Err(Reject::new(ErrorCode::Unavailable, "node is shutting down"));
+        }
         Ok(())
     }
 
@@ -373,46 +389,101 @@ impl RedisBroker {
 pub(super) struct LeaveJob {
     channel: Arc<str>,
     session_id: u64,
-    reply: oneshot::Sender<RedisResult<()>>,
+    /// The caller waiting for the leave; `None` for a session that ended,
+    /// whose keys go too (`RedisBroker::end_session`).
+    reply: Option<oneshot::Sender<RedisResult<()>>>,
 }
 
-/// Sends the leaves of every session of this node to Redis in
-/// self-clocked batches (`batch.rs`), one `lua/leave.lua` call per
-/// channel: when thousands of sessions end at once (a node's clients all
-/// closing, a drain), their leaves cost Redis a fraction of one call each.
+pub(super) struct LeaveSettings {
+    pub threshold: usize,
+    pub log_retain: usize,
+    pub cluster: bool,
+}
+
+/// Sends the leaves in self-clocked batches: one script call per channel,
+/// and for the sessions that ended, one DEL of their keys each, pipelined.
 pub(super) async fn leave_task(
     jobs: mpsc::Receiver<LeaveJob>,
     conn: Conn,
     script: Arc<Script>,
-    threshold: usize,
-    log_retain: usize,
+    settings: LeaveSettings,
+    ending: Arc<Pending>,
 ) {
+    let settings = Arc::new(settings);
     let mut batcher = Batcher::new(jobs, Duration::ZERO);
     while let Some(batch) = batcher.next().await {
         let groups = groups(batch, |a, b| a.channel == b.channel);
-        let (conn, script) = (conn.clone(), Arc::clone(&script));
+        let (conn, script, settings, ending) = (
+            conn.clone(),
+            Arc::clone(&script),
+            Arc::clone(&settings),
+            Arc::clone(&ending),
+        );
         batcher.send_each(groups, move |group| {
-            let (mut conn, script) = (conn.clone(), Arc::clone(&script));
+            let (mut conn, script, settings, ending) = (
+                conn.clone(),
+                Arc::clone(&script),
+                Arc::clone(&settings),
+                Arc::clone(&ending),
+            );
             async move {
-                let name = &group[0].channel;
+                let name = Arc::clone(&group[0].channel);
                 let mut inv = script.prepare_invoke();
                 for suffix in CHANNEL_KEYS {
-                    inv.key(ck(name, suffix));
+                    inv.key(ck(&name, suffix));
                 }
-                inv.arg(threshold)
-                    .arg(channel_topic(name))
-                    .arg(serde_json::to_string(&**name).expect("string serializes"))
-                    .arg(log_retain);
+                inv.arg(settings.threshold)
+                    .arg(channel_topic(&name))
+                    .arg(serde_json::to_string(&*name).expect("string serializes"))
+                    .arg(settings.log_retain);
+                let mut keys = Batch::new(settings.cluster);
                 for job in &group {
                     inv.arg(job.session_id);
+                    if job.reply.is_none() {
+                        let key = sk(job.session_id);
+                        let mut del = redis::cmd("DEL");
+                        del.arg(&key).arg(format!("{key}:buf"));
+                        keys.add(&key, del);
+                    }
                 }
-                let result: RedisResult<i64> = inv.invoke_async(&mut conn).await;
-                let why = result.err().map(|e| e.to_string());
+                let ended = group.iter().filter(|j| j.reply.is_none()).count();
+                let keys_conn = conn.clone();
+                let left = async {
+                    match tokio::time::timeout(OP_TIMEOUT, inv.invoke_async::<i64>(&mut conn)).await
+                    {
+                        Ok(result) => result.map(drop),
+                        Err(_) => Err(failed("leave failed", "timed out")),
+                    }
+                };
+                let deleted = async move {
+                    if ended == 0 {
+                        return Ok(());
+                    }
+                    match tokio::time::timeout(OP_TIMEOUT, keys.run(&keys_conn)).await {
+                        Ok(result) => result,
+                        Err(_) => Err(failed("session keys", "timed out")),
+                    }
+                };
+                let (left, deleted) = futures_util::future::join(left, deleted).await;
+                let why = left.as_ref().err().map(|e| e.to_string());
                 for job in group {
-                    let _ = job.reply.send(match &why {
-                        None => Ok(()),
-                        Some(why) => Err(failed("leave failed", why)),
-                    });
+                    if let Some(reply) = job.reply {
+                        let _ = reply.send(match &why {
+                            None => Ok(()),
+                            Some(why) => Err(failed("leave failed", why)),
+                        });
+                    }
+                }
+                if ended > 0 {
+                    if let Some(e) = why.or_else(|| deleted.err().map(|e| e.to_string())) {
+                        warn!(
+                            channel = %name,
+                            sessions = ended,
+                            error = %e,
+                            "ended sessions' leave failed; the presence sweep removes them once their presence expires"
+                        );
+                    }
+                    ending.done(ended);
                 }
             }
         });
