@@ -480,7 +480,7 @@ pub(super) async fn leave_task(
                             channel = %name,
                             sessions = ended,
                             error = %e,
-                            "ended sessions' leave failed; the presence sweep removes them once their presence expires"
+                            "ended sessions' leave not confirmed (a call past its deadline may still land); the presence sweep removes what it missed"
                         );
                     }
                     ending.done(ended);
