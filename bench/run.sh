@@ -14,7 +14,9 @@
 # WORKER_THREADS=N gives each Rust node N runtime threads; REDIS_MODE=cluster
 # puts the Rust nodes on a Redis Cluster of 3 masters and 3 replicas instead
 # of one Redis (the report then has Redis CPU per server); REDIS_MODE=none
-# runs them without Redis, on the in-memory backend (with NODES=1).
+# runs them without Redis, on the in-memory backend (with NODES=1);
+# REDIS_TRANSPORT=unix connects the Rust nodes to the one Redis over its
+# Unix socket instead of TCP loopback.
 # Profiling while loadtest runs (both cost CPU: do not take such a run's CPU
 # figures): PERF_DATA=FILE records the first node with `perf record -g`;
 # SYSCALLS=1 counts the nodes' system calls and context switches with
@@ -37,7 +39,11 @@ elif [ "${REDIS_MODE:-single}" = cluster ]; then
 else
   start_redis
   REDIS_PORTS="$REDIS_PORT"
-  REDIS_ENV=(GATEWAY_REDIS_URL="redis://127.0.0.1:$REDIS_PORT/")
+  if [ "${REDIS_TRANSPORT:-tcp}" = unix ]; then
+    REDIS_ENV=(GATEWAY_REDIS_URL="unix://$REDIS_SOCKET")
+  else
+    REDIS_ENV=(GATEWAY_REDIS_URL="redis://127.0.0.1:$REDIS_PORT/")
+  fi
 fi
 
 NODE_PIDS=()
@@ -60,7 +66,10 @@ for i in $(seq 1 "$NODES"); do
   fi
   PIDS+=($!)
   NODE_PIDS+=($!)
-  until curl -fsS "http://127.0.0.1:$port/metrics" >/dev/null 2>&1; do sleep 0.05; done
+  until curl -fsS "http://127.0.0.1:$port/metrics" >/dev/null 2>&1; do
+    kill -0 "$!" 2>/dev/null || { echo "node $i exited:" >&2; cat "$TMP/node$i.log" >&2; exit 2; }
+    sleep 0.05
+  done
   URLS="${URLS:+$URLS,}ws://127.0.0.1:$port/gateway"
 done
 

@@ -17,11 +17,14 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# Starts a redis-server without persistence on a free port; sets REDIS_PORT.
+# Starts a redis-server without persistence on a free port and on a Unix
+# socket in $TMP; sets REDIS_PORT and REDIS_SOCKET.
 start_redis() {
   command -v redis-server >/dev/null || { echo "redis-server is missing" >&2; exit 2; }
   REDIS_PORT="$(free_port)"
+  REDIS_SOCKET="$TMP/redis.sock"
   redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no --dir "$TMP" \
+    --unixsocket "$REDIS_SOCKET" --unixsocketperm 700 \
     >"$TMP/redis.log" 2>&1 &
   PIDS+=($!)
   for _ in $(seq 1 100); do

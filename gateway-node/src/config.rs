@@ -71,7 +71,8 @@ pub struct Config {
     #[arg(long, env = "GATEWAY_LISTEN", default_value = "0.0.0.0:8080")]
     pub listen: SocketAddr,
     /// Redis URL for a cluster of nodes (with --redis-cluster: one or more
-    /// seed URLs, comma-separated); absent, the node runs alone in memory.
+    /// seed URLs, comma-separated; `unix:///path/redis.sock` for a Redis
+    /// on the same host); absent, the node runs alone in memory.
     #[arg(long, env = "GATEWAY_REDIS_URL")]
     pub redis_url: Option<String>,
     /// The Redis is a Redis Cluster (7.0+): sharded pub/sub, commands
@@ -375,12 +376,19 @@ impl Config {
         }
         if let Some(urls) = &self.redis_url {
             let urls: Vec<&str> = urls.split(',').map(str::trim).collect();
-            if urls
+            let unix = |u: &&str| u.starts_with("unix://") || u.starts_with("redis+unix://");
+            if urls.iter().any(unix) {
+                if urls.len() > 1 || self.redis_cluster {
+                    return Err(invalid(
+                        "a unix:// --redis-url is one Redis on this host, not a cluster",
+                    ));
+                }
+            } else if urls
                 .iter()
                 .any(|u| !(u.starts_with("redis://") || u.starts_with("rediss://")))
             {
                 return Err(invalid(
-                    "--redis-url must be redis:// or rediss:// URLs, comma-separated",
+                    "--redis-url must be redis:// or rediss:// URLs, comma-separated, or one unix:// socket path",
                 ));
             }
             if urls.len() > 1 && !self.redis_cluster {
@@ -516,6 +524,13 @@ mod tests {
         let c = parse(&["--redis-url", "redis://a:1,redis://b:2", "--redis-cluster"]).unwrap();
         assert!(c.validate().is_ok());
         let c = parse(&["--redis-url", "redis://a:1,http://b:2", "--redis-cluster"]).unwrap();
+        assert!(c.validate().is_err());
+        let c = parse(&["--redis-url", "unix:///run/redis.sock"]).unwrap();
+        assert!(c.validate().is_ok());
+        let c = parse(&["--redis-url", "unix:///run/redis.sock", "--redis-cluster"]).unwrap();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("not a cluster"), "{err}");
+        let c = parse(&["--redis-url", "unix:///a.sock,redis://b:2"]).unwrap();
         assert!(c.validate().is_err());
         let c = parse(&["--tcp-send-buffer", "100"]).unwrap();
         let err = c.validate().unwrap_err().to_string();

@@ -738,6 +738,26 @@ async fn a_redis_over_tls_with_a_private_ca() {
     message_crosses(&a, &b, "tls").await;
 }
 
+/// A Redis on the same host, over its Unix socket: commands and pub/sub
+/// both go through the socket, not TCP.
+#[tokio::test]
+async fn a_redis_on_this_host_over_its_unix_socket() {
+    let redis = RedisServer::start();
+    let url = redis.unix_url();
+    let node = || {
+        let url = url.clone();
+        TestNode::with(move |c| c.redis_url = Some(url))
+    };
+    let (a, b) = (node().await, node().await);
+    message_crosses(&a, &b, "unix").await;
+    let socket = url.trim_start_matches("unix://");
+    let over_socket = redis_cli(redis.port, &["CLIENT", "LIST"])
+        .lines()
+        .filter(|l| l.contains(socket))
+        .count();
+    assert_eq!(over_socket, 2, "one connection per node, over the socket");
+}
+
 async fn batched_publishing_keeps_every_senders_order(store: &Store) {
     // Messages gathered for 3 ms before they go to Redis together.
     senders_race_and_keep_their_order(store, 3_000).await;

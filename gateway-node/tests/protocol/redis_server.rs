@@ -248,12 +248,27 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}/", self.port)
     }
 
+    /// `unix://` URL of the server's Unix socket (every server has one).
+    pub fn unix_url(&self) -> String {
+        format!("unix://{}", self.socket().display())
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.join("redis.sock")
+    }
+
     /// Starts the process and waits for its "Ready to accept connections".
     fn spawn(&mut self) {
         // Data survives a restart, as with any production Redis.
         let mut args: Vec<String> = ["--appendonly", "yes", "--appendfsync", "always"]
             .map(String::from)
             .to_vec();
+        args.extend([
+            "--unixsocket".to_owned(),
+            self.socket().display().to_string(),
+            "--unixsocketperm".to_owned(),
+            "700".to_owned(),
+        ]);
         if let Some(tls_port) = self.tls_port {
             args.extend(tls_args(&self.dir, tls_port));
         }
