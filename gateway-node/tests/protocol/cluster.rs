@@ -918,6 +918,74 @@ async fn sessions_that_end_as_their_node_stops_still_leave(store: &Store) {
     assert_eq!(moved["member_count"], 2, "{moved}");
 }
 
+/// An ended session's leave that fails is made again: here the call is
+/// at Redis, held by a pause, when its connection is killed, so Redis
+/// never runs it; the node reconnects and sends it again. (On a cluster the
+/// client library also retries a call whose connection broke.)
+async fn an_ended_sessions_leave_that_fails_is_made_again(store: &Store) {
+    let (a, b) = two_nodes(store).await;
+    let room = fresh_channel("retry");
+    let mut watcher = Peer::join(&b, "watcher").await;
+    watcher.create_and_move(&room).await;
+    let mut leavers = Vec::new();
+    for i in 0..5 {
+        let mut p = Peer::join(&a, &format!("retry{i}")).await;
+        p.move_to(&room).await;
+        leavers.push(p);
+    }
+    let ids: Vec<u64> = leavers.iter().map(Peer::session_id).collect();
+    let meta = format!("gw:{{c:{room}}}:meta");
+    assert_eq!(
+        store.cli(&meta, &["CLIENT", "PAUSE", "1500", "WRITE"]),
+        "OK"
+    );
+    for mut p in leavers {
+        p.client.close(1000).await.unwrap();
+        assert_eq!(p.client.closed().await.unwrap(), Some(1000));
+    }
+    // The leave call, held by the pause: a client blocked in EVALSHA.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let held = loop {
+        let clients = store.cli(&meta, &["CLIENT", "LIST"]);
+        let held = clients
+            .lines()
+            .find(|l| {
+                let flags = l.split(" flags=").nth(1).and_then(|f| f.split(' ').next());
+                flags.is_some_and(|f| f.contains('b')) && l.contains(" cmd=evalsha ")
+            })
+            .and_then(|l| l.strip_prefix("id="))
+            .and_then(|l| l.split(' ').next())
+            .map(str::to_owned);
+        if let Some(id) = held {
+            break id;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no leave call held by the pause: {clients}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert_eq!(store.cli(&meta, &["CLIENT", "KILL", "ID", &held]), "1");
+    let mut gone = std::collections::HashSet::new();
+    while gone.len() < ids.len() {
+        let left = watcher.dispatch(Event::RoomUserRemove).await.cnf;
+        let id = left["session_id"].as_u64().unwrap();
+        assert!(ids.contains(&id), "only the leavers leave: {left}");
+        assert!(gone.insert(id), "{id} left twice");
+    }
+    a.shutdown().await;
+    let members = format!("gw:{{c:{room}}}:members");
+    assert_eq!(store.cli(&members, &["HLEN", &members]), "1");
+    for id in &ids {
+        let key = format!("gw:{{s:{id}}}");
+        assert_eq!(
+            store.cli(&key, &["EXISTS", &key]),
+            "0",
+            "{id}'s key is gone"
+        );
+    }
+}
+
 /// Each test above that takes a `Store`, on one Redis and on a cluster.
 macro_rules! on_each_store {
     ($($test:ident),* $(,)?) => {
@@ -953,4 +1021,5 @@ on_each_store!(
     self_clocked_publishing_keeps_every_senders_order,
     sessions_that_end_together_all_leave,
     sessions_that_end_as_their_node_stops_still_leave,
+    an_ended_sessions_leave_that_fails_is_made_again,
 );

@@ -6,6 +6,7 @@
 use crate::wire::Reject;
 use gateway_shared::protocol::ErrorCode;
 use redis::RedisResult;
+use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -23,28 +24,40 @@ const MAX_BATCH: usize = 256;
 
 pub(super) struct Batcher<J> {
     jobs: mpsc::Receiver<J>,
-    in_flight: Option<JoinHandle<()>>,
+    /// Batches sent and not yet answered, oldest first.
+    in_flight: VecDeque<JoinHandle<()>>,
     /// How long a batch also waits after its first job (0: not at all).
     window: Duration,
+    /// Batches in flight at most: past it, the next waits for the oldest.
+    max_in_flight: usize,
 }
 
 impl<J> Batcher<J> {
-    pub(super) fn new(jobs: mpsc::Receiver<J>, window: Duration) -> Self {
+    pub(super) fn new(jobs: mpsc::Receiver<J>, window: Duration, max_in_flight: usize) -> Self {
         Self {
             jobs,
-            in_flight: None,
+            in_flight: VecDeque::new(),
             window,
+            max_in_flight: max_in_flight.max(1),
         }
     }
 
     /// The next batch: a first job, then (once the batch in flight was
-    /// answered, or after `OVERLAP`) every job waiting, and with a window
-    /// those that arrive within it. `None` once every sender is gone.
+    /// answered, or after `OVERLAP`; and once fewer than `max_in_flight`
+    /// are) every job waiting, and with a window those that arrive within
+    /// it. `None` once every sender is gone.
     pub(super) async fn next(&mut self) -> Option<Vec<J>> {
         let first = self.jobs.recv().await?;
-        if let Some(mut previous) = self.in_flight.take() {
-            let _ = tokio::time::timeout(OVERLAP, &mut previous).await;
+        self.in_flight.retain(|sent| !sent.is_finished());
+        if let Some(newest) = self.in_flight.back_mut() {
+            let _ = tokio::time::timeout(OVERLAP, newest).await;
         }
+        while self.in_flight.len() >= self.max_in_flight {
+            if let Some(oldest) = self.in_flight.pop_front() {
+                let _ = oldest.await;
+            }
+        }
+        self.in_flight.retain(|sent| !sent.is_finished());
         let mut batch = vec![first];
         let deadline = tokio::time::Instant::now() + self.window;
         while batch.len() < MAX_BATCH {
@@ -66,7 +79,7 @@ impl<J> Batcher<J> {
 
     /// Sends a batch in a task of its own; the next batch waits for it.
     pub(super) fn send(&mut self, sending: impl Future<Output = ()> + Send + 'static) {
-        self.in_flight = Some(tokio::spawn(sending));
+        self.in_flight.push_back(tokio::spawn(sending));
     }
 
     /// Sends a batch's groups, each with `call` (one script call, which
@@ -176,7 +189,7 @@ mod tests {
     #[tokio::test]
     async fn a_batch_takes_what_arrives_while_the_one_before_is_at_redis() {
         let (tx, rx) = mpsc::channel(16);
-        let mut batcher = Batcher::new(rx, Duration::ZERO);
+        let mut batcher = Batcher::new(rx, Duration::ZERO, usize::MAX);
         tx.send(1).await.unwrap();
         assert_eq!(batcher.next().await, Some(vec![1]));
         let (answer, answered) = tokio::sync::oneshot::channel::<()>();
@@ -199,7 +212,7 @@ mod tests {
     #[tokio::test]
     async fn a_batch_goes_even_if_the_one_before_is_never_answered() {
         let (tx, rx) = mpsc::channel(16);
-        let mut batcher = Batcher::new(rx, Duration::ZERO);
+        let mut batcher = Batcher::new(rx, Duration::ZERO, usize::MAX);
         tx.send(1).await.unwrap();
         assert_eq!(batcher.next().await, Some(vec![1]));
         batcher.send(std::future::pending());
@@ -209,5 +222,29 @@ mod tests {
             next.expect("not held behind a stalled batch"),
             Some(vec![2])
         );
+    }
+
+    #[tokio::test]
+    async fn no_more_batches_are_in_flight_than_the_limit() {
+        let (tx, rx) = mpsc::channel(16);
+        let mut batcher = Batcher::new(rx, Duration::ZERO, 2);
+        let (answer_first, first_answered) = tokio::sync::oneshot::channel::<()>();
+        tx.send(1).await.unwrap();
+        assert_eq!(batcher.next().await, Some(vec![1]));
+        batcher.send(async move {
+            let _ = first_answered.await;
+        });
+        tx.send(2).await.unwrap();
+        assert_eq!(batcher.next().await, Some(vec![2]));
+        batcher.send(std::future::pending());
+        // Two unanswered: the third batch waits for the oldest, however
+        // long; without the limit it would go after OVERLAP (2 ms).
+        tx.send(3).await.unwrap();
+        let mut third = Box::pin(batcher.next());
+        assert!(tokio::time::timeout(100 * OVERLAP, &mut third)
+            .await
+            .is_err());
+        answer_first.send(()).unwrap();
+        assert_eq!(third.await, Some(vec![3]));
     }
 }

@@ -331,6 +331,7 @@ impl RedisBroker {
         let ending = Arc::new(batch::Pending::default());
         let leave_task = tokio::spawn(presence::leave_task(
             leaves,
+            leaver.downgrade(),
             cmd.clone(),
             Arc::new(script(LEAVE_LUA, cluster)),
             presence::LeaveSettings {

@@ -173,6 +173,7 @@ impl RedisBroker {
             channel: Arc::from(name),
             session_id,
             reply: Some(reply),
+            attempts: 0,
         })
         .await?;
         self.op("leave", replied).await
@@ -305,14 +306,7 @@ impl RedisBroker {
             local.detach(session.id);
         }
         self.ending.add();
-        let queued = self
-            .leaver
-            .send(LeaveJob {
-                channel,
-                session_id: session.id,
-                reply: None,
-            })
-            .await;
+        let queued = self.leaver.send(LeaveJob::ended(channel, session.id)).await;
         if queued.is_err() {
             self.ending.done(1);
             return Err(Reject::new(ErrorCode::Unavailable, "node is shutting down"));
@@ -385,6 +379,20 @@ impl RedisBroker {
     }
 }
 
+/// Leave calls a node has at Redis at most: a mass close (100,000
+/// sessions) is seconds of Redis work, and sent at once, the calls at the
+/// back of the queue would only add to the wait of everything else the
+/// node asks. Four calls of up to 256 leaves are tens of milliseconds of
+/// Redis work; the rest waits in the node's queue, and the sessions that
+/// ended wait for room in it.
+const LEAVES_IN_FLIGHT: usize = 4;
+
+/// Calls an ended session's leave gets: a call that timed out may not have
+/// been sent at all (the client library drops a command whose caller gave
+/// up before it was written), and a leave is safe to repeat (a session
+/// no longer a member leaves nothing and logs nothing).
+const LEAVE_ATTEMPTS: u8 = 3;
+
 /// A session leaving a channel, and who waits for the script's reply.
 pub(super) struct LeaveJob {
     channel: Arc<str>,
@@ -392,6 +400,19 @@ pub(super) struct LeaveJob {
     /// The caller waiting for the leave; `None` for a session that ended,
     /// whose keys go too (`RedisBroker::end_session`).
     reply: Option<oneshot::Sender<RedisResult<()>>>,
+    /// Calls made for it before this one (ended sessions only).
+    attempts: u8,
+}
+
+impl LeaveJob {
+    pub(super) fn ended(channel: Arc<str>, session_id: u64) -> Self {
+        Self {
+            channel,
+            session_id,
+            reply: None,
+            attempts: 0,
+        }
+    }
 }
 
 pub(super) struct LeaveSettings {
@@ -400,90 +421,126 @@ pub(super) struct LeaveSettings {
     pub cluster: bool,
 }
 
+/// What each leave call needs, shared by the calls in flight.
+struct Leaves {
+    conn: Conn,
+    script: Arc<Script>,
+    settings: LeaveSettings,
+    ending: Arc<Pending>,
+    /// The queue itself, to try an ended session's leave again (weak: the
+    /// broker's handle is what keeps the queue open).
+    again: mpsc::WeakSender<LeaveJob>,
+}
+
 /// Sends the leaves in self-clocked batches: one script call per channel,
 /// and for the sessions that ended, one DEL of their keys each, pipelined.
 pub(super) async fn leave_task(
     jobs: mpsc::Receiver<LeaveJob>,
+    again: mpsc::WeakSender<LeaveJob>,
     conn: Conn,
     script: Arc<Script>,
     settings: LeaveSettings,
     ending: Arc<Pending>,
 ) {
-    let settings = Arc::new(settings);
-    let mut batcher = Batcher::new(jobs, Duration::ZERO);
+    let leaves = Arc::new(Leaves {
+        conn,
+        script,
+        settings,
+        ending,
+        again,
+    });
+    let mut batcher = Batcher::new(jobs, Duration::ZERO, LEAVES_IN_FLIGHT);
     while let Some(batch) = batcher.next().await {
         let groups = groups(batch, |a, b| a.channel == b.channel);
-        let (conn, script, settings, ending) = (
-            conn.clone(),
-            Arc::clone(&script),
-            Arc::clone(&settings),
-            Arc::clone(&ending),
-        );
-        batcher.send_each(groups, move |group| {
-            let (mut conn, script, settings, ending) = (
-                conn.clone(),
-                Arc::clone(&script),
-                Arc::clone(&settings),
-                Arc::clone(&ending),
+        let leaves = Arc::clone(&leaves);
+        batcher.send_each(groups, move |group| Arc::clone(&leaves).call(group));
+    }
+}
+
+impl Leaves {
+    /// One leave call for a channel's group of jobs, and the deletion of
+    /// the ended sessions' keys beside it.
+    async fn call(self: Arc<Self>, group: Vec<LeaveJob>) {
+        let name = Arc::clone(&group[0].channel);
+        let mut inv = self.script.prepare_invoke();
+        for suffix in CHANNEL_KEYS {
+            inv.key(ck(&name, suffix));
+        }
+        inv.arg(self.settings.threshold)
+            .arg(channel_topic(&name))
+            .arg(serde_json::to_string(&*name).expect("string serializes"))
+            .arg(self.settings.log_retain);
+        let mut keys = Batch::new(self.settings.cluster);
+        for job in &group {
+            inv.arg(job.session_id);
+            if job.reply.is_none() {
+                let key = sk(job.session_id);
+                let mut del = redis::cmd("DEL");
+                del.arg(&key).arg(format!("{key}:buf"));
+                keys.add(&key, del);
+            }
+        }
+        let ended = group.iter().filter(|j| j.reply.is_none()).count();
+        let mut conn = self.conn.clone();
+        let left = async {
+            match tokio::time::timeout(OP_TIMEOUT, inv.invoke_async::<i64>(&mut conn)).await {
+                Ok(result) => result.map(drop),
+                Err(_) => Err(failed("leave failed", "timed out")),
+            }
+        };
+        let deleted = async {
+            if ended == 0 {
+                return Ok(());
+            }
+            match tokio::time::timeout(OP_TIMEOUT, keys.run(&self.conn)).await {
+                Ok(result) => result,
+                Err(_) => Err(failed("session keys", "timed out")),
+            }
+        };
+        let (left, deleted) = futures_util::future::join(left, deleted).await;
+        let why = left.as_ref().err().map(|e| e.to_string());
+        let mut again = Vec::new();
+        for job in group {
+            match job.reply {
+                Some(reply) => {
+                    let _ = reply.send(match &why {
+                        None => Ok(()),
+                        Some(why) => Err(failed("leave failed", why)),
+                    });
+                }
+                None => again.push(job),
+            }
+        }
+        let Some(e) = why.or_else(|| deleted.err().map(|e| e.to_string())) else {
+            self.ending.done(again.len());
+            return;
+        };
+        again.retain(|job| job.attempts + 1 < LEAVE_ATTEMPTS);
+        let given_up = ended - again.len();
+        if given_up > 0 {
+            warn!(
+                channel = %name,
+                sessions = given_up,
+                error = %e,
+                "ended sessions' leave failed {LEAVE_ATTEMPTS} times; the presence sweep removes them once their presence expires"
             );
-            async move {
-                let name = Arc::clone(&group[0].channel);
-                let mut inv = script.prepare_invoke();
-                for suffix in CHANNEL_KEYS {
-                    inv.key(ck(&name, suffix));
-                }
-                inv.arg(settings.threshold)
-                    .arg(channel_topic(&name))
-                    .arg(serde_json::to_string(&*name).expect("string serializes"))
-                    .arg(settings.log_retain);
-                let mut keys = Batch::new(settings.cluster);
-                for job in &group {
-                    inv.arg(job.session_id);
-                    if job.reply.is_none() {
-                        let key = sk(job.session_id);
-                        let mut del = redis::cmd("DEL");
-                        del.arg(&key).arg(format!("{key}:buf"));
-                        keys.add(&key, del);
-                    }
-                }
-                let ended = group.iter().filter(|j| j.reply.is_none()).count();
-                let keys_conn = conn.clone();
-                let left = async {
-                    match tokio::time::timeout(OP_TIMEOUT, inv.invoke_async::<i64>(&mut conn)).await
-                    {
-                        Ok(result) => result.map(drop),
-                        Err(_) => Err(failed("leave failed", "timed out")),
-                    }
-                };
-                let deleted = async move {
-                    if ended == 0 {
-                        return Ok(());
-                    }
-                    match tokio::time::timeout(OP_TIMEOUT, keys.run(&keys_conn)).await {
-                        Ok(result) => result,
-                        Err(_) => Err(failed("session keys", "timed out")),
-                    }
-                };
-                let (left, deleted) = futures_util::future::join(left, deleted).await;
-                let why = left.as_ref().err().map(|e| e.to_string());
-                for job in group {
-                    if let Some(reply) = job.reply {
-                        let _ = reply.send(match &why {
-                            None => Ok(()),
-                            Some(why) => Err(failed("leave failed", why)),
-                        });
-                    }
-                }
-                if ended > 0 {
-                    if let Some(e) = why.or_else(|| deleted.err().map(|e| e.to_string())) {
-                        warn!(
-                            channel = %name,
-                            sessions = ended,
-                            error = %e,
-                            "ended sessions' leave not confirmed (a call past its deadline may still land); the presence sweep removes what it missed"
-                        );
-                    }
-                    ending.done(ended);
+            self.ending.done(given_up);
+        }
+        if again.is_empty() {
+            return;
+        }
+        // Queued again from a task of its own: a call in flight waiting for
+        // room in the queue could wait for the batches behind it.
+        let Some(queue) = self.again.upgrade() else {
+            self.ending.done(again.len());
+            return;
+        };
+        let ending = Arc::clone(&self.ending);
+        tokio::spawn(async move {
+            for mut job in again {
+                job.attempts += 1;
+                if queue.send(job).await.is_err() {
+                    ending.done(1);
                 }
             }
         });

@@ -279,7 +279,9 @@ pub(super) async fn publish_task(
     cluster: bool,
     metrics: Arc<Metrics>,
 ) {
-    let mut batcher = Batcher::new(jobs, window);
+    // No limit on batches in flight: a message's sender gives up at the
+    // operation deadline, and one that reaches Redis after it is dropped.
+    let mut batcher = Batcher::new(jobs, window, usize::MAX);
     while let Some(batch) = batcher.next().await {
         // One script call per group: the whole batch on one Redis; on a
         // cluster, the messages of each channel (a call stays in one slot).
