@@ -52,12 +52,14 @@ impl<J> Batcher<J> {
         if let Some(newest) = self.in_flight.back_mut() {
             let _ = tokio::time::timeout(OVERLAP, newest).await;
         }
+        // Before the wait for the oldest: a handle awaited to its end
+        // above must not be awaited again.
+        self.in_flight.retain(|sent| !sent.is_finished());
         while self.in_flight.len() >= self.max_in_flight {
             if let Some(oldest) = self.in_flight.pop_front() {
                 let _ = oldest.await;
             }
         }
-        self.in_flight.retain(|sent| !sent.is_finished());
         let mut batch = vec![first];
         let deadline = tokio::time::Instant::now() + self.window;
         while batch.len() < MAX_BATCH {
@@ -246,5 +248,16 @@ mod tests {
             .is_err());
         answer_first.send(()).unwrap();
         assert_eq!(third.await, Some(vec![3]));
+    }
+
+    #[tokio::test]
+    async fn with_one_in_flight_each_batch_waits_for_the_last() {
+        let (tx, rx) = mpsc::channel(16);
+        let mut batcher = Batcher::new(rx, Duration::ZERO, 1);
+        for i in 1..=3 {
+            tx.send(i).await.unwrap();
+            assert_eq!(batcher.next().await, Some(vec![i]));
+            batcher.send(async {});
+        }
     }
 }

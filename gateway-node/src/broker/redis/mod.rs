@@ -480,8 +480,8 @@ impl RedisBroker {
     /// Leaves the node registry and stops the background tasks (the node
     /// is gone).
     pub async fn stop(&self) {
-        // The leaves of sessions that ended land first (each batch is over
-        // within OP_TIMEOUT, and they go 2 ms apart however slow Redis is).
+        // The leaves of sessions that ended land first (each call is over
+        // within OP_TIMEOUT; a slow or lost Redis makes this wait run out).
         if tokio::time::timeout(2 * OP_TIMEOUT, self.ending.none())
             .await
             .is_err()

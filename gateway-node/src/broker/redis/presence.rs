@@ -296,9 +296,10 @@ impl RedisBroker {
     /// already gone from this node, so nothing can resume it meanwhile (a
     /// claim finds no owner holding it, and it was never parked); a
     /// thousand sessions that end at once wait for room in the queue, not
-    /// for Redis. A leave that fails is logged once per batch, and done
-    /// by the presence sweep once the entry this node no longer refreshes
-    /// expires; the keys expire with the resume window.
+    /// for Redis. A leave that fails is made again (`LEAVE_ATTEMPTS`);
+    /// after that it is logged once per call, and done by the presence
+    /// sweep once the entry this node no longer refreshes expires; the
+    /// keys expire with the resume window.
     pub async fn end_session(&self, session: &Arc<Session>) -> Result<(), Reject> {
         self.hub.global.detach(session.id);
         let channel = session.channel();
