@@ -821,17 +821,44 @@ async fn senders_race_and_keep_their_order(store: &Store, window_us: u64) {
 /// Sessions that end at the same moment leave together (several to a
 /// script call): each one's ROOM_USER_REMOVE once, and a user with a
 /// session still there stays a member.
+/// A watcher on `b` who creates `room`, and `n` members of it on `a`.
+async fn watched_room(a: &TestNode, b: &TestNode, room: &str, n: usize) -> (Peer, Vec<Peer>) {
+    let mut watcher = Peer::join(b, "watcher").await;
+    watcher.create_and_move(room).await;
+    let mut members = Vec::new();
+    for i in 0..n {
+        let mut p = Peer::join(a, &format!("member{i}")).await;
+        p.move_to(room).await;
+        members.push(p);
+    }
+    (watcher, members)
+}
+
+/// Each of `ids` leaves (ROOM_USER_REMOVE), once, and no one else.
+async fn each_leaves_once(watcher: &mut Peer, ids: &[u64]) {
+    let mut gone = std::collections::HashSet::new();
+    while gone.len() < ids.len() {
+        let left = watcher.dispatch(Event::RoomUserRemove).await.cnf;
+        let id = left["session_id"].as_u64().unwrap();
+        assert!(ids.contains(&id), "only the leavers leave: {left}");
+        assert!(gone.insert(id), "{id} left twice");
+    }
+}
+
+/// Closes each with 1000 and waits for the echo: the node has taken it
+/// as the end of the session (a drain's 1012 would park it instead).
+async fn end_all(peers: Vec<Peer>) {
+    let closing = peers.into_iter().map(|mut p| async move {
+        p.client.close(1000).await.unwrap();
+        assert_eq!(p.client.closed().await.unwrap(), Some(1000));
+    });
+    futures_util::future::join_all(closing).await;
+}
+
 async fn sessions_that_end_together_all_leave(store: &Store) {
     let (a, b) = two_nodes(store).await;
     let room = fresh_channel("exodus");
-    let mut watcher = Peer::join(&b, "watcher").await;
-    watcher.create_and_move(&room).await;
-    let mut leavers = Vec::new();
-    for i in 0..30 {
-        let mut p = Peer::join(&a, &format!("leaver{i}")).await;
-        p.move_to(&room).await;
-        leavers.push(p);
-    }
+    let (mut watcher, leavers) = watched_room(&a, &b, &room, 30).await;
     // A second session of the first leaver's user, which stays.
     let mut twin = Peer::present(
         &a.url(),
@@ -840,18 +867,9 @@ async fn sessions_that_end_together_all_leave(store: &Store) {
     )
     .await;
     twin.move_to(&room).await;
-    let ids: std::collections::HashSet<u64> = leavers.iter().map(Peer::session_id).collect();
-    let closing = leavers.into_iter().map(|mut p| async move {
-        p.client.close(1000).await.unwrap();
-    });
-    futures_util::future::join_all(closing).await;
-    let mut gone = std::collections::HashSet::new();
-    while gone.len() < ids.len() {
-        let left = watcher.dispatch(Event::RoomUserRemove).await.cnf;
-        let id = left["session_id"].as_u64().unwrap();
-        assert!(ids.contains(&id), "only the leavers leave: {left}");
-        assert!(gone.insert(id), "{id} left twice");
-    }
+    let ids: Vec<u64> = leavers.iter().map(Peer::session_id).collect();
+    end_all(leavers).await;
+    each_leaves_once(&mut watcher, &ids).await;
     // Members now: the watcher, the twin's user, and a newcomer.
     let mut newcomer = Peer::join(&b, "newcomer").await;
     let moved = newcomer.move_to(&room).await;
@@ -870,26 +888,13 @@ async fn sessions_that_end_as_their_node_stops_still_leave(store: &Store) {
     let room = std::iter::repeat_with(|| fresh_channel("lastcall"))
         .find(|r| !store.is_cluster() || store.server_for(&format!("gw:{{c:{r}}}")) != registry)
         .unwrap();
-    let mut watcher = Peer::join(&b, "watcher").await;
-    watcher.create_and_move(&room).await;
-    let mut leavers = Vec::new();
-    for i in 0..20 {
-        let mut p = Peer::join(&a, &format!("last{i}")).await;
-        p.move_to(&room).await;
-        leavers.push(p);
-    }
+    let (mut watcher, leavers) = watched_room(&a, &b, &room, 20).await;
     let ids: Vec<u64> = leavers.iter().map(Peer::session_id).collect();
     // The channel's server takes no writes for a while: the leaves are
     // still at Redis when the node is told to stop.
     let meta = format!("gw:{{c:{room}}}:meta");
     assert_eq!(store.cli(&meta, &["CLIENT", "PAUSE", "700", "WRITE"]), "OK");
-    // Each close is echoed before the node stops: the node has taken it
-    // as the end of the session (a drain's 1012 would park it instead).
-    let closing = leavers.into_iter().map(|mut p| async move {
-        p.client.close(1000).await.unwrap();
-        assert_eq!(p.client.closed().await.unwrap(), Some(1000));
-    });
-    futures_util::future::join_all(closing).await;
+    end_all(leavers).await;
     a.shutdown().await;
     let members = format!("gw:{{c:{room}}}:members");
     assert_eq!(
@@ -906,13 +911,7 @@ async fn sessions_that_end_as_their_node_stops_still_leave(store: &Store) {
             "session {id}'s keys are gone"
         );
     }
-    let mut gone = std::collections::HashSet::new();
-    while gone.len() < ids.len() {
-        let left = watcher.dispatch(Event::RoomUserRemove).await.cnf;
-        let id = left["session_id"].as_u64().unwrap();
-        assert!(ids.contains(&id), "only the leavers leave: {left}");
-        assert!(gone.insert(id), "{id} left twice");
-    }
+    each_leaves_once(&mut watcher, &ids).await;
     let mut newcomer = Peer::join(&b, "newcomer").await;
     let moved = newcomer.move_to(&room).await;
     assert_eq!(moved["member_count"], 2, "{moved}");
@@ -925,24 +924,14 @@ async fn sessions_that_end_as_their_node_stops_still_leave(store: &Store) {
 async fn an_ended_sessions_leave_that_fails_is_made_again(store: &Store) {
     let (a, b) = two_nodes(store).await;
     let room = fresh_channel("retry");
-    let mut watcher = Peer::join(&b, "watcher").await;
-    watcher.create_and_move(&room).await;
-    let mut leavers = Vec::new();
-    for i in 0..5 {
-        let mut p = Peer::join(&a, &format!("retry{i}")).await;
-        p.move_to(&room).await;
-        leavers.push(p);
-    }
+    let (mut watcher, leavers) = watched_room(&a, &b, &room, 5).await;
     let ids: Vec<u64> = leavers.iter().map(Peer::session_id).collect();
     let meta = format!("gw:{{c:{room}}}:meta");
     assert_eq!(
         store.cli(&meta, &["CLIENT", "PAUSE", "1500", "WRITE"]),
         "OK"
     );
-    for mut p in leavers {
-        p.client.close(1000).await.unwrap();
-        assert_eq!(p.client.closed().await.unwrap(), Some(1000));
-    }
+    end_all(leavers).await;
     // The leave call, held by the pause: a client blocked in EVALSHA.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     let held = loop {
@@ -966,13 +955,7 @@ async fn an_ended_sessions_leave_that_fails_is_made_again(store: &Store) {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     };
     assert_eq!(store.cli(&meta, &["CLIENT", "KILL", "ID", &held]), "1");
-    let mut gone = std::collections::HashSet::new();
-    while gone.len() < ids.len() {
-        let left = watcher.dispatch(Event::RoomUserRemove).await.cnf;
-        let id = left["session_id"].as_u64().unwrap();
-        assert!(ids.contains(&id), "only the leavers leave: {left}");
-        assert!(gone.insert(id), "{id} left twice");
-    }
+    each_leaves_once(&mut watcher, &ids).await;
     a.shutdown().await;
     let members = format!("gw:{{c:{room}}}:members");
     assert_eq!(store.cli(&members, &["HLEN", &members]), "1");
