@@ -855,6 +855,35 @@ async fn end_all(peers: Vec<Peer>) {
     futures_util::future::join_all(closing).await;
 }
 
+/// The server of `room` takes no writes for `ms` (`CLIENT PAUSE … WRITE`).
+fn pause_writes(store: &Store, room: &str, ms: u32) {
+    let meta = format!("gw:{{c:{room}}}:meta");
+    assert_eq!(
+        store.cli(&meta, &["CLIENT", "PAUSE", &ms.to_string(), "WRITE"]),
+        "OK"
+    );
+}
+
+/// After the leavers' node stopped: only the watcher is a member of
+/// `room`, and the leavers' session keys are gone.
+fn only_the_watcher_is_left(store: &Store, room: &str, ids: &[u64]) {
+    let members = format!("gw:{{c:{room}}}:members");
+    assert_eq!(
+        store.cli(&members, &["HLEN", &members]),
+        "1",
+        "only the watcher is left once the node has stopped"
+    );
+    for id in ids {
+        let key = format!("gw:{{s:{id}}}");
+        let buf = format!("{key}:buf");
+        assert_eq!(
+            store.cli(&key, &["EXISTS", &key, &buf]),
+            "0",
+            "session {id}'s keys are gone"
+        );
+    }
+}
+
 async fn sessions_that_end_together_all_leave(store: &Store) {
     let (a, b) = two_nodes(store).await;
     let room = fresh_channel("exodus");
@@ -892,25 +921,10 @@ async fn sessions_that_end_as_their_node_stops_still_leave(store: &Store) {
     let ids: Vec<u64> = leavers.iter().map(Peer::session_id).collect();
     // The channel's server takes no writes for a while: the leaves are
     // still at Redis when the node is told to stop.
-    let meta = format!("gw:{{c:{room}}}:meta");
-    assert_eq!(store.cli(&meta, &["CLIENT", "PAUSE", "700", "WRITE"]), "OK");
+    pause_writes(store, &room, 700);
     end_all(leavers).await;
     a.shutdown().await;
-    let members = format!("gw:{{c:{room}}}:members");
-    assert_eq!(
-        store.cli(&members, &["HLEN", &members]),
-        "1",
-        "only the watcher is left once the node has stopped"
-    );
-    for id in &ids {
-        let key = format!("gw:{{s:{id}}}");
-        let buf = format!("{key}:buf");
-        assert_eq!(
-            store.cli(&key, &["EXISTS", &key, &buf]),
-            "0",
-            "session {id}'s keys are gone"
-        );
-    }
+    only_the_watcher_is_left(store, &room, &ids);
     each_leaves_once(&mut watcher, &ids).await;
     let mut newcomer = Peer::join(&b, "newcomer").await;
     let moved = newcomer.move_to(&room).await;
@@ -926,17 +940,13 @@ async fn an_ended_sessions_leave_that_fails_is_made_again(store: &Store) {
     let room = fresh_channel("retry");
     let (mut watcher, leavers) = watched_room(&a, &b, &room, 5).await;
     let ids: Vec<u64> = leavers.iter().map(Peer::session_id).collect();
-    let meta = format!("gw:{{c:{room}}}:meta");
-    assert_eq!(
-        store.cli(&meta, &["CLIENT", "PAUSE", "1500", "WRITE"]),
-        "OK"
-    );
+    pause_writes(store, &room, 1500);
     end_all(leavers).await;
     // The leave call, held by the pause: a client blocked in EVALSHA.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    let held = loop {
+    let meta = format!("gw:{{c:{room}}}:meta");
+    let held = eventually("no leave call held by the pause", || {
         let clients = store.cli(&meta, &["CLIENT", "LIST"]);
-        let held = clients
+        clients
             .lines()
             .find(|l| {
                 let flags = l.split(" flags=").nth(1).and_then(|f| f.split(' ').next());
@@ -944,29 +954,13 @@ async fn an_ended_sessions_leave_that_fails_is_made_again(store: &Store) {
             })
             .and_then(|l| l.strip_prefix("id="))
             .and_then(|l| l.split(' ').next())
-            .map(str::to_owned);
-        if let Some(id) = held {
-            break id;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no leave call held by the pause: {clients}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    };
+            .map(str::to_owned)
+    })
+    .await;
     assert_eq!(store.cli(&meta, &["CLIENT", "KILL", "ID", &held]), "1");
     each_leaves_once(&mut watcher, &ids).await;
     a.shutdown().await;
-    let members = format!("gw:{{c:{room}}}:members");
-    assert_eq!(store.cli(&members, &["HLEN", &members]), "1");
-    for id in &ids {
-        let key = format!("gw:{{s:{id}}}");
-        assert_eq!(
-            store.cli(&key, &["EXISTS", &key]),
-            "0",
-            "{id}'s key is gone"
-        );
-    }
+    only_the_watcher_is_left(store, &room, &ids);
 }
 
 /// Each test above that takes a `Store`, on one Redis and on a cluster.

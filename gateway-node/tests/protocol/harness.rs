@@ -225,6 +225,20 @@ pub async fn expect_fatal(client: &mut Client, code: u16) {
 static CHANNELS: AtomicU64 = AtomicU64::new(1);
 
 /// A channel name no other test uses.
+/// Calls `check` until it returns `Some`, for at most `WAIT`, yielding to
+/// the runtime (and the nodes on it) between calls; panics with `what`.
+/// For state nothing announces (a server's client list, a counter).
+pub async fn eventually<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 pub fn fresh_channel(prefix: &str) -> String {
     format!("{prefix}-{}", CHANNELS.fetch_add(1, Ordering::Relaxed))
 }
