@@ -20,7 +20,7 @@
 //! Locking: a channel's mutex, then its members' session mutexes (leaf).
 
 use crate::ring::Log;
-use crate::session::Session;
+use crate::session::{Session, Writes};
 use crate::wire::Dispatch;
 use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -112,13 +112,13 @@ impl LocalChannel {
         })
     }
 
-    fn deliver(inner: &mut Inner, n: u64, dispatch: Arc<Dispatch>) {
+    fn deliver(inner: &mut Inner, n: u64, dispatch: Arc<Dispatch>, writes: Writes) {
         let (block, slot) = inner.log.append(Arc::clone(&dispatch));
         for (id, session) in &inner.members {
             if inner.skip_until.get(id).is_some_and(|&skip| n <= skip) {
                 continue;
             }
-            session.deliver_shared(block, slot);
+            session.deliver_shared(block, slot, writes);
         }
         inner.skip_until.retain(|_, skip| *skip > n);
         inner.delivered = Some(n);
@@ -130,7 +130,8 @@ impl LocalChannel {
 
     /// Hands in event `n`. Delivers it (and whatever waited behind it) when
     /// it is next in order; reports a gap when events before it are missing.
-    pub fn on_event(&self, n: u64, dispatch: Arc<Dispatch>) -> Gap {
+    /// `writes` says whether the fan-out may write to the sockets itself.
+    pub fn on_event(&self, n: u64, dispatch: Arc<Dispatch>, writes: Writes) -> Gap {
         let mut inner = self.inner.lock();
         let Some(delivered) = inner.delivered else {
             // No member has fixed our position yet: keep it for the first.
@@ -155,7 +156,7 @@ impl LocalChannel {
                 to: n - 1,
             };
         }
-        Self::deliver(&mut inner, n, dispatch);
+        Self::deliver(&mut inner, n, dispatch, writes);
         Self::drain_pending(&mut inner);
         Gap::None
     }
@@ -167,8 +168,10 @@ impl LocalChannel {
             if n < next {
                 entry.remove();
             } else if n == next {
+                // Events that waited behind a gap leave together: the
+                // writers batch them.
                 let dispatch = entry.remove();
-                Self::deliver(inner, n, dispatch);
+                Self::deliver(inner, n, dispatch, Writes::Queued);
             } else {
                 break;
             }
@@ -253,11 +256,11 @@ impl LocalChannel {
 
     /// Delivers an event that is not part of the log (START_TYPING) to
     /// every member but one.
-    pub fn deliver_except(&self, dispatch: &Arc<Dispatch>, except: u64) {
+    pub fn deliver_except(&self, dispatch: &Arc<Dispatch>, except: u64, writes: Writes) {
         let inner = self.inner.lock();
         for (id, session) in &inner.members {
             if *id != except {
-                session.deliver(dispatch);
+                session.deliver_with(dispatch, writes);
             }
         }
     }
@@ -477,13 +480,24 @@ mod tests {
         let c = LocalChannel::new(Arc::from("c"));
         let s = Session::for_test(1);
         c.attach(&s, 0, None).unwrap();
-        assert_eq!(c.on_event(1, ev(1)), Gap::None);
-        assert_eq!(c.on_event(1, ev(1)), Gap::None, "duplicate dropped");
-        assert_eq!(c.on_event(4, ev(4)), Gap::Missing { from: 2, to: 3 });
-        assert_eq!(c.on_event(5, ev(5)), Gap::None, "one fill at a time");
+        assert_eq!(c.on_event(1, ev(1), Writes::Direct), Gap::None);
+        assert_eq!(
+            c.on_event(1, ev(1), Writes::Direct),
+            Gap::None,
+            "duplicate dropped"
+        );
+        assert_eq!(
+            c.on_event(4, ev(4), Writes::Direct),
+            Gap::Missing { from: 2, to: 3 }
+        );
+        assert_eq!(
+            c.on_event(5, ev(5), Writes::Direct),
+            Gap::None,
+            "one fill at a time"
+        );
         assert_eq!(held(&s), [1]);
-        c.on_event(3, ev(3));
-        c.on_event(2, ev(2));
+        c.on_event(3, ev(3), Writes::Direct);
+        c.on_event(2, ev(2), Writes::Direct);
         assert_eq!(held(&s), [1, 2, 3, 4, 5]);
         assert_eq!(c.fill_done(), Gap::None);
         assert_eq!(c.cursor(1), Some(5));
@@ -494,7 +508,10 @@ mod tests {
         let c = LocalChannel::new(Arc::from("c"));
         let s = Session::for_test(1);
         c.attach(&s, 0, None).unwrap();
-        assert_eq!(c.on_event(3, ev(3)), Gap::Missing { from: 1, to: 2 });
+        assert_eq!(
+            c.on_event(3, ev(3), Writes::Direct),
+            Gap::Missing { from: 1, to: 2 }
+        );
         c.skip_gap();
         assert_eq!(held(&s), [3]);
     }
@@ -504,12 +521,12 @@ mod tests {
         let c = LocalChannel::new(Arc::from("c"));
         let a = Session::for_test(1);
         c.attach(&a, 0, None).unwrap();
-        c.on_event(1, ev(1));
+        c.on_event(1, ev(1), Writes::Direct);
         // b's snapshot already covers events up to 3.
         let b = Session::for_test(2);
         c.attach(&b, 3, Some(&ev(100))).unwrap();
         for n in 2..=4 {
-            c.on_event(n, ev(n));
+            c.on_event(n, ev(n), Writes::Direct);
         }
         assert_eq!(held(&a), [1, 2, 3, 4]);
         assert_eq!(held(&b), [100, 4]);
@@ -522,19 +539,19 @@ mod tests {
         let a = Session::for_test(1);
         c.attach(&a, 0, None).unwrap();
         for n in 1..=5 {
-            c.on_event(n, ev(n));
+            c.on_event(n, ev(n), Writes::Direct);
         }
         let b = Session::for_test(2);
         c.attach(&b, 3, Some(&ev(100))).unwrap();
-        c.on_event(6, ev(6));
+        c.on_event(6, ev(6), Writes::Direct);
         assert_eq!(held(&b), [100, 4, 5, 6]);
     }
 
     #[test]
     fn the_first_member_fixes_the_position_and_early_events_wait() {
         let c = LocalChannel::new(Arc::from("c"));
-        c.on_event(7, ev(7));
-        c.on_event(8, ev(8));
+        c.on_event(7, ev(7), Writes::Direct);
+        c.on_event(8, ev(8), Writes::Direct);
         let s = Session::for_test(1);
         c.attach(&s, 7, None).unwrap();
         assert_eq!(held(&s), [8]);
@@ -546,7 +563,7 @@ mod tests {
         let c = hub.pin("x");
         c.attach(&Session::for_test(1), 0, None).unwrap();
         for n in 1..=(RECENT as u64 + 10) {
-            c.on_event(n, ev(n));
+            c.on_event(n, ev(n), Writes::Direct);
         }
         let late = Session::for_test(2);
         let c2 = hub.pin("x");

@@ -68,6 +68,18 @@ impl TokenBucket {
     }
 }
 
+/// Who writes a delivered dispatch to the socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Writes {
+    /// The fan-out itself, when direct writes are on and nothing is queued
+    /// ([`Conn::write_direct`]); otherwise the connection's writer task.
+    Direct,
+    /// The connection's writer task: the node is behind (more events wait
+    /// to be fanned out), and the writers batch frames and share the work
+    /// over the runtime's threads.
+    Queued,
+}
+
 /// Why a connection cannot attach.
 #[derive(Debug, PartialEq, Eq)]
 pub enum AttachError {
@@ -158,17 +170,22 @@ impl Session {
     /// the writer. A client more than `outbound_limit` behind is detached
     /// and its connection closed with 4016.
     pub fn deliver(&self, dispatch: &Arc<Dispatch>) {
-        self.admit(|ring| ring.push(Arc::clone(dispatch)));
+        self.deliver_with(dispatch, Writes::Direct);
+    }
+
+    /// [`deliver`](Self::deliver), saying who may write it.
+    pub fn deliver_with(&self, dispatch: &Arc<Dispatch>, writes: Writes) {
+        self.admit(writes, |ring| ring.push(Arc::clone(dispatch)));
     }
 
     /// [`deliver`](Self::deliver) for an event of the session's channel,
     /// held in slot `slot` of the channel's log `block` (shared with the
     /// other members).
-    pub fn deliver_shared(&self, block: &Arc<Block>, slot: u8) {
-        self.admit(|ring| ring.push_shared(block, slot));
+    pub fn deliver_shared(&self, block: &Arc<Block>, slot: u8, writes: Writes) {
+        self.admit(writes, |ring| ring.push_shared(block, slot));
     }
 
-    fn admit(&self, push: impl FnOnce(&mut Ring)) {
+    fn admit(&self, writes: Writes, push: impl FnOnce(&mut Ring)) {
         let mut st = self.state.lock();
         if st.ended {
             return;
@@ -195,6 +212,7 @@ impl Session {
             );
         } else {
             let direct = self.limits.direct_writes
+                && writes == Writes::Direct
                 && seq == st.sent + 1
                 && st.ring.last().is_some_and(|d| {
                     let written = conn.write_direct(|buf| d.encode(seq, buf));

@@ -10,7 +10,7 @@ use super::{
     Ban, ChannelInfo, DeleteAs, HistoryPage, Member, MessageBody, PresencePage, Published,
 };
 use crate::hub::Hub;
-use crate::session::Session;
+use crate::session::{Session, Writes};
 use crate::wire::{Dispatch, Reject};
 use gateway_shared::protocol::{
     ChannelAdd, ErrorCode, Event, MessageDelete, RoomUser, StartTyping, User, MOVE_HISTORY_LIMIT,
@@ -284,9 +284,19 @@ impl Memory {
     /// Appends an event to the channel's log and hands it to the hub, under
     /// the channel lock: the hub sees the log's order.
     fn publish(&self, channel: &Channel, state: &mut ChannelState, dispatch: Arc<Dispatch>) {
+        self.publish_with(channel, state, dispatch, Writes::Direct);
+    }
+
+    fn publish_with(
+        &self,
+        channel: &Channel,
+        state: &mut ChannelState,
+        dispatch: Arc<Dispatch>,
+        writes: Writes,
+    ) {
         state.n += 1;
         if let Some(local) = self.hub.get(&channel.name) {
-            local.on_event(state.n, dispatch);
+            local.on_event(state.n, dispatch, writes);
         }
     }
 
@@ -425,7 +435,13 @@ impl Memory {
         let channel = self
             .channel(name)
             .ok_or_else(|| Reject::new(ErrorCode::NotFound, "unknown channel"))?;
-        let mut state = channel.state.lock();
+        // Another publisher in the channel at the same moment means it is
+        // busy: its writers take this message (they batch, and share the
+        // work over the threads) instead of this fan-out writing it.
+        let (mut state, writes) = match channel.state.try_lock() {
+            Some(state) => (state, Writes::Direct),
+            None => (channel.state.lock(), Writes::Queued),
+        };
         let id = self.ids.next().value();
         let ts = unix_ms();
         let dispatch = Dispatch::new(
@@ -447,7 +463,7 @@ impl Memory {
         if state.history.len() > self.history_retain {
             state.history.pop_front();
         }
-        self.publish(&channel, &mut state, dispatch);
+        self.publish_with(&channel, &mut state, dispatch, writes);
         Ok(Published { id, ts })
     }
 
@@ -492,7 +508,7 @@ impl Memory {
             },
         );
         if let Some(local) = self.hub.get(&channel.name) {
-            local.deliver_except(&dispatch, session.id);
+            local.deliver_except(&dispatch, session.id, Writes::Direct);
         }
     }
 
@@ -529,7 +545,7 @@ impl Memory {
         );
         let mut n = self.global_n.lock();
         *n += 1;
-        self.hub.global.on_event(*n, dispatch);
+        self.hub.global.on_event(*n, dispatch, Writes::Direct);
         Ok(())
     }
 }

@@ -335,8 +335,20 @@ async fn a_normal_close_ends_the_session_for_the_others() {
 
 #[tokio::test]
 async fn with_direct_writes_every_member_gets_every_message_once_in_order_and_can_resume() {
+    every_member_gets_every_message_once_in_order_and_can_resume(true).await;
+}
+
+#[tokio::test]
+async fn with_only_the_writer_tasks_every_member_gets_every_message_once_in_order_and_can_resume() {
+    every_member_gets_every_message_once_in_order_and_can_resume(false).await;
+}
+
+/// A burst of messages (some written by the fan-out, some by the writer
+/// tasks when direct writes are on) reaches every member once, in order,
+/// and what was written is held for a resume.
+async fn every_member_gets_every_message_once_in_order_and_can_resume(direct_writes: bool) {
     let node = TestNode::with(|c| {
-        c.direct_writes = true;
+        c.direct_writes = direct_writes;
         c.rate_limit_count = 1000;
     })
     .await;

@@ -10,6 +10,7 @@ use super::{
 use crate::broker::Broker;
 use crate::hub::{Gap, LocalChannel};
 use crate::node::Node;
+use crate::session::Writes;
 use crate::wire::{Dispatch, Reject};
 use futures_util::StreamExt;
 use gateway_shared::protocol::{ErrorCode, Event};
@@ -90,7 +91,7 @@ impl RedisBroker {
             match self.read_log(&log, from - 1).await {
                 Ok(Some(events)) if events.iter().any(|e| e.0 >= to) => {
                     for (n, d) in events {
-                        let _ = local.on_event(n, d);
+                        let _ = local.on_event(n, d, Writes::Queued);
                     }
                 }
                 Ok(_) => {
@@ -200,7 +201,9 @@ impl RedisBroker {
             .await;
     }
 
-    async fn handle_push(&self, node: &Arc<Node>, info: PushInfo) {
+    /// `writes`: whether a channel event's fan-out may write to the
+    /// sockets itself (nothing else waits in the queue).
+    async fn handle_push(&self, node: &Arc<Node>, info: PushInfo, writes: Writes) {
         match info.kind {
             PushKind::Disconnection => {
                 warn!("a redis connection was lost; subscriptions are checked when it returns");
@@ -231,9 +234,9 @@ impl RedisBroker {
             .strip_prefix("gw:{c:")
             .and_then(|t| t.strip_suffix('}'))
         {
-            self.on_channel_message(node, Some(name), payload);
+            self.on_channel_message(node, Some(name), payload, writes);
         } else if topic == GLOBAL_TOPIC {
-            self.on_channel_message(node, None, payload);
+            self.on_channel_message(node, None, payload, writes);
         } else if topic == CONTROL_TOPIC {
             let Ok(text) = std::str::from_utf8(payload) else {
                 return;
@@ -257,7 +260,13 @@ impl RedisBroker {
         }
     }
 
-    fn on_channel_message(&self, node: &Arc<Node>, name: Option<&str>, payload: &[u8]) {
+    fn on_channel_message(
+        &self,
+        node: &Arc<Node>,
+        name: Option<&str>,
+        payload: &[u8],
+        writes: Writes,
+    ) {
         if let Some((gen, n)) = parse_reset(payload) {
             let node = Arc::clone(node);
             let name = name.map(str::to_owned);
@@ -282,10 +291,10 @@ impl RedisBroker {
         // Serialized once per node; every local member shares it.
         let dispatch = Dispatch::from_body(event, body);
         if n == 0 {
-            local.deliver_except(&dispatch, except);
+            local.deliver_except(&dispatch, except, writes);
             return;
         }
-        if let Gap::Missing { from, to } = local.on_event(n, dispatch) {
+        if let Gap::Missing { from, to } = local.on_event(n, dispatch, writes) {
             let node = Arc::clone(node);
             let name = name.map(str::to_owned);
             tokio::spawn(async move {
@@ -500,8 +509,17 @@ impl RedisBroker {
 pub(super) async fn push_task(mut messages: mpsc::Receiver<PushInfo>, node: Weak<Node>) {
     while let Some(info) = messages.recv().await {
         let Some(node) = node.upgrade() else { return };
+        // More messages waiting means the node is behind: this event goes
+        // to the writer tasks, which batch frames and spread over the
+        // runtime's threads. Keeping up, the fan-out writes it itself
+        // (with direct writes on), with no task woken per delivery.
+        let writes = if messages.is_empty() {
+            Writes::Direct
+        } else {
+            Writes::Queued
+        };
         if let Broker::Redis(r) = &node.broker {
-            r.handle_push(&node, info).await;
+            r.handle_push(&node, info, writes).await;
         }
     }
 }
