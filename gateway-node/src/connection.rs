@@ -130,6 +130,18 @@ pub struct Conn {
     handoff: Mutex<Option<Bytes>>,
 }
 
+/// What became of a dispatch offered to [`Conn::write_direct`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DirectWrite {
+    /// Written whole.
+    Written,
+    /// Begun: the socket took part of it and the writer owes it the rest,
+    /// before anything else.
+    Cut,
+    /// Not written: the writer will.
+    Refused,
+}
+
 impl Conn {
     fn new(id: u64, shares_socket: bool) -> Self {
         Self {
@@ -159,42 +171,49 @@ impl Conn {
     /// Writes one dispatch frame (built by `encode`) straight to the
     /// socket, from the fan-out, when nothing is queued before it: no
     /// unwritten control frame (a READY goes first), nothing owed, not
-    /// closing, and the writer not at the socket. Returns whether the frame
-    /// is the socket's (all of it written, or the rest handed to the
-    /// writer); `false` leaves it to the writer.
+    /// closing, and the writer not at the socket. Says whether the frame is
+    /// the socket's (all of it written, or the rest handed to the writer)
+    /// or left to the writer.
     ///
     /// Hot path: at moderate load a dispatch is one `write` from the
     /// thread that fans it out, with no task woken; the writer task is for
     /// backlogs. The caller holds the session's lock, so frames of the
     /// session leave in their order.
-    pub fn write_direct(&self, encode: impl FnOnce(&mut BytesMut)) -> bool {
+    pub fn write_direct(&self, encode: impl FnOnce(&mut BytesMut)) -> DirectWrite {
         // Cheap refusals first; `closing` is looked at again under the lock,
         // which the close path takes after setting it.
         if self.closing.load(Ordering::Acquire) || self.unwritten.load(Ordering::Acquire) != 0 {
-            return false;
+            return DirectWrite::Refused;
         }
         let Some(io) = self.io.try_lock() else {
-            return false;
+            return DirectWrite::Refused;
         };
         let Some(socket) = io.as_ref() else {
-            return false;
+            return DirectWrite::Refused;
         };
         if self.owed_pending.load(Ordering::Acquire) || self.closing.load(Ordering::Acquire) {
-            return false;
+            return DirectWrite::Refused;
         }
         DIRECT.with_borrow_mut(|buf| {
             buf.clear();
             encode(buf);
-            match socket.try_write(buf) {
-                Ok(n) if n == buf.len() => true,
+            // A plain non-blocking `send` on the descriptor rather than
+            // tokio's `try_write`: that first reads the socket's readiness
+            // word, a cache line of its own that the kernel's TCP work has
+            // usually evicted by the next event (6 % of a node's CPU in
+            // stalls at 40,000 deliveries/s, docs/BENCHMARKS.md). If the
+            // socket is full, the writer (tokio's readiness path) goes on.
+            let stream: &tokio::net::TcpStream = (**socket).as_ref();
+            match socket2::SockRef::from(stream).send(buf) {
+                Ok(n) if n == buf.len() => DirectWrite::Written,
                 Ok(n) => {
                     *self.handoff.lock() = Some(Bytes::copy_from_slice(&buf[n..]));
                     self.owed_pending.store(true, Ordering::Release);
                     self.wake();
-                    true
+                    DirectWrite::Cut
                 }
                 // Full, or broken (the writer finds out): the writer's.
-                Err(_) => false,
+                Err(_) => DirectWrite::Refused,
             }
         })
     }

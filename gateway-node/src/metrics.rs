@@ -27,6 +27,9 @@ pub struct Metrics {
     fanout_delay: Histogram,
     resumes: IntCounterVec,
     pub slow_consumers: IntCounter,
+    /// Direct writes the socket took only in part (the writer finished
+    /// them): how often a connection's buffer filled mid-frame.
+    pub direct_writes_cut: IntCounter,
     /// Connections refused or cut before a session, by the limit that did
     /// it (docs/DEPLOY.md, "Security and abuse limits").
     refused: IntCounterVec,
@@ -146,6 +149,11 @@ impl Metrics {
             "Connections closed with 4016 because the client read too slowly",
         )
         .unwrap();
+        let direct_writes_cut = IntCounter::new(
+            "direct_writes_cut_total",
+            "Dispatch frames the fan-out began writing and the connection's writer finished (the socket took part)",
+        )
+        .unwrap();
         let refused = IntCounterVec::new(
             Opts::new(
                 "connections_refused_total",
@@ -216,6 +224,7 @@ impl Metrics {
             Box::new(fanout_delay.clone()),
             Box::new(resumes.clone()),
             Box::new(slow_consumers.clone()),
+            Box::new(direct_writes_cut.clone()),
             Box::new(refused.clone()),
             Box::new(reads_held_back.clone()),
             Box::new(broker_errors.clone()),
@@ -279,6 +288,7 @@ impl Metrics {
             fanout_delay,
             resumes,
             slow_consumers,
+            direct_writes_cut,
             refused,
             reads_held_back,
             broker_errors,

@@ -14,7 +14,7 @@
 //! `.await`.
 
 use crate::auth::Identity;
-use crate::connection::Conn;
+use crate::connection::{Conn, DirectWrite};
 use crate::metrics::Metrics;
 use crate::ring::{Block, Ring};
 use crate::wire::Dispatch;
@@ -216,10 +216,13 @@ impl Session {
                 && seq == st.sent + 1
                 && st.ring.last().is_some_and(|d| {
                     let written = conn.write_direct(|buf| d.encode(seq, buf));
-                    if written {
+                    if written != DirectWrite::Refused {
                         self.metrics.dispatch_sent(d, Instant::now());
                     }
-                    written
+                    if written == DirectWrite::Cut {
+                        self.metrics.direct_writes_cut.inc();
+                    }
+                    written != DirectWrite::Refused
                 });
             if direct {
                 st.sent = seq;

@@ -1,6 +1,7 @@
 //! Every client event and the dispatches it causes.
 
 use crate::harness::*;
+use crate::rawws::{self, RawWs};
 use gateway_shared::protocol::Event;
 use serde_json::json;
 
@@ -341,6 +342,79 @@ async fn with_direct_writes_every_member_gets_every_message_once_in_order_and_ca
 #[tokio::test]
 async fn with_only_the_writer_tasks_every_member_gets_every_message_once_in_order_and_can_resume() {
     every_member_gets_every_message_once_in_order_and_can_resume(false).await;
+}
+
+/// A member whose socket fills in the middle of a frame the fan-out writes
+/// itself (a direct write cut short), and that reads on later, gets every
+/// frame whole, in order and gapless: the writer finishes the cut frame
+/// before anything else.
+#[tokio::test]
+async fn a_frame_cut_short_by_a_full_socket_is_finished_before_the_next() {
+    let node = TestNode::with(|c| c.rate_limit_count = 100_000).await;
+    let room = fresh_channel("cut");
+    let mut talker = Peer::join(&node, "talker").await;
+    talker.create_and_move(&room).await;
+    // A member with a small receive buffer, that stops reading.
+    let stream = rawws::connect(node.addr, None, Some(4096)).await.unwrap();
+    let mut member = RawWs::upgrade(stream, "").await.unwrap();
+    let (token, _) = user_token("paused");
+    member
+        .send_text(&format!(r#"{{"f":110,"cnf":{{"token":"{token}"}}}}"#))
+        .await
+        .unwrap();
+    assert!(member.until_payload(br#""f":140"#).await, "READY");
+    member
+        .send_text(&format!(
+            r#"{{"f":130,"t":"CHANNEL_MOVE","cnf":{{"channel":"{room}"}}}}"#
+        ))
+        .await
+        .unwrap();
+    assert!(
+        member.until_payload(br#""t":"CHANNEL_MOVE""#).await,
+        "moved"
+    );
+    // Large messages, one at a time (each fanned out before the next is
+    // sent, so that the paused member's is written straight to its socket
+    // while nothing is queued), until one was cut short.
+    let big = "x".repeat(1900);
+    let mut sent = 0;
+    while metric(node.addr, "gateway_direct_writes_cut_total").await == 0 {
+        assert!(
+            sent < 900,
+            "no direct write was cut short in {sent} messages"
+        );
+        talker
+            .execute(
+                "MESSAGE_CREATE",
+                json!({ "content": format!("{sent} {big}") }),
+            )
+            .await;
+        talker.dispatch(Event::MessageCreate).await;
+        sent += 1;
+    }
+    // A few more behind it, then the member reads everything.
+    for k in sent..sent + 5 {
+        talker
+            .execute("MESSAGE_CREATE", json!({ "content": format!("{k} {big}") }))
+            .await;
+        talker.dispatch(Event::MessageCreate).await;
+    }
+    let mut last_s = None;
+    let mut next = 0;
+    while next < sent + 5 {
+        let payload = member.next_payload().await.expect("the node keeps sending");
+        let frame: serde_json::Value = serde_json::from_slice(&payload).expect("every frame whole");
+        let s = frame["s"].as_u64();
+        if let (Some(s), Some(last)) = (s, last_s) {
+            assert_eq!(s, last + 1, "gapless");
+        }
+        last_s = s.or(last_s);
+        if frame["t"] == "MESSAGE_CREATE" {
+            let content = frame["cnf"]["content"].as_str().unwrap();
+            assert_eq!(content, format!("{next} {big}"), "in order");
+            next += 1;
+        }
+    }
 }
 
 /// A burst of messages (some written by the fan-out, some by the writer

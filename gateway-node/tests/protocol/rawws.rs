@@ -113,10 +113,56 @@ impl RawWs {
         }
     }
 
+    /// The payload of the next frame the node sends (unmasked, as a
+    /// server's are), whole; `None` if the connection ended first.
+    pub async fn next_payload(&mut self) -> Option<Vec<u8>> {
+        loop {
+            if let Some((start, len)) = frame_bounds(&self.buf) {
+                let payload = self.buf[start..start + len].to_vec();
+                self.buf.drain(..start + len);
+                return Some(payload);
+            }
+            let mut chunk = [0u8; 16 * 1024];
+            match self.stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+
+    /// Reads frames until one whose payload holds `needle`; false if the
+    /// connection ended first. Unlike [`read_until`](Self::read_until),
+    /// it stops at a frame's end.
+    pub async fn until_payload(&mut self, needle: &[u8]) -> bool {
+        while let Some(payload) = self.next_payload().await {
+            if payload.windows(needle.len()).any(|w| w == needle) {
+                return true;
+            }
+        }
+        false
+    }
+
     /// Reads and throws away everything until the node closes the
     /// connection.
     pub async fn until_closed(&mut self) {
         let mut chunk = [0u8; 16 * 1024];
         while matches!(self.stream.read(&mut chunk).await, Ok(n) if n > 0) {}
     }
+}
+
+/// Where the payload of the unmasked frame at the start of `buf` lies
+/// (offset, length), once all of it is there.
+fn frame_bounds(buf: &[u8]) -> Option<(usize, usize)> {
+    let (start, len) = match *buf.get(1)? & 0x7f {
+        126 => (
+            4,
+            u16::from_be_bytes(buf.get(2..4)?.try_into().ok()?) as usize,
+        ),
+        127 => (
+            10,
+            u64::from_be_bytes(buf.get(2..10)?.try_into().ok()?) as usize,
+        ),
+        n => (2, n as usize),
+    };
+    (buf.len() >= start + len).then_some((start, len))
 }
