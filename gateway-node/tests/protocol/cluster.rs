@@ -760,18 +760,25 @@ async fn a_redis_on_this_host_over_its_unix_socket() {
 
 async fn batched_publishing_keeps_every_senders_order(store: &Store) {
     // Messages gathered for 3 ms before they go to Redis together.
-    senders_race_and_keep_their_order(store, 3_000).await;
+    senders_race_and_keep_their_order(store, 3_000, false).await;
 }
 
 async fn self_clocked_publishing_keeps_every_senders_order(store: &Store) {
     // No window: a batch goes when the one before it is answered.
-    senders_race_and_keep_their_order(store, 0).await;
+    senders_race_and_keep_their_order(store, 0, false).await;
 }
 
-async fn senders_race_and_keep_their_order(store: &Store, window_us: u64) {
+async fn with_direct_writes_racing_senders_keep_their_order(store: &Store) {
+    // Events that arrive while others wait go to the writer tasks, the
+    // rest straight to the sockets: the reader sees one order either way.
+    senders_race_and_keep_their_order(store, 0, true).await;
+}
+
+async fn senders_race_and_keep_their_order(store: &Store, window_us: u64, direct_writes: bool) {
     let node = || {
         node_on(store, |c| {
             c.redis_publish_batch_us = window_us;
+            c.direct_writes = direct_writes;
             c.rate_limit_count = 1_000_000;
         })
     };
@@ -996,6 +1003,7 @@ on_each_store!(
     a_redis_that_requires_auth_takes_a_password_or_an_acl_user,
     batched_publishing_keeps_every_senders_order,
     self_clocked_publishing_keeps_every_senders_order,
+    with_direct_writes_racing_senders_keep_their_order,
     sessions_that_end_together_all_leave,
     sessions_that_end_as_their_node_stops_still_leave,
     an_ended_sessions_leave_that_fails_is_made_again,

@@ -350,7 +350,11 @@ async fn with_only_the_writer_tasks_every_member_gets_every_message_once_in_orde
 /// before anything else.
 #[tokio::test]
 async fn a_frame_cut_short_by_a_full_socket_is_finished_before_the_next() {
-    let node = TestNode::with(|c| c.rate_limit_count = 100_000).await;
+    let node = TestNode::with(|c| {
+        c.direct_writes = true;
+        c.rate_limit_count = 100_000;
+    })
+    .await;
     let room = fresh_channel("cut");
     let mut talker = Peer::join(&node, "talker").await;
     talker.create_and_move(&room).await;
