@@ -326,6 +326,71 @@ async fn a_log_whose_numbers_were_reused_ends_its_sessions() {
     a_log_that_went_back_ends_its_sessions(true).await;
 }
 
+/// Ids of the clients connected to the server on `port`.
+fn client_ids(port: u16) -> HashSet<u64> {
+    redis_cli(port, &["CLIENT", "LIST"])
+        .lines()
+        .filter_map(|l| l.strip_prefix("id=")?.split(' ').next()?.parse().ok())
+        .collect()
+}
+
+/// The client library replaces a connection by itself when it fails a
+/// check during a topology refresh, and subscribes again on the new one,
+/// asking a master for all of its shard channels in one SSUBSCRIBE: Redis
+/// refuses that when they span several slots (CROSSSLOT), and nothing
+/// tells the node (no disconnection, no unsubscribe). Here the room's
+/// master refuses PING (an ACL) while a slot moved under node A makes it
+/// refresh: its connection there is replaced, and the room's
+/// subscription lost. The node notices the new connection, subscribes
+/// again, and reads what was published meanwhile from the log: alice gets
+/// bob's message with nothing more sent to show the gap.
+#[tokio::test]
+async fn a_connection_the_client_library_replaced_is_subscribed_again() {
+    let cluster = RedisCluster::start();
+    let url = cluster.seed_urls();
+    let (a, b) = (busy_node(url.clone()).await, busy_node(url).await);
+    let key = |channel: &str| format!("gw:{{c:{channel}}}:meta");
+    let slot =
+        |channel: &str| redis_cli(cluster.any_master(), &["CLUSTER", "KEYSLOT", &key(channel)]);
+    let room = fresh_channel("replaced");
+    let master = cluster.master_for_key(&key(&room));
+    // A second channel of node A on that master, in another slot: the
+    // library's one SSUBSCRIBE for both is refused.
+    let other = loop {
+        let name = fresh_channel("neighbour");
+        if cluster.master_for_key(&key(&name)) == master && slot(&name) != slot(&room) {
+            break name;
+        }
+    };
+    let mut alice = Peer::join(&a, "alice").await;
+    alice.create_and_move(&room).await;
+    let mut bob = Peer::join(&b, "bob").await;
+    bob.move_to(&room).await;
+    let mut carol = Peer::join(&a, "carol").await;
+    carol.create_and_move(&other).await;
+    say_until_accepted(&mut alice, "before", WAIT).await;
+    receive(&mut bob, "before", WAIT).await;
+
+    let before = client_ids(master);
+    redis_cli(master, &["ACL", "SETUSER", "default", "-ping"]);
+    let moved = fresh_channel("moved");
+    cluster.move_empty_slot(&key(&moved));
+    let mut dave = Peer::join(&a, "dave").await;
+    dave.create_and_move(&moved).await;
+    // Node A's old connection to the master is gone.
+    eventually("the client library replaces its connection", || {
+        (!before.is_subset(&client_ids(master))).then_some(())
+    })
+    .await;
+    redis_cli(master, &["ACL", "SETUSER", "default", "+ping"]);
+
+    say_until_accepted(&mut bob, "meanwhile", WAIT).await;
+    receive(&mut alice, "meanwhile", WAIT).await;
+    say_until_accepted(&mut bob, "after", WAIT).await;
+    let got = alice.dispatch(Event::MessageCreate).await.cnf;
+    assert_eq!(got["content"], "after", "{got}");
+}
+
 /// Sends `content` to `peer`'s channel until the node accepts it (its echo
 /// comes back); a refusal (4018, while a node replaces a connection that
 /// stopped answering) is answered by sending it again. Panics if it is not

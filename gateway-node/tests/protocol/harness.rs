@@ -224,7 +224,6 @@ pub async fn expect_fatal(client: &mut Client, code: u16) {
 
 static CHANNELS: AtomicU64 = AtomicU64::new(1);
 
-/// A channel name no other test uses.
 /// Calls `check` until it returns `Some`, for at most `WAIT`, yielding to
 /// the runtime (and the nodes on it) between calls; panics with `what`.
 /// For state nothing announces (a server's client list, a counter).
@@ -239,6 +238,7 @@ pub async fn eventually<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> 
     }
 }
 
+/// A channel name no other test uses.
 pub fn fresh_channel(prefix: &str) -> String {
     format!("{prefix}-{}", CHANNELS.fetch_add(1, Ordering::Relaxed))
 }

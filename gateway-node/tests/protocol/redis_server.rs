@@ -590,6 +590,40 @@ impl RedisCluster {
             .port
     }
 
+    /// Gives the slot of `key`, which must hold no key yet, to another
+    /// master (`CLUSTER SETSLOT … NODE` on every master): a client that
+    /// knew the old owner is redirected with MOVED there. Returns the new
+    /// owner's port.
+    pub fn move_empty_slot(&self, key: &str) -> u16 {
+        let owner = self.master_for_key(key);
+        let slot = redis_cli(owner, &["CLUSTER", "KEYSLOT", key]);
+        let view = self.nodes_view();
+        let target = view
+            .iter()
+            .find(|n| n.has_flag("master") && n.port != owner && !n.slots.is_empty())
+            .unwrap_or_else(|| panic!("no other master than :{owner}"));
+        // The new owner first, then the old one: never two owners at once.
+        let rest = self
+            .masters()
+            .into_iter()
+            .filter(|&p| p != target.port && p != owner);
+        let order: Vec<u16> = [target.port, owner].into_iter().chain(rest).collect();
+        for port in order {
+            let out = redis_cli(port, &["CLUSTER", "SETSLOT", &slot, "NODE", &target.id]);
+            assert_eq!(
+                out, "OK",
+                ":{port} CLUSTER SETSLOT {slot} NODE {}",
+                target.id
+            );
+        }
+        target.port
+    }
+
+    /// The port of a running master.
+    pub fn any_master(&self) -> u16 {
+        self.masters()[0]
+    }
+
     /// How many slots the node on `port` serves.
     pub fn slots_served(&self, port: u16) -> usize {
         self.nodes_view()

@@ -47,6 +47,11 @@ use std::time::Duration;
 /// that hung does not answer at all.
 const PROBE_TIMEOUT: Duration = OP_TIMEOUT;
 
+/// How long each master has to answer the connection check
+/// (`PubSub::client_ids`), which runs every second: a live one answers in
+/// well under a millisecond.
+const CHECK_TIMEOUT: Duration = Duration::from_millis(500);
+
 /// The command handle (cheap to clone: clones share the socket).
 #[derive(Clone)]
 pub(super) enum Conn {
@@ -159,6 +164,53 @@ impl PubSub {
         matches!(tokio::time::timeout(PROBE_TIMEOUT, ping).await, Ok(Ok(_)))
     }
 
+    /// The id Redis gives this connection's client on every master it
+    /// holds (`CLIENT ID` on each; `""` on one Redis): a new id means the
+    /// client library replaced that connection, and the subscriptions on
+    /// it may be gone (see `subscription_task`). Masters that do not
+    /// answer within `CHECK_TIMEOUT` are left out.
+    pub async fn client_ids(&self) -> Vec<(String, i64)> {
+        let cmd = redis::cmd("CLIENT").arg("ID").to_owned();
+        let c = match self {
+            Self::Single(c) => {
+                let mut c = c.clone();
+                let id = tokio::time::timeout(CHECK_TIMEOUT, cmd.query_async::<i64>(&mut c)).await;
+                return match id {
+                    Ok(Ok(id)) => vec![(String::new(), id)],
+                    _ => Vec::new(),
+                };
+            }
+            Self::Cluster(c) => c.get(),
+        };
+        let mut any = c.clone();
+        let slots = any.route_command(
+            redis::cmd("CLUSTER").arg("SLOTS").to_owned(),
+            RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
+        );
+        let Ok(Ok(slots)) = tokio::time::timeout(CHECK_TIMEOUT, slots).await else {
+            return Vec::new();
+        };
+        let asks = masters(&slots).into_iter().map(|(host, port)| {
+            let (mut c, cmd) = (c.clone(), cmd.clone());
+            async move {
+                let at = SingleNodeRoutingInfo::ByAddress {
+                    host: host.clone(),
+                    port,
+                };
+                let id = c.route_command(cmd, RoutingInfo::SingleNode(at));
+                match tokio::time::timeout(CHECK_TIMEOUT, id).await {
+                    Ok(Ok(Value::Int(id))) => Some((format!("{host}:{port}"), id)),
+                    _ => None,
+                }
+            }
+        });
+        futures_util::future::join_all(asks)
+            .await
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+
     /// On a cluster: replaces the connection with a new one, which every
     /// handle uses from then on; the old one ends when its last command
     /// does. The new one has no subscriptions: the caller makes them again.
@@ -195,6 +247,38 @@ impl PubSub {
             .filter(|ok| !ok)
             .count()
     }
+}
+
+/// The masters' addresses in a `CLUSTER SLOTS` reply, each once: every
+/// range is `[start, end, [host, port, id, …], replicas…]`.
+fn masters(slots: &Value) -> Vec<(String, u16)> {
+    let Value::Array(ranges) = slots else {
+        return Vec::new();
+    };
+    let mut masters: Vec<(String, u16)> = Vec::new();
+    for range in ranges {
+        let Value::Array(range) = range else { continue };
+        let Some(Value::Array(master)) = range.get(2) else {
+            continue;
+        };
+        let host = match master.first() {
+            Some(Value::BulkString(h)) => String::from_utf8_lossy(h).into_owned(),
+            Some(Value::SimpleString(h)) => h.clone(),
+            _ => continue,
+        };
+        let Some(Value::Int(port)) = master.get(1) else {
+            continue;
+        };
+        let Ok(port) = u16::try_from(*port) else {
+            continue;
+        };
+        // An unknown endpoint ("" or "?") cannot be asked by address.
+        if host.is_empty() || host == "?" || masters.contains(&(host.clone(), port)) {
+            continue;
+        }
+        masters.push((host, port));
+    }
+    masters
 }
 
 /// Commands sent together without waiting for each other: one pipeline on
@@ -378,6 +462,37 @@ pub(super) async fn connect(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cluster_slots_give_each_master_once() {
+        let node = |host: &str, port: i64| {
+            Value::Array(vec![
+                Value::BulkString(host.as_bytes().to_vec()),
+                Value::Int(port),
+                Value::BulkString(b"id".to_vec()),
+            ])
+        };
+        let range = |start: i64, master: Value, replica: Value| {
+            Value::Array(vec![
+                Value::Int(start),
+                Value::Int(start + 9),
+                master,
+                replica,
+            ])
+        };
+        let slots = Value::Array(vec![
+            range(0, node("10.0.0.1", 7000), node("10.0.0.2", 7001)),
+            range(10, node("10.0.0.3", 7002), node("10.0.0.4", 7003)),
+            range(20, node("10.0.0.1", 7000), node("10.0.0.2", 7001)),
+            range(30, node("?", 7004), node("10.0.0.5", 7005)),
+            Value::Int(1),
+        ]);
+        assert_eq!(
+            masters(&slots),
+            vec![("10.0.0.1".to_owned(), 7000), ("10.0.0.3".to_owned(), 7002)]
+        );
+        assert!(masters(&Value::Nil).is_empty());
+    }
 
     #[test]
     fn keys_group_by_their_hash_tag() {

@@ -272,6 +272,10 @@ pub struct RedisBroker {
     /// Taken by `start`: the pub/sub connection and its messages.
     pending_start: Mutex<Option<PendingStart>>,
     claims: Mutex<HashMap<u64, oneshot::Sender<bool>>>,
+    /// Streams being checked after a subscription confirmation (see
+    /// `pubsub::check_subscribed`): true when another confirmation came
+    /// during the check, which then runs once more.
+    checks: Mutex<HashMap<Option<String>, bool>>,
     claim_ids: AtomicU64,
     /// The channel registry as last read by the sweep, and how far the
     /// sweep has walked it.
@@ -366,6 +370,7 @@ impl RedisBroker {
             subs,
             pending_start: Mutex::new(Some((pubsub, push_rx, sub_rx))),
             claims: Mutex::new(HashMap::new()),
+            checks: Mutex::new(HashMap::new()),
             claim_ids: AtomicU64::new(1),
             sweep: Mutex::new((Vec::new(), 0)),
             epoch: Mutex::new(String::new()),

@@ -15,7 +15,7 @@ use crate::wire::{Dispatch, Reject};
 use futures_util::StreamExt;
 use gateway_shared::protocol::{ErrorCode, Event};
 use redis::{PushInfo, PushKind};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
@@ -222,7 +222,18 @@ impl RedisBroker {
                 }
                 return;
             }
-            PushKind::Subscribe | PushKind::SSubscribe => return,
+            PushKind::Subscribe | PushKind::SSubscribe => {
+                if let Some(stream) = info
+                    .data
+                    .first()
+                    .and_then(|t| redis::from_redis_value::<String>(t.clone()).ok())
+                    .as_deref()
+                    .and_then(stream_of)
+                {
+                    self.check_subscribed(node, stream);
+                }
+                return;
+            }
             _ => {}
         }
         let Some(msg) = redis::Msg::from_push_info(info) else {
@@ -258,6 +269,47 @@ impl RedisBroker {
         } else if topic == node_topic(&self.settings.node_id) {
             self.on_control(node, payload);
         }
+    }
+
+    /// Redis confirmed a subscription to `stream`'s topic: one the node
+    /// asked for, or one the client library renewed by itself. On a
+    /// cluster the library replaces a connection that was slow to answer
+    /// during a topology refresh and subscribes on the new one later,
+    /// telling the node nothing else (no disconnection, no unsubscribe):
+    /// what was published in between reached no node through pub/sub, but
+    /// it is in the log, so the stream is checked against it. A refresh
+    /// renews every subscription at once; one check per stream runs at a
+    /// time, and runs again once if confirmations came meanwhile.
+    fn check_subscribed(&self, node: &Arc<Node>, stream: Option<&str>) {
+        let key = stream.map(str::to_owned);
+        {
+            let mut checks = self.checks.lock();
+            if let Some(again) = checks.get_mut(&key) {
+                *again = true;
+                return;
+            }
+            checks.insert(key.clone(), false);
+        }
+        let node = Arc::clone(node);
+        tokio::spawn(async move {
+            let Broker::Redis(r) = &node.broker else {
+                return;
+            };
+            loop {
+                if r.verify(&node, key.as_deref()).await.is_err() {
+                    // Checked again with every stream when Redis is back.
+                    r.healthy.store(false, Ordering::Relaxed);
+                }
+                let mut checks = r.checks.lock();
+                match checks.get_mut(&key) {
+                    Some(again) if *again => *again = false,
+                    _ => {
+                        checks.remove(&key);
+                        return;
+                    }
+                }
+            }
+        });
     }
 
     fn on_channel_message(
@@ -379,6 +431,8 @@ pub(super) async fn subscription_task(
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failed_probes = 0;
+    // The id of this node's connection on each master (`renewed`).
+    let mut connections = HashMap::new();
     loop {
         tokio::select! {
             request = requests.recv() => match request {
@@ -400,21 +454,11 @@ pub(super) async fn subscription_task(
                     let Some(node) = node.upgrade() else { return };
                     let Broker::Redis(r) = &node.broker else { return };
                     warn!(topic, "redis dropped a subscription; subscribing again");
+                    // Its confirmation has the stream checked for what it
+                    // missed meanwhile (`check_subscribed`).
                     if pubsub.subscribe(&topic).await.is_err() {
                         // Retried with every subscription on the next tick.
                         r.healthy.store(false, Ordering::Relaxed);
-                        continue;
-                    }
-                    if let Some(stream) = stream_of(&topic) {
-                        let stream = stream.map(str::to_owned);
-                        let node = Arc::clone(&node);
-                        tokio::spawn(async move {
-                            if let Broker::Redis(r) = &node.broker {
-                                if r.verify(&node, stream.as_deref()).await.is_err() {
-                                    r.healthy.store(false, Ordering::Relaxed);
-                                }
-                            }
-                        });
                     }
                 }
             },
@@ -433,6 +477,7 @@ pub(super) async fn subscription_task(
                     if failed_probes >= WEDGED_PROBES {
                         failed_probes = 0;
                         r.replace_connection(&node, &mut pubsub, &subscribed).await;
+                        connections.clear();
                     }
                     continue;
                 }
@@ -461,6 +506,24 @@ pub(super) async fn subscription_task(
                         });
                     }
                 }
+                // The client library replaces connections by itself (one
+                // slow to answer its check during a topology refresh) and
+                // subscribes again on the new one, but on a cluster it asks
+                // a master for all of its shard channels in one SSUBSCRIBE,
+                // which Redis refuses when they span several slots
+                // (CROSSSLOT): the subscriptions there are gone, and
+                // nothing tells the node. So each connection's id is
+                // checked every second; a new one is subscribed again, and
+                // the confirmations have the streams read from the logs.
+                if ok {
+                    let renewed = renewed(&mut connections, pubsub.client_ids().await);
+                    if !renewed.is_empty() && was {
+                        warn!(?renewed, "the redis client replaced a connection; subscribing again");
+                        if pubsub.subscribe_all(subscribed.iter()).await > 0 {
+                            r.healthy.store(false, Ordering::Relaxed);
+                        }
+                    }
+                }
                 // Channels with no local member: unsubscribe, batched.
                 let empty: Vec<String> = r.hub.take_empty().iter().map(|n| channel_topic(n)).filter(|t| subscribed.contains(t)).collect();
                 if !empty.is_empty() && pubsub.unsubscribe(&empty).await.is_ok() {
@@ -471,6 +534,23 @@ pub(super) async fn subscription_task(
             }
         }
     }
+}
+
+/// Records the connections' ids (`PubSub::client_ids`, by master) and
+/// returns the masters whose connection is new since the last check:
+/// replaced, or to a master not seen before (one promoted by a failover).
+/// The first check only records.
+fn renewed(known: &mut HashMap<String, i64>, ids: Vec<(String, i64)>) -> Vec<String> {
+    let first = known.is_empty();
+    let mut renewed = Vec::new();
+    for (master, id) in ids {
+        match known.insert(master.clone(), id) {
+            Some(old) if old == id => {}
+            None if first => {}
+            _ => renewed.push(master),
+        }
+    }
+    renewed
 }
 
 impl RedisBroker {
@@ -527,6 +607,19 @@ pub(super) async fn push_task(mut messages: mpsc::Receiver<PushInfo>, node: Weak
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_connection_with_a_new_id_is_renewed() {
+        let mut known = HashMap::new();
+        let ids = |list: &[(&str, i64)]| list.iter().map(|(m, i)| ((*m).to_owned(), *i)).collect();
+        assert!(renewed(&mut known, ids(&[("a", 1), ("b", 2)])).is_empty());
+        assert!(renewed(&mut known, ids(&[("a", 1), ("b", 2)])).is_empty());
+        // A master that did not answer is not renewed, nor forgotten.
+        assert!(renewed(&mut known, ids(&[("b", 2)])).is_empty());
+        assert_eq!(renewed(&mut known, ids(&[("a", 1), ("b", 7)])), ["b"]);
+        assert_eq!(renewed(&mut known, ids(&[("a", 1), ("c", 3)])), ["c"]);
+        assert!(renewed(&mut known, ids(&[("a", 1), ("b", 7), ("c", 3)])).is_empty());
+    }
 
     #[test]
     fn live_messages_parse() {
