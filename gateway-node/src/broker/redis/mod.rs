@@ -96,7 +96,7 @@ use crate::node::Node;
 use crate::wire::Reject;
 use gateway_shared::protocol::ErrorCode;
 use parking_lot::Mutex;
-use redis::{PushInfo, RedisResult, Script};
+use redis::{PushInfo, PushKind, RedisResult, Script};
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
@@ -268,6 +268,10 @@ pub struct RedisBroker {
     /// session keys (ms since the epoch).
     presence_refreshed_ms: AtomicU64,
     healthy: AtomicBool,
+    /// A push other than a message was dropped (its queue was full).
+    lost_pushes: Arc<AtomicBool>,
+    /// A resync (every stream checked against its log) is running.
+    resyncing: AtomicBool,
     subs: mpsc::Sender<SubRequest>,
     /// Taken by `start`: the pub/sub connection and its messages.
     pending_start: Mutex<Option<PendingStart>>,
@@ -298,10 +302,18 @@ impl RedisBroker {
         let urls = conn::seed_urls(&settings.url, settings.cluster)?;
         let (push_tx, push_rx) = mpsc::channel(PUSH_QUEUE);
         let push_metrics = Arc::clone(&metrics);
+        let lost_pushes = Arc::new(AtomicBool::new(false));
+        let lost = Arc::clone(&lost_pushes);
         let (cmd, mut pubsub) = conn::connect(&urls, &settings, move |info| {
-            // Full: drop it; the hub sees the gap and re-reads the log.
-            if push_tx.try_send(info).is_err() {
+            // Full: drop it. A message's loss shows as a gap, which the
+            // hub re-reads from the log; any other push (a disconnection,
+            // a dropped or renewed subscription) has the subscription task
+            // subscribe and check every stream again.
+            if let Err(e) = push_tx.try_send(info) {
                 push_metrics.broker_errors.inc();
+                if !matches!(e.into_inner().kind, PushKind::Message | PushKind::SMessage) {
+                    lost.store(true, Ordering::Relaxed);
+                }
             }
         })
         .await?;
@@ -367,6 +379,8 @@ impl RedisBroker {
             node_index: AtomicU64::new(0),
             presence_refreshed_ms: AtomicU64::new(0),
             healthy: AtomicBool::new(true),
+            lost_pushes,
+            resyncing: AtomicBool::new(false),
             subs,
             pending_start: Mutex::new(Some((pubsub, push_rx, sub_rx))),
             claims: Mutex::new(HashMap::new()),

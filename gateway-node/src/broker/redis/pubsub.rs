@@ -296,9 +296,17 @@ impl RedisBroker {
                 return;
             };
             loop {
-                if r.verify(&node, key.as_deref()).await.is_err() {
-                    // Checked again with every stream when Redis is back.
-                    r.healthy.store(false, Ordering::Relaxed);
+                // Tried again while Redis fails (a shard down elsewhere
+                // holds up the client library's commands); past that, the
+                // stream is checked with every other when Redis is back.
+                let mut tries = 0;
+                while r.verify(&node, key.as_deref()).await.is_err() {
+                    tries += 1;
+                    if tries == CHECK_TRIES {
+                        r.healthy.store(false, Ordering::Relaxed);
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
                 }
                 let mut checks = r.checks.lock();
                 match checks.get_mut(&key) {
@@ -408,6 +416,11 @@ fn stream_of(topic: &str) -> Option<Option<&str>> {
         .map(Some)
 }
 
+/// Attempts at checking a stream after a subscription confirmation
+/// (`RedisBroker::check_subscribed`), each up to `OP_TIMEOUT`, half a second
+/// apart.
+const CHECK_TRIES: u32 = 20;
+
 /// Probes in a row that the cluster connection failed before it is
 /// replaced (see `PubSub::probe`): one may hit a node that just stopped,
 /// or a slow refresh; a connection that hung fails every one.
@@ -483,25 +496,35 @@ pub(super) async fn subscription_task(
                 }
                 let ok = pubsub.ping().await;
                 let was = r.healthy.swap(ok, Ordering::Relaxed);
-                if ok && !was {
-                    info!("redis is back; checking the subscriptions and what the channels missed");
+                let lost = ok && r.lost_pushes.swap(false, Ordering::Relaxed);
+                let back = ok && (!was || lost);
+                if back {
+                    info!(back = !was, lost_pushes = lost, "checking the subscriptions and what the channels missed");
                     // On a cluster the slot of a subscription may have a new
                     // master: subscribing again is harmless where it has not.
-                    if cluster {
-                        for topic in &subscribed {
-                            if pubsub.subscribe(topic).await.is_err() {
-                                r.healthy.store(false, Ordering::Relaxed);
-                                break;
-                            }
-                        }
-                    }
-                    if r.healthy.load(Ordering::Relaxed) {
+                    // All at once, each on its own deadline: a topic whose
+                    // shard is down does not keep the others from being
+                    // subscribed and checked (their confirmations have them
+                    // read from the logs too).
+                    let failed = if cluster || lost {
+                        pubsub.subscribe_all(subscribed.iter()).await
+                    } else {
+                        0
+                    };
+                    // One resync at a time: with a shard down, one can
+                    // outlast a tick (each of its streams waits for its
+                    // deadline), and the next comes with the next tick.
+                    if r.resyncing.swap(true, Ordering::AcqRel) {
+                        r.healthy.store(false, Ordering::Relaxed);
+                    } else {
                         let node = Arc::clone(&node);
                         tokio::spawn(async move {
                             if let Broker::Redis(r) = &node.broker {
-                                if !r.resync(&node).await {
+                                if !r.resync(&node).await || failed > 0 {
+                                    // Everything again on the next tick.
                                     r.healthy.store(false, Ordering::Relaxed);
                                 }
+                                r.resyncing.store(false, Ordering::Release);
                             }
                         });
                     }
@@ -515,13 +538,13 @@ pub(super) async fn subscription_task(
                 // nothing tells the node. So each connection's id is
                 // checked every second; a new one is subscribed again, and
                 // the confirmations have the streams read from the logs.
-                if ok {
-                    let renewed = renewed(&mut connections, pubsub.client_ids().await);
-                    if !renewed.is_empty() && was {
-                        warn!(?renewed, "the redis client replaced a connection; subscribing again");
-                        if pubsub.subscribe_all(subscribed.iter()).await > 0 {
-                            r.healthy.store(false, Ordering::Relaxed);
-                        }
+                // Also while a shard is down (`ok` false): the others'
+                // channels go on.
+                let renewed = renewed(&mut connections, pubsub.client_ids().await);
+                if !renewed.is_empty() && !back {
+                    warn!(?renewed, "the redis client replaced a connection; subscribing again");
+                    if pubsub.subscribe_all(subscribed.iter()).await > 0 {
+                        r.healthy.store(false, Ordering::Relaxed);
                     }
                 }
                 // Channels with no local member: unsubscribe, batched.
