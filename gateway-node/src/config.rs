@@ -153,10 +153,10 @@ pub struct Config {
     /// Write a dispatch to its socket from the thread that fans it out
     /// when the connection has nothing queued and the node keeps up (no
     /// further event waiting to be fanned out), instead of waking the
-    /// connection's writer task: less CPU per delivery. Off by default
-    /// until an intermittent failure of one failover test with it on is
-    /// understood (docs/BENCHMARKS.md, "Direct writes").
-    #[arg(long, env = "GATEWAY_DIRECT_WRITES", default_value_t = false, action = clap::ArgAction::Set)]
+    /// connection's writer task: less CPU per delivery. `false` leaves
+    /// every write to the writer tasks (docs/BENCHMARKS.md, "Direct
+    /// writes").
+    #[arg(long, env = "GATEWAY_DIRECT_WRITES", default_value_t = true, action = clap::ArgAction::Set)]
     pub direct_writes: bool,
     /// WebSocket connections this node admits at once.
     #[arg(long, env = "GATEWAY_MAX_CONNECTIONS", default_value_t = 100_000)]
@@ -233,7 +233,7 @@ impl Default for Config {
             rate_limit_count: 120,
             rate_limit_window_s: 60,
             outbound_limit: 1024,
-            direct_writes: false,
+            direct_writes: true,
             max_connections: 100_000,
             max_connections_per_ip: 0,
             http_header_timeout_ms: 10_000,
