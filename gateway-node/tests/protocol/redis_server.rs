@@ -33,12 +33,29 @@ pub fn temp_dir(kind: &str) -> PathBuf {
     dir
 }
 
+/// Ports of the cluster nodes tests killed, and their bus ports: never
+/// handed out again by this process. A killed master's replicas keep
+/// reconnecting to its address until the failover; one that reached
+/// another test's server there would copy that server's data set (empty)
+/// and be promoted with it (seen once: a key written with `WAIT 1` was
+/// gone from the promoted replica).
+static RETIRED: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+
+fn retired(port: u16) -> bool {
+    RETIRED.lock().unwrap().contains(&port)
+}
+
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    // Held until one is chosen, so that the next bind gets another port.
+    let mut held = Vec::new();
+    loop {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        if !retired(port) {
+            return port;
+        }
+        held.push(listener);
+    }
 }
 
 /// Starts `redis-server` on 127.0.0.1:`port` with `dir` as its working
@@ -391,7 +408,11 @@ fn free_cluster_ports(n: usize, taken: &[u16]) -> Vec<u16> {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         held.push(listener);
-        if port > u16::MAX - BUS_PORT_OFFSET || clashes(port) {
+        if port > u16::MAX - BUS_PORT_OFFSET
+            || clashes(port)
+            || retired(port)
+            || retired(port + BUS_PORT_OFFSET)
+        {
             continue;
         }
         if let Ok(bus) = TcpListener::bind(("127.0.0.1", port + BUS_PORT_OFFSET)) {
@@ -657,6 +678,10 @@ impl RedisCluster {
             .unwrap_or_else(|| panic!("node :{port} is not running"));
         let _ = child.kill();
         let _ = child.wait();
+        RETIRED
+            .lock()
+            .unwrap()
+            .extend([port, port + BUS_PORT_OFFSET]);
         self.killed.insert(port, Killed { id, replicas });
     }
 
