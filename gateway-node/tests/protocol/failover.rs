@@ -391,6 +391,62 @@ async fn a_connection_the_client_library_replaced_is_subscribed_again() {
     assert_eq!(got["content"], "after", "{got}");
 }
 
+/// After a lost connection a node subscribes to every topic again and
+/// reads every stream's log, also when some topic cannot be subscribed
+/// (its shard is down; here an ACL refuses it): the others' missed events
+/// are read. Before, the first topic that failed stopped both, so while a
+/// shard was down no stream was ever read again. The event alice should
+/// get is written to the log only, and the ACL change cuts the node's
+/// connection to that master (Redis disconnects clients subscribed to a
+/// channel they may no longer use).
+#[tokio::test]
+async fn a_topic_that_cannot_be_subscribed_does_not_stop_the_others_catching_up() {
+    let cluster = RedisCluster::start();
+    let a = busy_node(cluster.seed_urls()).await;
+    let live = fresh_channel("live");
+    let refused = fresh_channel("refused");
+    let mut alice = Peer::join(&a, "alice").await;
+    alice.create_and_move(&live).await;
+    let mut carol = Peer::join(&a, "carol").await;
+    carol.create_and_move(&refused).await;
+    say_until_accepted(&mut alice, "before", WAIT).await;
+
+    let log = format!("gw:{{c:{live}}}:log");
+    let owner = cluster.master_for_key(&log);
+    let last = redis_cli(owner, &["XREVRANGE", &log, "+", "-", "COUNT", "1"]);
+    let n: u64 = last.lines().next().unwrap()[2..].parse().unwrap();
+    let missed = format!(
+        r#"MESSAGE_CREATE {{"id":"{}","channel":"{live}","author":{{"id":"ghost","name":"ghost"}},"content":"missed","ts":1}}"#,
+        n + 1
+    );
+    redis_cli(
+        owner,
+        &["XADD", &log, &format!("0-{}", n + 1), "d", &missed],
+    );
+    // Every channel but the refused one stays allowed, on every master.
+    let only_live = format!("&gw:{{c:{live}}}");
+    for master in cluster.masters() {
+        let args = [
+            "ACL",
+            "SETUSER",
+            "default",
+            "resetchannels",
+            "&gw:{g}*",
+            "&gw:{n:*",
+            &only_live,
+        ];
+        assert_eq!(redis_cli(master, &args), "OK");
+    }
+
+    let got = alice.dispatch(Event::MessageCreate).await.cnf;
+    assert_eq!(got["content"], "missed", "{got}");
+    alice
+        .execute("MESSAGE_CREATE", json!({ "content": "after" }))
+        .await;
+    let got = alice.dispatch(Event::MessageCreate).await.cnf;
+    assert_eq!(got["content"], "after", "{got}");
+}
+
 /// Sends `content` to `peer`'s channel until the node accepts it (its echo
 /// comes back); a refusal (4018, while a node replaces a connection that
 /// stopped answering) is answered by sending it again. Panics if it is not
