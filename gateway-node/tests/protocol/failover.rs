@@ -257,23 +257,33 @@ async fn a_master_failover_under_traffic_loses_nothing_silently() {
 fn set_back(store: &Store, room: &str, back: u64, rewrite: bool) {
     let log = format!("gw:{{c:{room}}}:log");
     let topic = format!("gw:{{c:{room}}}");
-    // The last entry's id is `0-n`.
-    let last = store.cli(&log, &["XREVRANGE", &log, "+", "-", "COUNT", "1"]);
-    let n: u64 = last.lines().next().unwrap()[2..].parse().unwrap();
+    let n = last_logged(store, &log);
     for k in n - back + 1..=n {
         store.cli(&log, &["XDEL", &log, &format!("0-{k}")]);
     }
     store.cli(&log, &["XSETID", &log, &format!("0-{}", n - back)]);
     if rewrite {
         for k in n - back + 1..=n {
-            let d = format!(
-                r#"MESSAGE_CREATE {{"id":"{k}","channel":"{room}","author":{{"id":"ghost","name":"ghost"}},"content":"other-{k}","ts":1}}"#
-            );
+            let d = ghost_message(room, k, &format!("other-{k}"));
             store.cli(&log, &["XADD", &log, &format!("0-{k}"), "d", &d]);
             store.cli(&topic, &["PUBLISH", &topic, &format!("{k} 0 {d}")]);
         }
     }
     store.cli(&topic, &["CLIENT", "KILL", "TYPE", "pubsub"]);
+}
+
+/// The `n` of the last event in the channel log `log` (entry id `0-n`).
+fn last_logged(store: &Store, log: &str) -> u64 {
+    let last = store.cli(log, &["XREVRANGE", log, "+", "-", "COUNT", "1"]);
+    last.lines().next().unwrap()[2..].parse().unwrap()
+}
+
+/// A log entry of a MESSAGE_CREATE with id `id` in `room`, by a "ghost"
+/// no node published.
+fn ghost_message(room: &str, id: u64, content: &str) -> String {
+    format!(
+        r#"MESSAGE_CREATE {{"id":"{id}","channel":"{room}","author":{{"id":"ghost","name":"ghost"}},"content":"{content}","ts":1}}"#
+    )
 }
 
 async fn a_log_that_went_back_ends_its_sessions(rewrite: bool) {
@@ -350,8 +360,7 @@ async fn a_connection_the_client_library_replaced_is_subscribed_again() {
     let url = cluster.seed_urls();
     let (a, b) = (busy_node(url.clone()).await, busy_node(url).await);
     let key = |channel: &str| format!("gw:{{c:{channel}}}:meta");
-    let slot =
-        |channel: &str| redis_cli(cluster.any_master(), &["CLUSTER", "KEYSLOT", &key(channel)]);
+    let slot = |channel: &str| cluster.slot(&key(channel));
     let room = fresh_channel("replaced");
     let master = cluster.master_for_key(&key(&room));
     // A second channel of node A on that master, in another slot: the
@@ -401,8 +410,8 @@ async fn a_connection_the_client_library_replaced_is_subscribed_again() {
 /// channel they may no longer use).
 #[tokio::test]
 async fn a_topic_that_cannot_be_subscribed_does_not_stop_the_others_catching_up() {
-    let cluster = RedisCluster::start();
-    let a = busy_node(cluster.seed_urls()).await;
+    let store = Store::cluster();
+    let a = busy_node(store.url()).await;
     let live = fresh_channel("live");
     let refused = fresh_channel("refused");
     let mut alice = Peer::join(&a, "alice").await;
@@ -412,20 +421,12 @@ async fn a_topic_that_cannot_be_subscribed_does_not_stop_the_others_catching_up(
     say_until_accepted(&mut alice, "before", WAIT).await;
 
     let log = format!("gw:{{c:{live}}}:log");
-    let owner = cluster.master_for_key(&log);
-    let last = redis_cli(owner, &["XREVRANGE", &log, "+", "-", "COUNT", "1"]);
-    let n: u64 = last.lines().next().unwrap()[2..].parse().unwrap();
-    let missed = format!(
-        r#"MESSAGE_CREATE {{"id":"{}","channel":"{live}","author":{{"id":"ghost","name":"ghost"}},"content":"missed","ts":1}}"#,
-        n + 1
-    );
-    redis_cli(
-        owner,
-        &["XADD", &log, &format!("0-{}", n + 1), "d", &missed],
-    );
-    // Every channel but the refused one stays allowed, on every master.
+    let n = last_logged(&store, &log) + 1;
+    let missed = ghost_message(&live, n, "missed");
+    store.cli(&log, &["XADD", &log, &format!("0-{n}"), "d", &missed]);
+    // Every channel but the refused one stays allowed, on every server.
     let only_live = format!("&gw:{{c:{live}}}");
-    for master in cluster.masters() {
+    for server in store.ports() {
         let args = [
             "ACL",
             "SETUSER",
@@ -435,7 +436,7 @@ async fn a_topic_that_cannot_be_subscribed_does_not_stop_the_others_catching_up(
             "&gw:{n:*",
             &only_live,
         ];
-        assert_eq!(redis_cli(master, &args), "OK");
+        assert_eq!(redis_cli(server, &args), "OK");
     }
 
     let got = alice.dispatch(Event::MessageCreate).await.cnf;

@@ -600,10 +600,7 @@ impl RedisCluster {
     /// The port of the master that serves `key`'s slot in the cluster's
     /// configuration (until a failover completes, that may be a dead node).
     pub fn master_for_key(&self, key: &str) -> u16 {
-        let port = self.any_running();
-        let slot: u16 = redis_cli(port, &["CLUSTER", "KEYSLOT", key])
-            .parse()
-            .unwrap();
+        let slot = self.slot(key);
         self.nodes_view()
             .into_iter()
             .find(|n| n.has_flag("master") && n.serves(slot))
@@ -611,13 +608,19 @@ impl RedisCluster {
             .port
     }
 
+    /// The slot of `key`.
+    pub fn slot(&self, key: &str) -> u16 {
+        redis_cli(self.any_running(), &["CLUSTER", "KEYSLOT", key])
+            .parse()
+            .unwrap()
+    }
+
     /// Gives the slot of `key`, which must hold no key yet, to another
     /// master (`CLUSTER SETSLOT … NODE` on every master): a client that
-    /// knew the old owner is redirected with MOVED there. Returns the new
-    /// owner's port.
-    pub fn move_empty_slot(&self, key: &str) -> u16 {
+    /// knew the old owner is redirected with MOVED there.
+    pub fn move_empty_slot(&self, key: &str) {
         let owner = self.master_for_key(key);
-        let slot = redis_cli(owner, &["CLUSTER", "KEYSLOT", key]);
+        let slot = self.slot(key).to_string();
         let view = self.nodes_view();
         let target = view
             .iter()
@@ -637,12 +640,6 @@ impl RedisCluster {
                 target.id
             );
         }
-        target.port
-    }
-
-    /// The port of a running master.
-    pub fn any_master(&self) -> u16 {
-        self.masters()[0]
     }
 
     /// How many slots the node on `port` serves.

@@ -193,13 +193,11 @@ impl PubSub {
         let asks = masters(&slots).into_iter().map(|(host, port)| {
             let (mut c, cmd) = (c.clone(), cmd.clone());
             async move {
-                let at = SingleNodeRoutingInfo::ByAddress {
-                    host: host.clone(),
-                    port,
-                };
+                let master = format!("{host}:{port}");
+                let at = SingleNodeRoutingInfo::ByAddress { host, port };
                 let id = c.route_command(cmd, RoutingInfo::SingleNode(at));
                 match tokio::time::timeout(CHECK_TIMEOUT, id).await {
-                    Ok(Ok(Value::Int(id))) => Some((format!("{host}:{port}"), id)),
+                    Ok(Ok(Value::Int(id))) => Some((master, id)),
                     _ => None,
                 }
             }

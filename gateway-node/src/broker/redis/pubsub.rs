@@ -213,23 +213,13 @@ impl RedisBroker {
             PushKind::Unsubscribe | PushKind::SUnsubscribe => {
                 // Ours, or Redis dropping a slot's subscriptions (it moved
                 // or failed over): the subscription task tells them apart.
-                if let Some(topic) = info
-                    .data
-                    .first()
-                    .and_then(|t| redis::from_redis_value::<String>(t.clone()).ok())
-                {
+                if let Some(topic) = push_topic(&info) {
                     let _ = self.subs.send(SubRequest::Dropped(topic)).await;
                 }
                 return;
             }
             PushKind::Subscribe | PushKind::SSubscribe => {
-                if let Some(stream) = info
-                    .data
-                    .first()
-                    .and_then(|t| redis::from_redis_value::<String>(t.clone()).ok())
-                    .as_deref()
-                    .and_then(stream_of)
-                {
+                if let Some(stream) = push_topic(&info).as_deref().and_then(stream_of) {
                     self.check_subscribed(node, stream);
                 }
                 return;
@@ -241,13 +231,8 @@ impl RedisBroker {
         };
         let topic = msg.get_channel_name();
         let payload = msg.get_payload_bytes();
-        if let Some(name) = topic
-            .strip_prefix("gw:{c:")
-            .and_then(|t| t.strip_suffix('}'))
-        {
-            self.on_channel_message(node, Some(name), payload, writes);
-        } else if topic == GLOBAL_TOPIC {
-            self.on_channel_message(node, None, payload, writes);
+        if let Some(stream) = stream_of(topic) {
+            self.on_channel_message(node, stream, payload, writes);
         } else if topic == CONTROL_TOPIC {
             let Ok(text) = std::str::from_utf8(payload) else {
                 return;
@@ -404,6 +389,11 @@ impl RedisBroker {
     }
 }
 
+/// The topic a (un)subscribe confirmation names.
+fn push_topic(info: &PushInfo) -> Option<String> {
+    redis::from_redis_value(info.data.first()?.clone()).ok()
+}
+
 /// The stream a topic carries: a chat channel's, the global one (`None`),
 /// or none at all (control topics).
 fn stream_of(topic: &str) -> Option<Option<&str>> {
@@ -498,37 +488,6 @@ pub(super) async fn subscription_task(
                 let was = r.healthy.swap(ok, Ordering::Relaxed);
                 let lost = ok && r.lost_pushes.swap(false, Ordering::Relaxed);
                 let back = ok && (!was || lost);
-                if back {
-                    info!(back = !was, lost_pushes = lost, "checking the subscriptions and what the channels missed");
-                    // On a cluster the slot of a subscription may have a new
-                    // master: subscribing again is harmless where it has not.
-                    // All at once, each on its own deadline: a topic whose
-                    // shard is down does not keep the others from being
-                    // subscribed and checked (their confirmations have them
-                    // read from the logs too).
-                    let failed = if cluster || lost {
-                        pubsub.subscribe_all(subscribed.iter()).await
-                    } else {
-                        0
-                    };
-                    // One resync at a time: with a shard down, one can
-                    // outlast a tick (each of its streams waits for its
-                    // deadline), and the next comes with the next tick.
-                    if r.resyncing.swap(true, Ordering::AcqRel) {
-                        r.healthy.store(false, Ordering::Relaxed);
-                    } else {
-                        let node = Arc::clone(&node);
-                        tokio::spawn(async move {
-                            if let Broker::Redis(r) = &node.broker {
-                                if !r.resync(&node).await || failed > 0 {
-                                    // Everything again on the next tick.
-                                    r.healthy.store(false, Ordering::Relaxed);
-                                }
-                                r.resyncing.store(false, Ordering::Release);
-                            }
-                        });
-                    }
-                }
                 // The client library replaces connections by itself (one
                 // slow to answer its check during a topology refresh) and
                 // subscribes again on the new one, but on a cluster it asks
@@ -536,16 +495,30 @@ pub(super) async fn subscription_task(
                 // which Redis refuses when they span several slots
                 // (CROSSSLOT): the subscriptions there are gone, and
                 // nothing tells the node. So each connection's id is
-                // checked every second; a new one is subscribed again, and
-                // the confirmations have the streams read from the logs.
-                // Also while a shard is down (`ok` false): the others'
-                // channels go on.
+                // checked every second, also while a shard is down (`ok`
+                // false: the others' channels go on).
                 let renewed = renewed(&mut connections, pubsub.client_ids().await);
-                if !renewed.is_empty() && !back {
+                if !renewed.is_empty() {
                     warn!(?renewed, "the redis client replaced a connection; subscribing again");
-                    if pubsub.subscribe_all(subscribed.iter()).await > 0 {
-                        r.healthy.store(false, Ordering::Relaxed);
-                    }
+                }
+                if back {
+                    info!(back = !was, lost_pushes = lost, "checking the subscriptions and what the channels missed");
+                }
+                // Every topic again, all at once, each on its own deadline
+                // (a topic whose shard is down does not hold up the
+                // others): after a renewed connection; after a lost one on
+                // a cluster, where a slot may have a new master. The
+                // confirmations have the streams read from their logs.
+                let resubscribe = !renewed.is_empty() || (back && (cluster || lost));
+                let failed = if resubscribe {
+                    pubsub.subscribe_all(subscribed.iter()).await
+                } else {
+                    0
+                };
+                if back {
+                    r.spawn_resync(&node, failed);
+                } else if failed > 0 {
+                    r.healthy.store(false, Ordering::Relaxed);
                 }
                 // Channels with no local member: unsubscribe, batched.
                 let empty: Vec<String> = r.hub.take_empty().iter().map(|n| channel_topic(n)).filter(|t| subscribed.contains(t)).collect();
@@ -598,12 +571,26 @@ impl RedisBroker {
             topics = subscribed.len(),
             failed, "redis cluster connection replaced; subscribed again"
         );
+        self.spawn_resync(node, failed);
+    }
+
+    /// Checks every stream against its log in the background, one such
+    /// check at a time (with a shard down one can outlast a tick: each of
+    /// its streams waits for its deadline); `failed` topics could not be
+    /// subscribed again. Any failure leaves `healthy` false, so that the
+    /// next tick subscribes and checks again.
+    fn spawn_resync(&self, node: &Arc<Node>, failed: usize) {
+        if self.resyncing.swap(true, Ordering::AcqRel) {
+            self.healthy.store(false, Ordering::Relaxed);
+            return;
+        }
         let node = Arc::clone(node);
         tokio::spawn(async move {
             if let Broker::Redis(r) = &node.broker {
                 if !r.resync(&node).await || failed > 0 {
                     r.healthy.store(false, Ordering::Relaxed);
                 }
+                r.resyncing.store(false, Ordering::Release);
             }
         });
     }
