@@ -21,6 +21,10 @@
 # figures): PERF_DATA=FILE records the first node with `perf record -g`;
 # SYSCALLS=1 counts the nodes' system calls and context switches with
 # `perf stat` (in the report as bench.node_syscalls, and per delivery).
+# REDIS_CPUS=LIST pins the one Redis to those CPUs and everything else the
+# run starts (nodes, tester) to BENCH_CPUS (taskset lists, e.g.
+# REDIS_CPUS=1 BENCH_CPUS=0: Redis with a core of its own, as on a host of
+# its own).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NAME="$1"; IMPL="$2"; shift 2
@@ -39,6 +43,10 @@ elif [ "${REDIS_MODE:-single}" = cluster ]; then
 else
   start_redis
   REDIS_PORTS="$REDIS_PORT"
+  if [ -n "${REDIS_CPUS:-}" ]; then
+    taskset -apc "$REDIS_CPUS" "${PIDS[-1]}" >/dev/null
+    taskset -pc "${BENCH_CPUS:?REDIS_CPUS needs BENCH_CPUS}" $$ >/dev/null
+  fi
   if [ "${REDIS_TRANSPORT:-tcp}" = unix ]; then
     REDIS_ENV=(GATEWAY_REDIS_URL="unix://$REDIS_SOCKET")
   else

@@ -37,6 +37,7 @@ use redis::{
     Cmd, ConnectionInfo, IntoConnectionInfo, Pipeline, PushInfo, RedisFuture, RedisResult,
     TlsCertificates, Value,
 };
+use std::ops::RangeInclusive;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -165,18 +166,19 @@ impl PubSub {
     }
 
     /// The id Redis gives this connection's client on every master it
-    /// holds (`CLIENT ID` on each; `""` on one Redis): a new id means the
-    /// client library replaced that connection, and the subscriptions on
-    /// it may be gone (see `subscription_task`). Masters that do not
+    /// holds (`CLIENT ID` on each), with the slots that master serves: a
+    /// new id means the client library replaced that connection, and the
+    /// subscriptions on it may be gone (see `subscription_task`). One Redis
+    /// is one master named `""` serving every slot. Masters that do not
     /// answer within `CHECK_TIMEOUT` are left out.
-    pub async fn client_ids(&self) -> Vec<(String, i64)> {
+    pub async fn client_ids(&self) -> Vec<(Master, i64)> {
         let cmd = redis::cmd("CLIENT").arg("ID").to_owned();
         let c = match self {
             Self::Single(c) => {
                 let mut c = c.clone();
                 let id = tokio::time::timeout(CHECK_TIMEOUT, cmd.query_async::<i64>(&mut c)).await;
                 return match id {
-                    Ok(Ok(id)) => vec![(String::new(), id)],
+                    Ok(Ok(id)) => vec![(Master::whole(), id)],
                     _ => Vec::new(),
                 };
             }
@@ -190,11 +192,13 @@ impl PubSub {
         let Ok(Ok(slots)) = tokio::time::timeout(CHECK_TIMEOUT, slots).await else {
             return Vec::new();
         };
-        let asks = masters(&slots).into_iter().map(|(host, port)| {
+        let asks = masters(&slots).into_iter().map(|master| {
             let (mut c, cmd) = (c.clone(), cmd.clone());
             async move {
-                let master = format!("{host}:{port}");
-                let at = SingleNodeRoutingInfo::ByAddress { host, port };
+                let at = SingleNodeRoutingInfo::ByAddress {
+                    host: master.host.clone(),
+                    port: master.port,
+                };
                 let id = c.route_command(cmd, RoutingInfo::SingleNode(at));
                 match tokio::time::timeout(CHECK_TIMEOUT, id).await {
                     Ok(Ok(Value::Int(id))) => Some((master, id)),
@@ -247,16 +251,81 @@ impl PubSub {
     }
 }
 
-/// The masters' addresses in a `CLUSTER SLOTS` reply, each once: every
-/// range is `[start, end, [host, port, id, …], replicas…]`.
-fn masters(slots: &Value) -> Vec<(String, u16)> {
+/// A Redis master as `CLUSTER SLOTS` tells it: where it is and which
+/// slots it serves.
+#[derive(Clone, Debug, PartialEq)]
+pub(super) struct Master {
+    pub host: String,
+    pub port: u16,
+    pub slots: Vec<RangeInclusive<u16>>,
+}
+
+impl Master {
+    /// One Redis: every slot, no address.
+    fn whole() -> Self {
+        Self {
+            host: String::new(),
+            port: 0,
+            slots: vec![0..=SLOTS - 1],
+        }
+    }
+
+    /// `host:port`, or `""` for one Redis.
+    pub fn name(&self) -> String {
+        if self.host.is_empty() {
+            String::new()
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+
+    /// Whether `key` (a key or a shard channel) lives on this master.
+    pub fn holds(&self, key: &str) -> bool {
+        let slot = key_slot(key.as_bytes());
+        self.slots.iter().any(|r| r.contains(&slot))
+    }
+}
+
+/// Hash slots in Redis Cluster.
+const SLOTS: u16 = 16384;
+
+/// The hash slot of a key, as Redis Cluster computes it: CRC16 (XMODEM)
+/// of its hash tag (the part inside the first `{…}`, when not empty),
+/// else of the whole key, modulo 16384.
+pub(super) fn key_slot(key: &[u8]) -> u16 {
+    let tagged = key.iter().position(|&b| b == b'{').and_then(|open| {
+        let close = key[open + 1..].iter().position(|&b| b == b'}')?;
+        (close > 0).then(|| &key[open + 1..open + 1 + close])
+    });
+    let mut crc: u16 = 0;
+    for &byte in tagged.unwrap_or(key) {
+        crc ^= u16::from(byte) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc % SLOTS
+}
+
+/// The masters in a `CLUSTER SLOTS` reply, each once with all its ranges:
+/// every range is `[start, end, [host, port, id, …], replicas…]`.
+fn masters(slots: &Value) -> Vec<Master> {
     let Value::Array(ranges) = slots else {
         return Vec::new();
     };
-    let mut masters: Vec<(String, u16)> = Vec::new();
+    let mut masters: Vec<Master> = Vec::new();
     for range in ranges {
         let Value::Array(range) = range else { continue };
-        let Some(Value::Array(master)) = range.get(2) else {
+        let (Some(Value::Int(start)), Some(Value::Int(end)), Some(Value::Array(master))) =
+            (range.first(), range.get(1), range.get(2))
+        else {
+            continue;
+        };
+        let (Ok(start), Ok(end)) = (u16::try_from(*start), u16::try_from(*end)) else {
             continue;
         };
         let host = match master.first() {
@@ -271,10 +340,20 @@ fn masters(slots: &Value) -> Vec<(String, u16)> {
             continue;
         };
         // An unknown endpoint ("" or "?") cannot be asked by address.
-        if host.is_empty() || host == "?" || masters.contains(&(host.clone(), port)) {
+        if host.is_empty() || host == "?" {
             continue;
         }
-        masters.push((host, port));
+        match masters
+            .iter_mut()
+            .find(|m| m.host == host && m.port == port)
+        {
+            Some(m) => m.slots.push(start..=end),
+            None => masters.push(Master {
+                host,
+                port,
+                slots: vec![start..=end],
+            }),
+        }
     }
     masters
 }
@@ -485,11 +564,39 @@ mod tests {
             range(30, node("?", 7004), node("10.0.0.5", 7005)),
             Value::Int(1),
         ]);
+        let master = |host: &str, port, slots: &[(u16, u16)]| Master {
+            host: host.to_owned(),
+            port,
+            slots: slots.iter().map(|&(a, b)| a..=b).collect(),
+        };
         assert_eq!(
             masters(&slots),
-            vec![("10.0.0.1".to_owned(), 7000), ("10.0.0.3".to_owned(), 7002)]
+            vec![
+                master("10.0.0.1", 7000, &[(0, 9), (20, 29)]),
+                master("10.0.0.3", 7002, &[(10, 19)])
+            ]
         );
         assert!(masters(&Value::Nil).is_empty());
+    }
+
+    #[test]
+    fn key_slots_are_redis_cluster_slots() {
+        // Values from CLUSTER KEYSLOT of a cluster-enabled Redis 7.0.
+        assert_eq!(key_slot(b"123456789"), 0x31c3);
+        assert_eq!(key_slot(b"foo"), 12182);
+        assert_eq!(key_slot(b"bar"), 5061);
+        // The hash tag alone counts; an empty one does not.
+        assert_eq!(key_slot(b"{user1000}.following"), 3443);
+        assert_eq!(key_slot(b"foo{}{bar}"), 8363);
+        assert_eq!(key_slot(b"foo{{bar}}zap"), 4015);
+        assert_eq!(key_slot(b"gw:{c:general}"), 9276);
+        let master = Master {
+            host: "h".to_owned(),
+            port: 1,
+            slots: vec![5000..=5100, 12000..=12200],
+        };
+        assert!(master.holds("foo") && master.holds("bar") && !master.holds("123456789"));
+        assert!(Master::whole().holds("123456789"));
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! hands what arrives to the hub. Gaps are filled from the logs, and claim
 //! requests from other nodes are answered here.
 
-use super::conn::PubSub;
+use super::conn::{Master, PubSub};
 use super::{
     channel_topic, ck, node_topic, RedisBroker, SubRequest, CONTROL_TOPIC, GLOBAL_LOG, GLOBAL_META,
     GLOBAL_TOPIC, OP_TIMEOUT,
@@ -499,19 +499,25 @@ pub(super) async fn subscription_task(
                 // false: the others' channels go on).
                 let renewed = renewed(&mut connections, pubsub.client_ids().await);
                 if !renewed.is_empty() {
-                    warn!(?renewed, "the redis client replaced a connection; subscribing again");
+                    let masters: Vec<String> = renewed.iter().map(Master::name).collect();
+                    warn!(?masters, "the redis client replaced a connection; subscribing again");
                 }
                 if back {
                     info!(back = !was, lost_pushes = lost, "checking the subscriptions and what the channels missed");
                 }
-                // Every topic again, all at once, each on its own deadline
-                // (a topic whose shard is down does not hold up the
-                // others): after a renewed connection; after a lost one on
-                // a cluster, where a slot may have a new master. The
-                // confirmations have the streams read from their logs.
-                let resubscribe = !renewed.is_empty() || (back && (cluster || lost));
-                let failed = if resubscribe {
+                // Topics again, all at once, each on its own deadline (a
+                // topic whose shard is down does not hold up the others):
+                // every one after a lost connection on a cluster, where a
+                // slot may have a new master; those of the renewed masters'
+                // slots after a renewed connection (with a shard down that
+                // can be every second: not all of a node's channels each
+                // time). The confirmations have the streams read from
+                // their logs.
+                let failed = if back && (cluster || lost) {
                     pubsub.subscribe_all(subscribed.iter()).await
+                } else if !renewed.is_empty() {
+                    let topics = subscribed.iter().filter(|t| renewed.iter().any(|m| m.holds(t)));
+                    pubsub.subscribe_all(topics).await
                 } else {
                     0
                 };
@@ -536,11 +542,11 @@ pub(super) async fn subscription_task(
 /// returns the masters whose connection is new since the last check:
 /// replaced, or to a master not seen before (one promoted by a failover).
 /// The first check only records.
-fn renewed(known: &mut HashMap<String, i64>, ids: Vec<(String, i64)>) -> Vec<String> {
+fn renewed(known: &mut HashMap<String, i64>, ids: Vec<(Master, i64)>) -> Vec<Master> {
     let first = known.is_empty();
     let mut renewed = Vec::new();
     for (master, id) in ids {
-        match known.insert(master.clone(), id) {
+        match known.insert(master.name(), id) {
             Some(old) if old == id => {}
             None if first => {}
             _ => renewed.push(master),
@@ -621,13 +627,25 @@ mod tests {
     #[test]
     fn a_connection_with_a_new_id_is_renewed() {
         let mut known = HashMap::new();
-        let ids = |list: &[(&str, i64)]| list.iter().map(|(m, i)| ((*m).to_owned(), *i)).collect();
+        let master = |host: &str| Master {
+            host: host.to_owned(),
+            port: 7000,
+            slots: vec![0..=9],
+        };
+        let ids = |list: &[(&str, i64)]| list.iter().map(|(m, i)| (master(m), *i)).collect();
+        let names = |masters: Vec<Master>| masters.iter().map(Master::name).collect::<Vec<_>>();
         assert!(renewed(&mut known, ids(&[("a", 1), ("b", 2)])).is_empty());
         assert!(renewed(&mut known, ids(&[("a", 1), ("b", 2)])).is_empty());
         // A master that did not answer is not renewed, nor forgotten.
         assert!(renewed(&mut known, ids(&[("b", 2)])).is_empty());
-        assert_eq!(renewed(&mut known, ids(&[("a", 1), ("b", 7)])), ["b"]);
-        assert_eq!(renewed(&mut known, ids(&[("a", 1), ("c", 3)])), ["c"]);
+        assert_eq!(
+            names(renewed(&mut known, ids(&[("a", 1), ("b", 7)]))),
+            ["b:7000"]
+        );
+        assert_eq!(
+            names(renewed(&mut known, ids(&[("a", 1), ("c", 3)]))),
+            ["c:7000"]
+        );
         assert!(renewed(&mut known, ids(&[("a", 1), ("b", 7), ("c", 3)])).is_empty());
     }
 
