@@ -119,7 +119,11 @@ PIDS+=("${PERF_PIDS[@]}")
 sleep "${PERF_PIDS:+0.5}0"
 rc=0
 REDIS_URLS="$(for port in $REDIS_PORTS; do echo "redis://127.0.0.1:$port"; done | paste -sd, -)"
-"$LT" "$@" --urls "$URLS" --jwt-secret "$SECRET" ${REDIS_URLS:+--redis "$REDIS_URLS"} --json "bench/results/$NAME.json" --quiet || rc=$?
+# The tester's own CPU (with its worker processes): on one box it competes
+# with the nodes for the same cores.
+TIMEFORMAT='%U %S'
+{ time "$LT" "$@" --urls "$URLS" --jwt-secret "$SECRET" ${REDIS_URLS:+--redis "$REDIS_URLS"} \
+  --json "bench/results/$NAME.json" --quiet 2>&3 || rc=$?; } 3>&2 2>"$TMP/tester-time"
 CPU1=$(cpu)
 for pid in "${PERF_PIDS[@]}"; do kill -INT "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; done
 [ -f "$TMP/perf-stat.csv" ] || : >"$TMP/perf-stat.csv"
@@ -128,7 +132,7 @@ for port in $REDIS_PORTS; do
   redis-cli -p "$port" info commandstats | tr -d '\r' | grep '^cmdstat_' || true
 done >"$TMP/commandstats"
 # Node and Redis CPU per delivered / published message, added to the report.
-python3 - "bench/results/$NAME.json" "$CPU0" "$CPU1" "$IMPL" "$NODES" "$RCPU0" "$RCPU1" "$TMP/commandstats" "${REDIS_MODE:-single}" "$TMP/perf-stat.csv" <<'PY'
+python3 - "bench/results/$NAME.json" "$CPU0" "$CPU1" "$IMPL" "$NODES" "$RCPU0" "$RCPU1" "$TMP/commandstats" "${REDIS_MODE:-single}" "$TMP/perf-stat.csv" "$TMP/tester-time" <<'PY'
 import json, sys
 path, c0, c1, impl, nodes = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), sys.argv[4], int(sys.argv[5])
 per0 = dict(kv.split("=") for kv in sys.argv[6].split())
@@ -150,6 +154,9 @@ for line in open(sys.argv[8]):
     s = stats.setdefault(name.removeprefix("cmdstat_"), {"calls": 0, "usec": 0})
     s["calls"] += int(f["calls"])
     s["usec"] += int(f["usec"])
+tester = open(sys.argv[11]).read().split()
+if len(tester) == 2:
+    r["bench"]["tester_cpu_s"] = round(float(tester[0]) + float(tester[1]), 3)
 r["bench"]["redis_commands"] = dict(sorted(stats.items(), key=lambda kv: -kv[1]["calls"]))
 # perf stat -x, lines: value,unit,event,… (SYSCALLS=1)
 calls = {}
@@ -163,6 +170,8 @@ if calls:
         r["bench"]["node_syscalls_per_delivery"] = {k: round(v / r["delivered"], 4) for k, v in calls.items()}
 json.dump(r, open(path, "w"), indent=2)
 print(f"  node cpu               {c1 - c0:.2f} s" + (f" ({r['bench']['node_cpu_us_per_delivery']} us per delivery)" if r.get("delivered") else ""))
+if "tester_cpu_s" in r["bench"]:
+    print(f"  tester cpu             {r['bench']['tester_cpu_s']:.2f} s")
 print(f"  redis cpu              {r1 - r0:.2f} s" + (f" ({r['bench']['redis_cpu_us_per_message']} us per message sent)" if r.get("sent") else ""))
 if len(per) > 1:
     print("  redis cpu per server   " + ", ".join(f":{p} {v:.2f} s" for p, v in per.items()))
