@@ -71,21 +71,13 @@ start_redis
 redis-cli -p "$REDIS_PORT" config set maxclients 1000 >/dev/null
 
 SECRET=bench-secret-bench-secret-bench-secret-0123
-NODE_PIDS=()
-URLS=""
 for i in $(seq 1 "$NODES"); do
-  port="$(free_port)"
   # Per-address limit off: all clients come from 127.0.0.x. Rate limit up:
   # the final message is one execute, but nothing here should hit 4008.
-  env GATEWAY_JWT_SECRET="$SECRET" GATEWAY_LISTEN="127.0.0.1:$port" \
+  start_node "node$i" "$GW" GATEWAY_JWT_SECRET="$SECRET" \
     GATEWAY_REDIS_URL="redis://127.0.0.1:$REDIS_PORT/" GATEWAY_NODE_ID="bench-$i" GATEWAY_LOG=warn \
     GATEWAY_MAX_CONNECTIONS_PER_IP=0 GATEWAY_MAX_CONNECTIONS=$((per_node + 1000)) \
-    GATEWAY_RATE_LIMIT_COUNT=1000000 GATEWAY_DEMO=false GATEWAY_WORKER_THREADS="$WORKER_THREADS" \
-    "$GW" serve >"$TMP/node$i.log" 2>&1 &
-  PIDS+=($!)
-  NODE_PIDS+=($!)
-  until curl -fsS "http://127.0.0.1:$port/readyz" >/dev/null 2>&1; do sleep 0.05; done
-  URLS="${URLS:+$URLS,}ws://127.0.0.1:$port/gateway"
+    GATEWAY_RATE_LIMIT_COUNT=1000000 GATEWAY_DEMO=false GATEWAY_WORKER_THREADS="$WORKER_THREADS"
 done
 REDIS_PID="${PIDS[0]}"
 

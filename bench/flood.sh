@@ -21,13 +21,10 @@ BIN="${BIN:-target/release/gateway-node}"
 
 source scripts/lib-processes.sh
 SECRET=flood-secret-flood-secret-flood-secret-0123
-port="$(free_port)"
-GATEWAY_JWT_SECRET="$SECRET" GATEWAY_LISTEN="127.0.0.1:$port" GATEWAY_NODE_ID=flood \
-  GATEWAY_RATE_LIMIT_COUNT="${GATEWAY_RATE_LIMIT_COUNT:-1000000}" GATEWAY_LOG="${GATEWAY_LOG:-error}" \
-  "$BIN" serve >"$TMP/node.log" 2>&1 &
-NODE=$!
-PIDS+=("$NODE")
-until curl -fsS "http://127.0.0.1:$port/healthz" >/dev/null 2>&1; do sleep 0.05; done
+start_node node "$BIN" GATEWAY_JWT_SECRET="$SECRET" GATEWAY_NODE_ID=flood \
+  GATEWAY_RATE_LIMIT_COUNT="${GATEWAY_RATE_LIMIT_COUNT:-1000000}" GATEWAY_LOG="${GATEWAY_LOG:-error}"
+NODE=$NODE_PID
+port=$NODE_PORT
 echo "node pid $NODE on 127.0.0.1:$port, $(nproc) cores, open files per process $(ulimit -n)"
 for round in $(seq 1 "${ROUNDS:-1}"); do
   [ "${ROUNDS:-1}" = 1 ] || echo "== flood $round of $ROUNDS against the same node"

@@ -54,16 +54,17 @@ else
   fi
 fi
 
-NODE_PIDS=()
 SECRET=bench-secret-bench-secret-bench-secret-0123
-URLS=""
 for i in $(seq 1 "$NODES"); do
-  port="$(free_port)"
   if [ "$IMPL" = rust ]; then
-    env GATEWAY_JWT_SECRET="$SECRET" GATEWAY_LISTEN="127.0.0.1:$port" "${REDIS_ENV[@]}" \
+    start_node "node$i" "${GATEWAY_BIN:-target/release/gateway-node}" GATEWAY_JWT_SECRET="$SECRET" "${REDIS_ENV[@]}" \
       GATEWAY_RATE_LIMIT_COUNT=1000000 GATEWAY_NODE_ID="bench-$i" GATEWAY_LOG=warn \
-      ${WORKER_THREADS:+GATEWAY_WORKER_THREADS=$WORKER_THREADS} "${GATEWAY_BIN:-target/release/gateway-node}" serve >"$TMP/node$i.log" 2>&1 &
-  elif [ "$IMPL" = bun ]; then
+      ${WORKER_THREADS:+GATEWAY_WORKER_THREADS=$WORKER_THREADS}
+    continue
+  fi
+  # The peers: no /readyz, so /metrics tells that they listen.
+  port="$(free_port)"
+  if [ "$IMPL" = bun ]; then
     BUN=bench/bun-peer/node_modules/@oven/bun-linux-x64/bin/bun
     [ -x "$BUN" ] || { echo "run npm ci in bench/bun-peer first" >&2; exit 2; }
     REDIS_URL="redis://127.0.0.1:$REDIS_PORT" JWT_SECRET="$SECRET" PORT="$port" \

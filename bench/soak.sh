@@ -32,18 +32,10 @@ done
 source scripts/lib-processes.sh
 start_redis
 SECRET=soak-secret-soak-secret-soak-secret-0123
-NODE_PIDS=()
-URLS=""
 for i in 1 2; do
-  port="$(free_port)"
-  env GATEWAY_JWT_SECRET="$SECRET" GATEWAY_LISTEN="127.0.0.1:$port" \
+  start_node "node$i" "$BIN_DIR/gateway-node" GATEWAY_JWT_SECRET="$SECRET" \
     GATEWAY_REDIS_URL="redis://127.0.0.1:$REDIS_PORT/" GATEWAY_NODE_ID="soak-$i" \
-    GATEWAY_RATE_LIMIT_COUNT=1000000 GATEWAY_LOG=warn GATEWAY_DEMO=false \
-    "$BIN_DIR/gateway-node" >"$TMP/node$i.log" 2>&1 &
-  PIDS+=($!)
-  NODE_PIDS+=($!)
-  until curl -fsS "http://127.0.0.1:$port/readyz" >/dev/null 2>&1; do sleep 0.05; done
-  URLS="${URLS:+$URLS,}ws://127.0.0.1:$port/gateway"
+    GATEWAY_RATE_LIMIT_COUNT=1000000 GATEWAY_LOG=warn GATEWAY_DEMO=false
 done
 
 OUT="${SOAK_OUT:-bench/results}"

@@ -21,26 +21,11 @@ else
 fi
 
 SECRET="$(python3 -c 'import secrets; print(secrets.token_hex(24))')"
-URLS=""
-NODE_PIDS=""
 for i in 1 2; do
-  port="$(free_port)"
-  env GATEWAY_JWT_SECRET="$SECRET" GATEWAY_HB_INT_MS=3000 GATEWAY_LISTEN="127.0.0.1:$port" \
-    "${REDIS_ENV[@]}" GATEWAY_NODE_ID="conformance-$i" \
-    "$BIN" serve >"$TMP/node$i.log" 2>&1 &
-  pid=$!
-  PIDS+=("$pid")
-  ok=""
-  for _ in $(seq 1 300); do
-    if curl -fsS "http://127.0.0.1:$port/readyz" >/dev/null 2>&1; then ok=1; break; fi
-    kill -0 "$pid" 2>/dev/null || break
-    sleep 0.1
-  done
-  [ -n "$ok" ] || { echo "node $i did not become ready:" >&2; tail -n 30 "$TMP/node$i.log" >&2; exit 2; }
-  URLS="${URLS:+$URLS,}ws://127.0.0.1:$port/gateway"
-  NODE_PIDS="${NODE_PIDS:+$NODE_PIDS,}$pid"
+  start_node "node$i" "$BIN" GATEWAY_JWT_SECRET="$SECRET" GATEWAY_HB_INT_MS=3000 \
+    "${REDIS_ENV[@]}" GATEWAY_NODE_ID="conformance-$i"
 done
 
 echo "cluster-conformance: nodes $URLS on $WHERE"
-GATEWAY_URLS="$URLS" GATEWAY_NODE_PIDS="$NODE_PIDS" GATEWAY_JWT_SECRET="$SECRET" GATEWAY_HB_INT_MS=3000 \
+GATEWAY_URLS="$URLS" GATEWAY_NODE_PIDS="$(IFS=,; echo "${NODE_PIDS[*]}")" GATEWAY_JWT_SECRET="$SECRET" GATEWAY_HB_INT_MS=3000 \
   bash conformance/run.sh "$@"

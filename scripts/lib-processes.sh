@@ -17,6 +17,35 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# Starts a gateway node (`BIN serve`) on a free loopback port with the
+# given environment (VAR=value …), its log in $TMP/NAME.log, and waits
+# until it answers /readyz (at most 30 s; it exits with the node's log if
+# the node dies or never gets ready). Sets NODE_PORT and NODE_PID, adds
+# the node to PIDS (stopped on exit) and NODE_PIDS, and its WebSocket URL
+# to URLS (comma-separated).
+NODE_PIDS=()
+URLS=""
+start_node() {
+  local name="$1" bin="$2"
+  shift 2
+  NODE_PORT="$(free_port)"
+  env "$@" GATEWAY_LISTEN="127.0.0.1:$NODE_PORT" "$bin" serve >"$TMP/$name.log" 2>&1 &
+  NODE_PID=$!
+  PIDS+=("$NODE_PID")
+  NODE_PIDS+=("$NODE_PID")
+  for _ in $(seq 1 600); do
+    if curl -fsS "http://127.0.0.1:$NODE_PORT/readyz" >/dev/null 2>&1; then
+      URLS="${URLS:+$URLS,}ws://127.0.0.1:$NODE_PORT/gateway"
+      return 0
+    fi
+    kill -0 "$NODE_PID" 2>/dev/null || break
+    sleep 0.05
+  done
+  echo "node $name did not become ready:" >&2
+  tail -n 30 "$TMP/$name.log" >&2
+  exit 2
+}
+
 # Starts a redis-server without persistence on a free port and on a Unix
 # socket in $TMP; sets REDIS_PORT and REDIS_SOCKET.
 start_redis() {

@@ -16,17 +16,12 @@ start_redis_cluster
 echo "cluster: $REDIS_CLUSTER_PORTS"
 for p in $REDIS_CLUSTER_PORTS; do redis-cli -p "$p" config set cluster-require-full-coverage no >/dev/null; done
 SECRET=stall-secret-stall-secret-stall-secret-0123
-URLS=""
 NODE_PORTS=()
 for i in 1 2; do
-  port="$(free_port)"
-  env GATEWAY_JWT_SECRET="$SECRET" GATEWAY_LISTEN="127.0.0.1:$port" GATEWAY_REDIS_URL="$REDIS_CLUSTER_URLS" \
+  start_node "node$i" target/release/gateway-node GATEWAY_JWT_SECRET="$SECRET" GATEWAY_REDIS_URL="$REDIS_CLUSTER_URLS" \
     GATEWAY_REDIS_CLUSTER=true GATEWAY_RATE_LIMIT_COUNT=1000000 GATEWAY_NODE_ID="stall-$i" \
-    GATEWAY_LOG="${GATEWAY_LOG:-info}" target/release/gateway-node >"$TMP/node$i.log" 2>&1 &
-  PIDS+=($!)
-  until curl -fsS "http://127.0.0.1:$port/readyz" >/dev/null 2>&1; do sleep 0.05; done
-  URLS="${URLS:+$URLS,}ws://127.0.0.1:$port/gateway"
-  NODE_PORTS+=("$port")
+    GATEWAY_LOG="${GATEWAY_LOG:-info}"
+  NODE_PORTS+=("$NODE_PORT")
 done
 read -r -a replicas <<<"$(echo "$REDIS_CLUSTER_PORTS" | cut -d' ' -f4-)"
 target/release/loadtest fanout --urls "$URLS" --jwt-secret "$SECRET" --clients 200 --channels 10 \
