@@ -213,6 +213,36 @@ impl PubSub {
             .collect()
     }
 
+    /// The slots `master` serves as it tells them itself (`CLUSTER SLOTS`
+    /// asked of it: right after a slot moved to it, another node's answer
+    /// can still give that slot to the old owner); `None` when it does not
+    /// answer within `CHECK_TIMEOUT`. On one Redis, every slot.
+    pub async fn own_slots(&self, master: &Master) -> Option<Master> {
+        let Self::Cluster(c) = self else {
+            return Some(Master::whole());
+        };
+        let at = SingleNodeRoutingInfo::ByAddress {
+            host: master.host.clone(),
+            port: master.port,
+        };
+        let mut c = c.get();
+        let slots = c.route_command(
+            redis::cmd("CLUSTER").arg("SLOTS").to_owned(),
+            RoutingInfo::SingleNode(at),
+        );
+        let slots = tokio::time::timeout(CHECK_TIMEOUT, slots)
+            .await
+            .ok()?
+            .ok()?;
+        let own = masters(&slots)
+            .into_iter()
+            .find(|m| m.host == master.host && m.port == master.port);
+        Some(own.unwrap_or_else(|| Master {
+            slots: Vec::new(),
+            ..master.clone()
+        }))
+    }
+
     /// On a cluster: replaces the connection with a new one, which every
     /// handle uses from then on; the old one ends when its last command
     /// does. The new one has no subscriptions: the caller makes them again.

@@ -516,8 +516,19 @@ pub(super) async fn subscription_task(
                 let failed = if back && (cluster || lost) {
                     pubsub.subscribe_all(subscribed.iter()).await
                 } else if !renewed.is_empty() {
-                    let topics = subscribed.iter().filter(|t| renewed.iter().any(|m| m.holds(t)));
-                    pubsub.subscribe_all(topics).await
+                    // By each renewed master's slots as both it and the
+                    // node that answered `CLUSTER SLOTS` tell them (the
+                    // latter's view can lag behind a slot just moved);
+                    // every topic when one of them does not answer.
+                    let mut own = Vec::new();
+                    for master in &renewed {
+                        own.push(pubsub.own_slots(master).await);
+                    }
+                    let all = own.iter().any(Option::is_none);
+                    let held = |t: &&String| {
+                        all || renewed.iter().chain(own.iter().flatten()).any(|m| m.holds(t))
+                    };
+                    pubsub.subscribe_all(subscribed.iter().filter(held)).await
                 } else {
                     0
                 };
