@@ -353,7 +353,11 @@ impl Conn {
 /// Serves one upgraded WebSocket until it closes.
 pub async fn serve(node: Arc<Node>, io: Io) {
     let conn = Arc::new(Conn::new(node.next_conn_id(), node.config.direct_writes));
-    let span = tracing::info_span!("conn", node = %node.node_id, conn = conn.id, session = tracing::field::Empty, user = tracing::field::Empty);
+    // At debug level only: a live span costs each connection about half a
+    // kilobyte (the subscriber's record of it and its formatted fields)
+    // and an enter and exit on every poll. The info-level lines of a
+    // session carry its id and user themselves.
+    let span = tracing::debug_span!("conn", node = %node.node_id, conn = conn.id, session = tracing::field::Empty, user = tracing::field::Empty);
     // Hot path: back to the TCP stream itself, whose owned halves need no
     // lock between reader and writer (tokio::io::split takes one on every
     // read and write). Bytes hyper read past the handshake go first.
