@@ -309,17 +309,16 @@ impl Session {
             let mut st = session.state.lock();
             st.seq = seq;
             st.sent = seq;
-            // Keep the contiguous run that ends at `seq`.
-            let mut held = Vec::new();
-            let mut expect = seq;
-            for (s, d) in ring.into_iter().rev() {
-                if s != expect || held.len() == limits.ring {
-                    break;
-                }
-                held.push(d);
-                expect = expect.saturating_sub(1);
-            }
-            for d in held.into_iter().rev() {
+            // Keep the contiguous run that ends at `seq` (at most a ring).
+            let run = ring
+                .iter()
+                .rev()
+                .zip((0..=seq).rev())
+                .take(limits.ring)
+                .take_while(|((s, _), want)| s == want)
+                .count();
+            let skip = ring.len() - run;
+            for (_, d) in ring.into_iter().skip(skip) {
                 st.ring.push(d);
             }
         }
@@ -490,6 +489,56 @@ impl Session {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use gateway_shared::protocol::Event;
+
+    /// A parked session's dispatches come back as the run that ends at its
+    /// sequence number, at most a ring of them; older ones past a gap stay
+    /// behind (a resume from before the gap is refused, not half replayed).
+    #[test]
+    fn a_restored_ring_keeps_the_run_that_ends_at_seq() {
+        let ring = |list: &[u64]| -> Vec<(u64, Arc<Dispatch>)> {
+            let body = |s: u64| format!("{{\"s\":{s}}}");
+            list.iter()
+                .map(|&s| {
+                    (
+                        s,
+                        Dispatch::from_body(Event::MessageCreate, body(s).as_bytes()),
+                    )
+                })
+                .collect()
+        };
+        let restored = |seq, list: &[u64], limit| {
+            let mut limits = Session::for_test(1).limits;
+            limits.ring = limit;
+            let identity = Identity {
+                id: "u".into(),
+                name: "n".into(),
+                admin: false,
+            };
+            let metrics = Arc::new(Metrics::new("t"));
+            let session = Session::restore(
+                1,
+                identity,
+                String::new(),
+                Arc::from("c"),
+                seq,
+                ring(list),
+                limits,
+                metrics,
+            );
+            session.held_bodies()
+        };
+        let bodies = |list: &[u64]| {
+            list.iter()
+                .map(|s| format!("{{\"s\":{s}}}"))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(restored(7, &[3, 5, 6, 7], 100), bodies(&[5, 6, 7]));
+        assert_eq!(restored(7, &[3, 5, 6, 7], 2), bodies(&[6, 7]));
+        assert_eq!(restored(8, &[5, 6, 7], 100), bodies(&[]));
+        assert_eq!(restored(7, &[], 100), bodies(&[]));
+        assert_eq!(restored(2, &[0, 1, 2], 100), bodies(&[0, 1, 2]));
+    }
 
     #[test]
     fn token_bucket_allows_a_burst_then_refills() {
