@@ -358,9 +358,14 @@ async fn redis_outage_gives_4018_then_recovers() {
     );
     redis.restart();
     // The node reconnects by itself: wait until it is ready again.
-    while http_get(&node.http("/readyz")).await.0 != 200 {
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    let ready = &node.http("/readyz");
+    eventually_async("the node is ready again", WAIT, || async move {
+        match http_get(ready).await.0 {
+            200 => Ok(()),
+            status => Err(format!("/readyz is {status}")),
+        }
+    })
+    .await;
     assert_eq!(alice.say("back").await["content"], "back");
     // The refused client presents again on the same connection.
     assert!(!late.present(&late_token, None).await.unwrap().resumed);
@@ -491,19 +496,12 @@ async fn every_live_members_presence_is_refreshed(store: &Store) {
     assert_eq!(first.len(), 3, "{first:?}");
     // Refreshed together (one ZADD for the channel): every entry's expiry
     // moves forward, none is swept as expired.
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
+    eventually("every member's expiry moves forward", || {
         let now = presence_expiries(store, &room);
         assert_eq!(now.len(), 3, "no live member swept: {now:?}");
-        if first.iter().all(|(id, &t)| now[id] > t) {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "not refreshed: {first:?} then {now:?}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+        first.iter().all(|(id, &t)| now[id] > t).then_some(())
+    })
+    .await;
 }
 
 async fn a_node_subscribes_to_a_channel_only_while_it_has_members_there(store: &Store) {
@@ -516,11 +514,10 @@ async fn a_node_subscribes_to_a_channel_only_while_it_has_members_there(store: &
     assert_eq!(store.subscribers(&topic), 1);
     peer.move_to("general").await;
     // Unsubscribing is batched: it happens within a few seconds.
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
-    while store.subscribers(&topic) != 0 {
-        assert!(tokio::time::Instant::now() < deadline, "still subscribed");
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    eventually("unsubscribed", || {
+        (store.subscribers(&topic) == 0).then_some(())
+    })
+    .await;
 }
 
 async fn a_node_that_joins_later_does_not_replay_old_cluster_events(store: &Store) {

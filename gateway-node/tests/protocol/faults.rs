@@ -23,15 +23,14 @@ use tokio::sync::watch;
 
 /// Polls `path` on `node` until it answers `status`.
 async fn until_status(node: &TestNode, path: &str, status: u16) {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let (got, _) = http_get(&node.http(path)).await;
-        if got == status {
-            return;
+    let url = &node.http(path);
+    eventually_async(&format!("{path} answers {status}"), WAIT, || async move {
+        match http_get(url).await.0 {
+            got if got == status => Ok(()),
+            got => Err(format!("it is {got}")),
         }
-        assert!(Instant::now() < deadline, "{path} is {got}, not {status}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await
 }
 
 /// The contents of the MESSAGE_CREATE dispatches `peer` receives, up to

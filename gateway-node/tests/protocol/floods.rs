@@ -74,42 +74,40 @@ async fn chat_until<T: Send + 'static>(
 /// node at `addr` is `want` (it is counted as the connection's task ends,
 /// just after the client saw the close).
 async fn until_refused(addr: SocketAddr, reason: &str, want: u64) {
-    let prefix = format!("gateway_connections_refused_total{{reason=\"{reason}\"");
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let (_, metrics) = http_get(&format!("http://{addr}/metrics")).await;
-        let got: u64 = metrics
-            .lines()
-            .filter(|l| l.starts_with(&prefix))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-            .sum();
-        if got == want {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{reason}: {got} refused, not {want}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let prefix = &format!("gateway_connections_refused_total{{reason=\"{reason}\"");
+    let url = &format!("http://{addr}/metrics");
+    eventually_async(
+        &format!("{want} refused for {reason}"),
+        WAIT,
+        || async move {
+            let (_, metrics) = http_get(url).await;
+            let got: u64 = metrics
+                .lines()
+                .filter(|l| l.starts_with(prefix))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+                .sum();
+            if got == want {
+                Ok(())
+            } else {
+                Err(format!("{got} refused"))
+            }
+        },
+    )
+    .await
 }
 
 /// A task that polls a metric of the node at `addr` until it is at most
 /// `most`, for at most three harness waits.
 fn until_at_most(addr: SocketAddr, name: &'static str, most: u64) -> JoinHandle<()> {
     tokio::spawn(async move {
-        let deadline = Instant::now() + WAIT * 3;
-        loop {
-            let got = metric(addr, name).await;
-            if got <= most {
-                return;
+        let what = format!("{name} at most {most}");
+        eventually_async(&what, WAIT * 3, || async move {
+            match metric(addr, name).await {
+                got if got <= most => Ok(()),
+                got => Err(format!("it is {got}")),
             }
-            assert!(
-                Instant::now() < deadline,
-                "{name} is {got}, not at most {most}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        })
+        .await
     })
 }
 

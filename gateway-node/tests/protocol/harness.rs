@@ -238,6 +238,26 @@ pub async fn eventually<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> 
     }
 }
 
+/// [`eventually`] for a check that awaits (an HTTP request, a metric):
+/// `Err` says what it saw, for the panic when `wait` is over.
+pub async fn eventually_async<T, Fut>(
+    what: &str,
+    wait: Duration,
+    mut check: impl FnMut() -> Fut,
+) -> T
+where
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        match check().await {
+            Ok(value) => return value,
+            Err(seen) => assert!(tokio::time::Instant::now() < deadline, "{what}: {seen}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// A channel name no other test uses.
 pub fn fresh_channel(prefix: &str) -> String {
     format!("{prefix}-{}", CHANNELS.fetch_add(1, Ordering::Relaxed))
