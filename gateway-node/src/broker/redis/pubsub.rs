@@ -516,19 +516,11 @@ pub(super) async fn subscription_task(
                 let failed = if back && (cluster || lost) {
                     pubsub.subscribe_all(subscribed.iter()).await
                 } else if !renewed.is_empty() {
-                    // By each renewed master's slots as both it and the
-                    // node that answered `CLUSTER SLOTS` tell them (the
-                    // latter's view can lag behind a slot just moved);
-                    // every topic when one of them does not answer.
                     let mut own = Vec::new();
                     for master in &renewed {
                         own.push(pubsub.own_slots(master).await);
                     }
-                    let all = own.iter().any(Option::is_none);
-                    let held = |t: &&String| {
-                        all || renewed.iter().chain(own.iter().flatten()).any(|m| m.holds(t))
-                    };
-                    pubsub.subscribe_all(subscribed.iter().filter(held)).await
+                    pubsub.subscribe_all(on_renewed(&subscribed, &renewed, &own).into_iter()).await
                 } else {
                     0
                 };
@@ -564,6 +556,24 @@ fn renewed(known: &mut HashMap<String, i64>, ids: Vec<(Master, i64)>) -> Vec<Mas
         }
     }
     renewed
+}
+
+/// The topics to subscribe again after the connections to `renewed`
+/// were replaced: those in the renewed masters' slots, as both the node
+/// that answered `CLUSTER SLOTS` and each master itself (`own`, in the
+/// same order) tell them, since the former's view can lag behind a slot
+/// just moved; every topic when a master did not answer for itself.
+fn on_renewed<'a>(
+    subscribed: &'a HashSet<String>,
+    renewed: &[Master],
+    own: &[Option<Master>],
+) -> Vec<&'a String> {
+    let all = own.iter().any(Option::is_none);
+    let masters = renewed.iter().chain(own.iter().flatten());
+    subscribed
+        .iter()
+        .filter(|t| all || masters.clone().any(|m| m.holds(t)))
+        .collect()
 }
 
 impl RedisBroker {
@@ -658,6 +668,42 @@ mod tests {
             ["c:7000"]
         );
         assert!(renewed(&mut known, ids(&[("a", 1), ("b", 7), ("c", 3)])).is_empty());
+    }
+
+    #[test]
+    fn a_renewed_master_has_the_topics_of_its_slots_subscribed_again() {
+        use super::super::conn::key_slot;
+        let master = |port, slots: &[std::ops::RangeInclusive<u16>]| Master {
+            host: "h".to_owned(),
+            port,
+            slots: slots.to_vec(),
+        };
+        let topics: HashSet<String> = (0..200).map(|i| format!("gw:{{c:t{i}}}")).collect();
+        let slot = |t: &str| key_slot(t.as_bytes());
+        let low = |t: &&String| slot(t) < 8192;
+        let mut want: Vec<&String> = topics.iter().filter(low).collect();
+        fn sorted(mut v: Vec<&String>) -> Vec<&String> {
+            v.sort();
+            v
+        }
+        want.sort();
+        // By the cluster's view alone, by the master's own, by either.
+        let renewed = [master(1, &[0..=8191])];
+        let none = [master(1, &[])];
+        assert_eq!(
+            sorted(on_renewed(&topics, &renewed, &[Some(none[0].clone())])),
+            want
+        );
+        assert_eq!(
+            sorted(on_renewed(&topics, &none, &[Some(renewed[0].clone())])),
+            want
+        );
+        let split = [master(1, &[0..=4095])];
+        let rest = master(1, &[4096..=8191]);
+        assert_eq!(sorted(on_renewed(&topics, &split, &[Some(rest)])), want);
+        assert!(want.len() > 50 && want.len() < 150, "{}", want.len());
+        // A master that does not answer for itself: every topic.
+        assert_eq!(on_renewed(&topics, &renewed, &[None]).len(), topics.len());
     }
 
     #[test]
