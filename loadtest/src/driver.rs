@@ -487,7 +487,7 @@ pub async fn create_channels(plan: &Plan) -> Result<()> {
             sleep(Duration::from_secs(1)).await;
         }
     }
-    let _ = conn.writer.close(1000).await;
+    conn.close_normally().await;
     Ok(())
 }
 
