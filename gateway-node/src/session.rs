@@ -496,8 +496,8 @@ mod tests {
     /// behind (a resume from before the gap is refused, not half replayed).
     #[test]
     fn a_restored_ring_keeps_the_run_that_ends_at_seq() {
+        let body = |s: u64| format!("{{\"s\":{s}}}");
         let ring = |list: &[u64]| -> Vec<(u64, Arc<Dispatch>)> {
-            let body = |s: u64| format!("{{\"s\":{s}}}");
             list.iter()
                 .map(|&s| {
                     (
@@ -528,11 +528,7 @@ mod tests {
             );
             session.held_bodies()
         };
-        let bodies = |list: &[u64]| {
-            list.iter()
-                .map(|s| format!("{{\"s\":{s}}}"))
-                .collect::<Vec<_>>()
-        };
+        let bodies = |list: &[u64]| list.iter().map(|&s| body(s)).collect::<Vec<_>>();
         assert_eq!(restored(7, &[3, 5, 6, 7], 100), bodies(&[5, 6, 7]));
         assert_eq!(restored(7, &[3, 5, 6, 7], 2), bodies(&[6, 7]));
         assert_eq!(restored(8, &[5, 6, 7], 100), bodies(&[]));

@@ -358,14 +358,7 @@ async fn redis_outage_gives_4018_then_recovers() {
     );
     redis.restart();
     // The node reconnects by itself: wait until it is ready again.
-    let ready = &node.http("/readyz");
-    eventually_async("the node is ready again", WAIT, || async move {
-        match http_get(ready).await.0 {
-            200 => Ok(()),
-            status => Err(format!("/readyz is {status}")),
-        }
-    })
-    .await;
+    until_status(&node, "/readyz", 200).await;
     assert_eq!(alice.say("back").await["content"], "back");
     // The refused client presents again on the same connection.
     assert!(!late.present(&late_token, None).await.unwrap().resumed);

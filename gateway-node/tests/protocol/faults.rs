@@ -21,18 +21,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
-/// Polls `path` on `node` until it answers `status`.
-async fn until_status(node: &TestNode, path: &str, status: u16) {
-    let url = &node.http(path);
-    eventually_async(&format!("{path} answers {status}"), WAIT, || async move {
-        match http_get(url).await.0 {
-            got if got == status => Ok(()),
-            got => Err(format!("it is {got}")),
-        }
-    })
-    .await
-}
-
 /// The contents of the MESSAGE_CREATE dispatches `peer` receives, up to
 /// and including `last`.
 async fn contents_until(peer: &mut Peer, last: &str) -> Vec<String> {

@@ -258,6 +258,18 @@ where
     }
 }
 
+/// Polls `path` on `node` until it answers `status`.
+pub async fn until_status(node: &TestNode, path: &str, status: u16) {
+    let url = &node.http(path);
+    eventually_async(&format!("{path} answers {status}"), WAIT, || async move {
+        match http_get(url).await.0 {
+            got if got == status => Ok(()),
+            got => Err(format!("it is {got}")),
+        }
+    })
+    .await
+}
+
 /// A channel name no other test uses.
 pub fn fresh_channel(prefix: &str) -> String {
     format!("{prefix}-{}", CHANNELS.fetch_add(1, Ordering::Relaxed))

@@ -184,24 +184,20 @@ impl PubSub {
             }
             Self::Cluster(c) => c.get(),
         };
-        let mut any = c.clone();
-        let slots = any.route_command(
-            redis::cmd("CLUSTER").arg("SLOTS").to_owned(),
-            RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
-        );
-        let Ok(Ok(slots)) = tokio::time::timeout(CHECK_TIMEOUT, slots).await else {
+        let slots = ask(
+            &mut c.clone(),
+            cluster_slots(),
+            SingleNodeRoutingInfo::Random,
+        )
+        .await;
+        let Some(slots) = slots else {
             return Vec::new();
         };
         let asks = masters(&slots).into_iter().map(|master| {
             let (mut c, cmd) = (c.clone(), cmd.clone());
             async move {
-                let at = SingleNodeRoutingInfo::ByAddress {
-                    host: master.host.clone(),
-                    port: master.port,
-                };
-                let id = c.route_command(cmd, RoutingInfo::SingleNode(at));
-                match tokio::time::timeout(CHECK_TIMEOUT, id).await {
-                    Ok(Ok(Value::Int(id))) => Some((master, id)),
+                match ask(&mut c, cmd, master.at()).await {
+                    Some(Value::Int(id)) => Some((master, id)),
                     _ => None,
                 }
             }
@@ -221,19 +217,7 @@ impl PubSub {
         let Self::Cluster(c) = self else {
             return Some(Master::whole());
         };
-        let at = SingleNodeRoutingInfo::ByAddress {
-            host: master.host.clone(),
-            port: master.port,
-        };
-        let mut c = c.get();
-        let slots = c.route_command(
-            redis::cmd("CLUSTER").arg("SLOTS").to_owned(),
-            RoutingInfo::SingleNode(at),
-        );
-        let slots = tokio::time::timeout(CHECK_TIMEOUT, slots)
-            .await
-            .ok()?
-            .ok()?;
+        let slots = ask(&mut c.get(), cluster_slots(), master.at()).await?;
         let own = masters(&slots)
             .into_iter()
             .find(|m| m.host == master.host && m.port == master.port);
@@ -281,6 +265,17 @@ impl PubSub {
     }
 }
 
+/// `cmd` asked of one node of the cluster; `None` on an error or no
+/// answer within `CHECK_TIMEOUT`.
+async fn ask(c: &mut ClusterConnection, cmd: Cmd, at: SingleNodeRoutingInfo) -> Option<Value> {
+    let reply = c.route_command(cmd, RoutingInfo::SingleNode(at));
+    tokio::time::timeout(CHECK_TIMEOUT, reply).await.ok()?.ok()
+}
+
+fn cluster_slots() -> Cmd {
+    redis::cmd("CLUSTER").arg("SLOTS").to_owned()
+}
+
 /// A Redis master as `CLUSTER SLOTS` tells it: where it is and which
 /// slots it serves.
 #[derive(Clone, Debug, PartialEq)]
@@ -311,8 +306,16 @@ impl Master {
 
     /// Whether `key` (a key or a shard channel) lives on this master.
     pub fn holds(&self, key: &str) -> bool {
-        let slot = key_slot(key.as_bytes());
+        let slot = key_slot(key);
         self.slots.iter().any(|r| r.contains(&slot))
+    }
+
+    /// Routing to this master by its address.
+    fn at(&self) -> SingleNodeRoutingInfo {
+        SingleNodeRoutingInfo::ByAddress {
+            host: self.host.clone(),
+            port: self.port,
+        }
     }
 }
 
@@ -320,15 +323,11 @@ impl Master {
 const SLOTS: u16 = 16384;
 
 /// The hash slot of a key, as Redis Cluster computes it: CRC16 (XMODEM)
-/// of its hash tag (the part inside the first `{…}`, when not empty),
-/// else of the whole key, modulo 16384.
-pub(super) fn key_slot(key: &[u8]) -> u16 {
-    let tagged = key.iter().position(|&b| b == b'{').and_then(|open| {
-        let close = key[open + 1..].iter().position(|&b| b == b'}')?;
-        (close > 0).then(|| &key[open + 1..open + 1 + close])
-    });
+/// of its [`hash_tag`], modulo 16384. (redis-rs computes it too, but
+/// keeps the number private.)
+pub(super) fn key_slot(key: &str) -> u16 {
     let mut crc: u16 = 0;
-    for &byte in tagged.unwrap_or(key) {
+    for &byte in hash_tag(key).as_bytes() {
         crc ^= u16::from(byte) << 8;
         for _ in 0..8 {
             crc = if crc & 0x8000 != 0 {
@@ -612,14 +611,14 @@ mod tests {
     #[test]
     fn key_slots_are_redis_cluster_slots() {
         // Values from CLUSTER KEYSLOT of a cluster-enabled Redis 7.0.
-        assert_eq!(key_slot(b"123456789"), 0x31c3);
-        assert_eq!(key_slot(b"foo"), 12182);
-        assert_eq!(key_slot(b"bar"), 5061);
+        assert_eq!(key_slot("123456789"), 0x31c3);
+        assert_eq!(key_slot("foo"), 12182);
+        assert_eq!(key_slot("bar"), 5061);
         // The hash tag alone counts; an empty one does not.
-        assert_eq!(key_slot(b"{user1000}.following"), 3443);
-        assert_eq!(key_slot(b"foo{}{bar}"), 8363);
-        assert_eq!(key_slot(b"foo{{bar}}zap"), 4015);
-        assert_eq!(key_slot(b"gw:{c:general}"), 9276);
+        assert_eq!(key_slot("{user1000}.following"), 3443);
+        assert_eq!(key_slot("foo{}{bar}"), 8363);
+        assert_eq!(key_slot("foo{{bar}}zap"), 4015);
+        assert_eq!(key_slot("gw:{c:general}"), 9276);
         let master = Master {
             host: "h".to_owned(),
             port: 1,

@@ -140,7 +140,7 @@ impl RedisBroker {
             return Err(Reject::new(ErrorCode::NotFound, "unknown channel"));
         }
         let mut inv = self.scripts.messages.prepare_invoke();
-        inv.key(ck(name, "log"));
+        inv.key(ck(name, "meta")).key(ck(name, "log"));
         inv.arg(self.settings.history_retain)
             .arg(before.map(|b| b.to_string()).unwrap_or_default())
             .arg(limit);

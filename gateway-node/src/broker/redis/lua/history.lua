@@ -2,7 +2,11 @@
 -- on every message still in history: the last `limit` MESSAGE_CREATE
 -- entries, less those a later MESSAGE_DELETE removed. visit returns true
 -- to stop. Returns what the visit that stopped returned, or nil.
-local function history(log, limit, visit)
+-- A channel whose meta has no `lastid` never had a message (every message
+-- sets it, in the same script as its log entry): its log, however long
+-- with presence events, is not walked.
+local function history(meta, log, limit, visit)
+  if redis.call('HEXISTS', meta, 'lastid') == 0 then return nil end
   local deleted = {}
   local seen = 0
   local upper = '+'

@@ -21,17 +21,12 @@ if ARGV[8] == '1' then
   if #ids > 0 then users = redis.call('HMGET', KEYS[4], unpack(ids)) end
   table.insert(out, #users)
   for _, u in ipairs(users) do table.insert(out, u or '{}') end
-  -- The last 50 messages, oldest first. A channel whose meta has no
-  -- `lastid` never had one (every message sets it, in the same script as
-  -- its log entry), so its log, however long with presence events, is
-  -- not walked: a crowd joining a new channel costs no history read each.
+  -- The last 50 messages, oldest first.
   local recent = {}
-  if redis.call('HEXISTS', KEYS[1], 'lastid') == 1 then
-    history(KEYS[6], tonumber(ARGV[9]), function(_, d)
-      table.insert(recent, string.sub(d, 16))
-      return #recent >= 50
-    end)
-  end
+  history(KEYS[1], KEYS[6], tonumber(ARGV[9]), function(_, d)
+    table.insert(recent, string.sub(d, 16))
+    return #recent >= 50
+  end)
   for i = #recent, 1, -1 do table.insert(out, recent[i]) end
 end
 return out
