@@ -44,7 +44,9 @@ struct PerIp {
 /// A WebSocket's place in the caps, given back on drop.
 pub struct Ticket {
     _permit: OwnedSemaphorePermit,
-    _slot: Option<Slot>,
+    /// Boxed: the ticket lives in every connection's task, and the
+    /// per-address cap is off by default.
+    _slot: Option<Box<Slot>>,
 }
 
 /// One connection counted for an address; uncounted on drop.
@@ -93,10 +95,10 @@ impl Admission {
                     return Err(Refusal::AddressFull);
                 }
                 *n += 1;
-                Some(Slot {
+                Some(Box::new(Slot {
                     per_ip: Arc::clone(per_ip),
                     ip,
-                })
+                }))
             }
         };
         let permit = Arc::clone(&self.connections)

@@ -13,9 +13,11 @@
 //!    control frames, encodes them into one buffer and writes it with one
 //!    syscall.
 //! 3. The **supervisor** (the task running `serve`, which also polls the
-//!    reader in place) enforces the PRESENT deadline and the heartbeat
-//!    timeout, waits for either side to finish, and then detaches or ends
-//!    the session.
+//!    reader in place) waits for either side to finish, and then detaches
+//!    or ends the session.
+//! 4. One task per node, [`watch_deadlines`], enforces every connection's
+//!    PRESENT deadline and heartbeat timeout ([`Deadlines`]): a timer per
+//!    connection cost each one's task about a hundred bytes more.
 //!
 //! # Backpressure
 //!
@@ -330,6 +332,30 @@ impl Conn {
         self.inner.lock().session.clone()
     }
 
+    /// Closes the connection if its deadline has passed (see
+    /// [`watch_deadlines`]).
+    fn expire(&self, now: Instant, hb_int: Duration, metrics: &crate::metrics::Metrics) {
+        let (deadline, code) = self.deadline(hb_int);
+        if deadline > now || self.closing.load(Ordering::Acquire) {
+            return;
+        }
+        if code == ErrorCode::SessionTimedOut && self.held_back.load(Ordering::Acquire) {
+            // We stopped reading, not the client: its heartbeat may be
+            // waiting unread behind replies the writer has yet to write.
+            // The writer's stall deadline ends a connection whose client
+            // does not read.
+            self.beat();
+            return;
+        }
+        let m = if code == ErrorCode::NotPresented {
+            "no PRESENT in time"
+        } else {
+            "heartbeat missed"
+        };
+        metrics.error_sent(code);
+        self.close_fatal(code, m, false);
+    }
+
     fn beat(&self) {
         let ms = self.started.elapsed().as_millis() as u64;
         self.last_beat_ms.store(ms, Ordering::Relaxed);
@@ -351,7 +377,13 @@ impl Conn {
 }
 
 /// Serves one upgraded WebSocket until it closes.
-pub async fn serve(node: Arc<Node>, io: Io) {
+///
+/// Not an `async fn`: the stream is unwrapped before the future is built,
+/// so the task holds only the future of [`serve_inner`] for the stream
+/// found (an `async fn` kept room for both streams, the match's temporaries
+/// and the span beside it, about 250 bytes more per connection).
+pub fn serve(node: Arc<Node>, io: Io) -> impl std::future::Future<Output = ()> {
+    use futures_util::future::Either;
     let conn = Arc::new(Conn::new(node.next_conn_id(), node.config.direct_writes));
     // At debug level only: a live span costs each connection about half a
     // kilobyte (the subscriber's record of it and its formatted fields)
@@ -373,16 +405,12 @@ pub async fn serve(node: Arc<Node>, io: Io) {
             if conn.shares_socket {
                 *conn.io.lock() = Some(Arc::clone(&write));
             }
-            serve_inner(node, conn, reader, SharedWrite(write))
-                .instrument(span)
-                .await
+            Either::Left(serve_inner(node, conn, reader, SharedWrite(write)).instrument(span))
         }
         Err(upgraded) => {
             let (read, write) = tokio::io::split(TokioIo::new(upgraded));
             let reader = FrameReader::new(read, MAX_PAYLOAD);
-            serve_inner(node, conn, reader, write)
-                .instrument(span)
-                .await
+            Either::Right(serve_inner(node, conn, reader, write).instrument(span))
         }
     }
 }
@@ -418,31 +446,11 @@ where
     // half-way through a frame, except when the connection is over).
     {
         let reader = read_loop(Handler::new(Arc::clone(&node), Arc::clone(&conn)), ws);
-        tokio::pin!(reader);
-        loop {
-            let (deadline, code) = conn.deadline(hb_int);
-            tokio::select! {
-                biased;
-                _ = &mut reader => break,
-                _ = conn.close_signal.notified() => break,
-                _ = tokio::time::sleep_until(deadline.into()) => {
-                    if conn.deadline(hb_int).0 <= Instant::now() {
-                        if code == ErrorCode::SessionTimedOut && conn.held_back.load(Ordering::Acquire) {
-                            // We stopped reading, not the client: its
-                            // heartbeat may be waiting unread behind replies
-                            // the writer has yet to write. The writer's
-                            // stall deadline ends a connection whose client
-                            // does not read.
-                            conn.beat();
-                            continue;
-                        }
-                        let m = if code == ErrorCode::NotPresented { "no PRESENT in time" } else { "heartbeat missed" };
-                        node.metrics.error_sent(code);
-                        conn.close_fatal(code, m, false);
-                        break;
-                    }
-                }
-            }
+        let _watched = node.deadlines.watch(&conn);
+        tokio::select! {
+            biased;
+            _ = reader => {}
+            _ = conn.close_signal.notified() => {}
         }
     }
     // The reader ended on its own without asking to close: the peer is gone.
@@ -470,6 +478,112 @@ where
     // The fan-out writes no more to this socket.
     *conn.io.lock() = None;
     node.metrics.connections.dec();
+}
+
+/// Shards of [`Deadlines`]: connections come and go on every worker thread.
+const DEADLINE_SHARDS: usize = 16;
+
+/// Every connection of a node whose deadline is watched, for
+/// [`watch_deadlines`]: slots in a few vectors, about 8 bytes a
+/// connection, instead of a timer in each connection's task.
+#[derive(Default)]
+pub struct Deadlines {
+    shards: [Mutex<Slots>; DEADLINE_SHARDS],
+}
+
+#[derive(Default)]
+struct Slots {
+    conns: Vec<Option<Arc<Conn>>>,
+    free: Vec<u32>,
+}
+
+/// A connection's slot in [`Deadlines`], given back when dropped.
+#[must_use]
+pub struct Watched<'a> {
+    shard: &'a Mutex<Slots>,
+    index: u32,
+}
+
+impl Deadlines {
+    /// Watches `conn`'s deadline until the guard is dropped.
+    pub fn watch(&self, conn: &Arc<Conn>) -> Watched<'_> {
+        let shard = &self.shards[conn.id as usize % DEADLINE_SHARDS];
+        let mut slots = shard.lock();
+        let index = match slots.free.pop() {
+            Some(index) => {
+                slots.conns[index as usize] = Some(Arc::clone(conn));
+                index
+            }
+            None => {
+                slots.conns.push(Some(Arc::clone(conn)));
+                (slots.conns.len() - 1) as u32
+            }
+        };
+        Watched { shard, index }
+    }
+
+    /// Connections watched now.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        let shards = self.shards.iter().map(|s| {
+            let slots = s.lock();
+            slots.conns.len() - slots.free.len()
+        });
+        shards.sum()
+    }
+
+    /// Closes every watched connection whose deadline has passed.
+    fn expire(&self, now: Instant, hb_int: Duration, metrics: &crate::metrics::Metrics) {
+        let mut due = Vec::new();
+        for shard in &self.shards {
+            // Collected under the lock, closed after it: a close takes the
+            // connection's own locks.
+            due.extend(
+                shard
+                    .lock()
+                    .conns
+                    .iter()
+                    .flatten()
+                    .filter(|conn| conn.deadline(hb_int).0 <= now)
+                    .cloned(),
+            );
+            for conn in due.drain(..) {
+                conn.expire(now, hb_int, metrics);
+            }
+        }
+    }
+}
+
+impl Drop for Watched<'_> {
+    fn drop(&mut self) {
+        let mut slots = self.shard.lock();
+        slots.conns[self.index as usize] = None;
+        slots.free.push(self.index);
+    }
+}
+
+/// How late a deadline may be met, at most: the watcher's period.
+pub fn deadline_tick(hb_int: Duration) -> Duration {
+    (hb_int / 10).min(Duration::from_secs(1))
+}
+
+/// The node's deadline watcher: every [`deadline_tick`], closes the
+/// connections past their PRESENT deadline (4003) or heartbeat timeout
+/// (4009). A deadline is never met early, and at most a tick late. Ends
+/// with the node.
+pub async fn watch_deadlines(node: std::sync::Weak<Node>) {
+    let Some(hb_int) = node.upgrade().map(|n| n.config.hb_int()) else {
+        return;
+    };
+    let mut ticks = tokio::time::interval(deadline_tick(hb_int));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let Some(node) = node.upgrade() else {
+            return;
+        };
+        node.deadlines.expire(Instant::now(), hb_int, &node.metrics);
+    }
 }
 
 /// How the writer ended.
@@ -621,20 +735,18 @@ fn offer<W: AsyncWrite + Unpin>(
             Some(session) if !discard => session.encode_unsent(conn.id, buf, *budget),
             _ => (0, 0),
         };
-        let (replies, control_len) = {
-            let mut inner = conn.inner.lock();
-            let replies = inner.control.len();
-            let mut len = 0;
-            if discard {
-                inner.control.clear();
-            } else {
-                for frame in inner.control.drain(..) {
-                    buf.extend_from_slice(&frame);
-                    len += frame.len();
-                }
+        // Taken whole, so that an idle connection holds no queue (a reply
+        // now and then allocates one for itself).
+        let control = std::mem::take(&mut conn.inner.lock().control);
+        let replies = control.len();
+        let mut control_len = 0;
+        if !discard {
+            for frame in &control {
+                buf.extend_from_slice(frame);
+                control_len += frame.len();
             }
-            (replies, len)
-        };
+        }
+        drop(control);
         if control_len > 0 {
             buf.rotate_right(control_len);
         }
@@ -695,7 +807,10 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         loop {
             // Whatever comes next, a frame begun is finished first.
             if !owed.is_empty() {
-                match write_or_stall(&mut io, &owed, stall).await {
+                // Boxed: its stall timer would otherwise size every
+                // writer's task, though only a client that reads slowly
+                // ever waits here.
+                match Box::pin(write_or_stall(&mut io, &owed, stall)).await {
                     Ok(()) => {}
                     Err(WriteError::Gone) => {
                         conn.close_quiet();
@@ -851,7 +966,9 @@ async fn read_loop<R: AsyncRead + Unpin>(mut handler: Handler, mut ws: FrameRead
         match read_frame(&mut ws, &mut partial).await {
             Ok(None) => {}
             Ok(Some(Incoming::Message(mut buf))) => {
-                if handler.handle(&mut buf).await.is_break() {
+                // Boxed: the decoded message held across its handling
+                // would size every connection's task for its whole life.
+                if Box::pin(handler.handle(&mut buf)).await.is_break() {
                     return;
                 }
             }
@@ -1008,6 +1125,97 @@ mod tests {
             out.push(serde_json::from_slice(&buf[head..end]).expect("a frame holds JSON"));
             buf.drain(..end);
         }
+    }
+
+    /// A connection holds two tasks for its whole life, and tokio
+    /// allocates a task as its future plus about 104 bytes, in 128-byte
+    /// lines: the connection's task fits in six lines (768 bytes) and the
+    /// writer's in three (384). Something held across an await that the
+    /// futures did not hold before grows every idle connection.
+    #[test]
+    fn a_connection_tasks_stay_within_their_lines() {
+        fn future_of<A, B, C, F: std::future::Future>(_: impl Fn(A, B, C) -> F) -> usize {
+            std::mem::size_of::<F>()
+        }
+        let connection = future_of(crate::server::serve_upgraded);
+        let writer = future_of(write_loop::<SharedWrite>);
+        assert!(
+            connection <= 768 - 104,
+            "the connection's future is {connection} bytes"
+        );
+        assert!(writer <= 384 - 104, "the writer's future is {writer} bytes");
+    }
+
+    fn close_code(conn: &Conn) -> Option<u16> {
+        let frames = conn.close_request()?.frames;
+        // The close frame comes last: 0x88, its length, then the code.
+        let at = frames.windows(2).rposition(|w| w[0] == 0x88)?;
+        Some(u16::from_be_bytes([frames[at + 2], frames[at + 3]]))
+    }
+
+    /// A connection is watched while its guard lives, and its slot is
+    /// used again after it.
+    #[test]
+    fn deadlines_watch_while_the_guard_lives() {
+        let deadlines = Deadlines::default();
+        let a = Arc::new(Conn::new(1, false));
+        let b = Arc::new(Conn::new(17, false)); // the same shard as `a`
+        let watched = deadlines.watch(&a);
+        assert_eq!(deadlines.len(), 1);
+        drop(watched);
+        assert_eq!(deadlines.len(), 0);
+        let _b = deadlines.watch(&b);
+        let slots = deadlines.shards[1].lock();
+        assert_eq!(slots.conns.len(), 1, "the freed slot was taken again");
+    }
+
+    /// The watcher closes a connection past its PRESENT deadline (4003) or
+    /// heartbeat timeout (4009), never one before it, and gives a
+    /// connection whose reader we hold back another interval.
+    #[test]
+    fn deadlines_close_only_connections_past_them() {
+        let metrics = crate::metrics::Metrics::new("test");
+        let hb_int = Duration::from_secs(10);
+        let deadlines = Deadlines::default();
+        let fresh = Arc::new(Conn::new(1, false));
+        let silent = Arc::new(Conn::new(2, false));
+        let presented = Arc::new(Conn::new(3, false));
+        let held_back = Arc::new(Conn::new(4, false));
+        for conn in [&presented, &held_back] {
+            conn.beat();
+            conn.presented.store(true, Ordering::Release);
+        }
+        held_back.held_back.store(true, Ordering::Release);
+        let _guards: Vec<_> = [&fresh, &silent, &presented, &held_back]
+            .into_iter()
+            .map(|c| deadlines.watch(c))
+            .collect();
+
+        // Before any deadline: nothing happens.
+        deadlines.expire(Instant::now(), hb_int, &metrics);
+        assert!(!fresh.closing.load(Ordering::Acquire));
+
+        // Past the PRESENT deadline (hb_int), not the heartbeat's (1.5 ×).
+        let now = silent.started + hb_int + Duration::from_millis(1);
+        deadlines.expire(now, hb_int, &metrics);
+        assert_eq!(close_code(&silent), Some(4003));
+        assert_eq!(
+            close_code(&fresh),
+            Some(4003),
+            "as old as `silent`, give or take"
+        );
+        assert_eq!(close_code(&presented), None);
+
+        // Past the heartbeat's too.
+        let now = presented.started + hb_int * 2;
+        deadlines.expire(now, hb_int, &metrics);
+        assert_eq!(close_code(&presented), Some(4009));
+        assert_eq!(close_code(&held_back), None, "held back by us: beat given");
+        assert_eq!(
+            close_code(&silent),
+            Some(4003),
+            "closed once, as first asked"
+        );
     }
 
     /// A client that reads a few bytes at a time through a pipe smaller

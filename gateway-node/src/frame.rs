@@ -2,14 +2,18 @@
 //! what arrives.
 //!
 //! fastwebsockets' reader keeps an 8 KiB buffer per connection for its
-//! whole life. An idle gateway connection needs almost none: this reader
-//! starts small, grows to one frame (never past the payload limit, which
-//! is checked on the header before any of the payload is read), and
-//! returns to small once the frame is handled. Client frames must be
-//! masked; the unmasking is fastwebsockets' own.
+//! whole life. An idle gateway connection needs none: this reader waits
+//! for bytes with a buffer on the stack, keeps only what arrived, grows to
+//! one frame (never past the payload limit, which is checked on the header
+//! before any of the payload is read), and lets go of its buffer once
+//! every frame in it was handed out. Client frames must be masked; the
+//! unmasking is fastwebsockets' own.
 
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt};
+use std::mem::MaybeUninit;
+use std::pin::Pin;
+use std::task::Poll;
+use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
 
 pub const OP_CONTINUATION: u8 = 0x0;
 pub const OP_TEXT: u8 = 0x1;
@@ -18,10 +22,11 @@ pub const OP_CLOSE: u8 = 0x8;
 pub const OP_PING: u8 = 0x9;
 pub const OP_PONG: u8 = 0xA;
 
-/// Spare room kept for the next read on an idle connection.
-const IDLE_BUFFER: usize = 256;
-/// A buffer larger than this is released once empty.
-const KEEP_BUFFER: usize = 2048;
+/// Room made for each read into a buffer that holds part of a frame.
+const READ_ROOM: usize = 256;
+/// The stack buffer a read into an empty buffer goes through: a burst of
+/// small frames comes in one read.
+const STACK_READ: usize = 4096;
 
 /// One frame from the client, unmasked.
 #[derive(Debug)]
@@ -69,7 +74,11 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// Reads until the buffer holds at least `n` bytes.
     async fn fill(&mut self, n: usize) -> Result<(), ReadError> {
         while self.buf.len() < n {
-            let want = (n - self.buf.len()).max(IDLE_BUFFER);
+            if self.buf.is_empty() {
+                std::future::poll_fn(|cx| self.poll_first_bytes(cx, n)).await?;
+                continue;
+            }
+            let want = (n - self.buf.len()).max(READ_ROOM);
             self.buf.reserve(want);
             match self.io.read_buf(&mut self.buf).await {
                 Ok(0) | Err(_) => return Err(ReadError::Closed),
@@ -79,8 +88,35 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         Ok(())
     }
 
+    /// Waits for bytes with no buffer of its own: they are read on the
+    /// stack, then kept in a buffer of their size (or of the `n` bytes
+    /// awaited, when more).
+    fn poll_first_bytes(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        n: usize,
+    ) -> Poll<Result<(), ReadError>> {
+        let mut space = [MaybeUninit::<u8>::uninit(); STACK_READ];
+        let mut read = ReadBuf::uninit(&mut space);
+        match Pin::new(&mut self.io).poll_read(cx, &mut read) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Err(_)) => Poll::Ready(Err(ReadError::Closed)),
+            Poll::Ready(Ok(())) if read.filled().is_empty() => Poll::Ready(Err(ReadError::Closed)),
+            Poll::Ready(Ok(())) => {
+                let got = read.filled();
+                let mut buf = BytesMut::with_capacity(got.len().max(n));
+                buf.extend_from_slice(got);
+                self.buf = buf;
+                Poll::Ready(Ok(()))
+            }
+        }
+    }
+
     pub async fn next(&mut self) -> Result<Frame, ReadError> {
-        if self.buf.is_empty() && self.buf.capacity() > KEEP_BUFFER {
+        // Every frame in the buffer was handed out: let go of it (the
+        // frames handed out keep their part alive while they need it). An
+        // empty view still holds the allocation it was split from.
+        if self.buf.is_empty() {
             self.buf = BytesMut::new();
         }
         self.fill(2).await?;
@@ -192,6 +228,41 @@ mod tests {
         assert_eq!(got[2], Ok((true, OP_CONTINUATION, b"end".to_vec())));
         assert_eq!(got[3], Ok((true, OP_PING, b"p".to_vec())));
         assert_eq!(got.len(), 4);
+    }
+
+    /// Between frames an idle connection holds no read buffer; a burst
+    /// read at once is handed out frame by frame from one buffer.
+    #[tokio::test]
+    async fn an_idle_reader_holds_no_buffer() {
+        let (mut tx, rx) = tokio::io::duplex(8192);
+        let mut reader = FrameReader::new(rx, 4096);
+        let mut burst = masked(0x81, b"one");
+        burst.extend(masked(0x81, &[b'x'; 1000]));
+        tx.write_all(&burst).await.unwrap();
+        let first = reader.next().await.unwrap();
+        assert_eq!(&first.payload[..], b"one");
+        assert!(
+            !reader.buf.is_empty(),
+            "the second frame came in the same read"
+        );
+        let mut second = reader.next().await.unwrap().payload;
+        assert_eq!(second.len(), 1000);
+        drop(first);
+        {
+            // Waiting for the next frame.
+            let mut next = std::pin::pin!(reader.next());
+            assert!(futures_util::FutureExt::now_or_never(next.as_mut()).is_none());
+            // The last frame handed out is now the only holder of the
+            // read's allocation: it can take all of it back.
+            second.clear();
+            assert!(
+                second.try_reclaim(burst.len()),
+                "the reader let go of its buffer"
+            );
+            tx.write_all(&masked(0x89, b"p")).await.unwrap();
+            assert_eq!(next.await.unwrap().opcode, OP_PING);
+        }
+        assert_eq!(reader.buf.capacity(), 0, "a read is kept at its size");
     }
 
     #[tokio::test]

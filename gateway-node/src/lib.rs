@@ -130,6 +130,7 @@ pub async fn build(config: Config, secret: &str) -> Result<Arc<Node>, StartError
         tracing::info!(prefix = api::PREFIX, "server API on");
     }
     node.broker.start(&node);
+    tokio::spawn(connection::watch_deadlines(Arc::downgrade(&node)));
     Ok(node)
 }
 

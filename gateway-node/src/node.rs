@@ -45,6 +45,8 @@ pub struct Node {
     /// Set when the node starts draining: `/readyz` fails, no new sockets.
     pub draining: AtomicBool,
     conn_ids: AtomicU64,
+    /// Every connection's PRESENT deadline and heartbeat timeout.
+    pub deadlines: crate::connection::Deadlines,
 }
 
 /// A decoded PRESENT (110) `cnf`.
@@ -137,6 +139,7 @@ impl Node {
             sessions: Mutex::new(HashMap::new()),
             draining: AtomicBool::new(false),
             conn_ids: AtomicU64::new(1),
+            deadlines: Default::default(),
         }
     }
 

@@ -13,7 +13,7 @@
 //! head too large); each socket's kernel send buffer is capped
 //! (`--tcp-send-buffer`).
 
-use crate::admission::{Admission, Refusal};
+use crate::admission::{Admission, Refusal, Ticket};
 use crate::metrics::Refused;
 use crate::node::Node;
 use crate::{connection, demo};
@@ -138,13 +138,7 @@ async fn route(
                     ))
                 }
             };
-            tokio::spawn(async move {
-                match upgrade.await {
-                    Ok(ws) => connection::serve(node, ws.into_inner()).await,
-                    Err(e) => debug!(error = %e, "upgrade failed"),
-                }
-                drop(ticket);
-            });
+            tokio::spawn(serve_upgraded(node, upgrade, ticket));
             let (parts, _) = response.into_parts();
             Ok(Response::from_parts(parts, Full::new(Bytes::new())))
         }
@@ -153,6 +147,31 @@ async fn route(
             _ => text(StatusCode::NOT_FOUND, "not found\n"),
         }),
     }
+}
+
+/// The connection's task, one per connection: the upgrade, then the
+/// WebSocket, holding the admission ticket throughout.
+///
+/// Combinators rather than an `async fn`: the task's future is then the
+/// upgrade's or the connection's, one at a time, with the ticket beside
+/// it. An `async fn` kept the stream, its node and ticket arguments and a
+/// temporary besides, which tipped every connection's task into a larger
+/// allocation (tokio allocates tasks in 128-byte lines).
+pub(crate) fn serve_upgraded(
+    node: Arc<Node>,
+    upgrade: fastwebsockets::upgrade::UpgradeFut,
+    ticket: Ticket,
+) -> impl Future<Output = ()> {
+    use futures_util::future::{Either, FutureExt};
+    upgrade.then(move |upgraded| match upgraded {
+        Ok(ws) => {
+            Either::Left(connection::serve(node, ws.into_inner()).map(move |()| drop(ticket)))
+        }
+        Err(e) => {
+            debug!(error = %e, "upgrade failed");
+            Either::Right(std::future::ready(()))
+        }
+    })
 }
 
 /// Accepts connections until `shutdown` resolves, then drains: GATEWAY_DOWN
