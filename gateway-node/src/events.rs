@@ -176,7 +176,7 @@ async fn message_delete(
         .str("id", "id must be a decimal string")?
         .ok_or_else(|| invalid("id is missing"))?;
     let id = parse_message_id(id)?;
-    let by = if session.identity.admin {
+    let by = if session.admin {
         DeleteAs::Admin
     } else {
         DeleteAs::Author(&session.user.id)
@@ -196,7 +196,7 @@ async fn channel_add(
 }
 
 fn require_admin(session: &Session) -> Result<(), Reject> {
-    if session.identity.admin {
+    if session.admin {
         Ok(())
     } else {
         Err(Reject::new(ErrorCode::PermissionDenied, "admin only"))

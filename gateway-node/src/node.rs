@@ -180,9 +180,9 @@ impl Node {
                 enc_key: session.enc_key.clone(),
                 resumed,
                 user: ReadyUser {
-                    id: session.identity.id.clone(),
-                    name: session.identity.name.clone(),
-                    admin: session.identity.admin,
+                    id: session.user.id.clone(),
+                    name: session.user.name.clone(),
+                    admin: session.admin,
                 },
                 channel: channel.to_owned(),
                 channels: channels.to_vec(),
@@ -234,7 +234,7 @@ impl Node {
                 }
             },
         };
-        if session.identity.id != identity.id {
+        if session.user.id != identity.id {
             return Err(Reject::new(
                 ErrorCode::AuthenticationFailed,
                 "session belongs to another user",
@@ -436,7 +436,7 @@ impl Node {
         let sessions: Vec<_> = self
             .local_sessions()
             .into_iter()
-            .filter(|s| s.identity.id == user_id)
+            .filter(|s| s.user.id == user_id)
             .collect();
         for session in sessions {
             if let Some(conn) = self.end_session(&session).await {

@@ -112,9 +112,10 @@ struct State {
 
 pub struct Session {
     pub id: u64,
-    pub identity: Identity,
-    /// The user as dispatched (`{"id","name"}`).
+    /// The user as dispatched (`{"id","name"}`): the token's identity,
+    /// kept once (with `admin` beside it).
     pub user: User,
+    pub admin: bool,
     /// Reserved for end-to-end encryption; fixed for the session's life.
     pub enc_key: String,
     limits: Limits,
@@ -132,6 +133,15 @@ impl std::fmt::Debug for Session {
 }
 
 impl Session {
+    /// The identity the session was presented with.
+    pub fn identity(&self) -> Identity {
+        Identity {
+            id: self.user.id.clone(),
+            name: self.user.name.clone(),
+            admin: self.admin,
+        }
+    }
+
     pub fn new(
         id: u64,
         identity: Identity,
@@ -145,10 +155,10 @@ impl Session {
         Arc::new(Self {
             id,
             user: User {
-                id: identity.id.clone(),
-                name: identity.name.clone(),
+                id: identity.id,
+                name: identity.name,
             },
-            identity,
+            admin: identity.admin,
             enc_key,
             limits,
             metrics,

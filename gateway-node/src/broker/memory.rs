@@ -17,7 +17,7 @@ use gateway_shared::protocol::{
     MOVE_MEMBER_LIMIT,
 };
 use parking_lot::{Mutex, RwLock};
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -108,8 +108,8 @@ struct Presence {
 struct ChannelState {
     /// `n` of the channel's latest event.
     n: u64,
-    /// Session id → user id, for every session in the channel.
-    sessions: HashMap<u64, String>,
+    /// Every session in the channel (its user is the session's own).
+    sessions: HashSet<u64>,
     users: HashMap<String, Presence>,
     by_order: BTreeMap<u64, String>,
     next_order: u64,
@@ -131,7 +131,7 @@ impl Channel {
             topic: topic.to_owned(),
             state: Mutex::new(ChannelState {
                 n: 0,
-                sessions: HashMap::new(),
+                sessions: HashSet::new(),
                 users: HashMap::new(),
                 by_order: BTreeMap::new(),
                 next_order: 0,
@@ -307,7 +307,7 @@ impl Memory {
     }
 
     fn enter(&self, channel: &Channel, state: &mut ChannelState, session: &Arc<Session>) {
-        state.sessions.insert(session.id, session.user.id.clone());
+        state.sessions.insert(session.id);
         let order = state.next_order;
         let entry = state
             .users
@@ -376,7 +376,7 @@ impl Memory {
             return;
         };
         let mut state = channel.state.lock();
-        if state.sessions.remove(&session.id).is_none() {
+        if !state.sessions.remove(&session.id) {
             return;
         }
         if let Some(local) = self.hub.get(name) {

@@ -272,9 +272,9 @@ impl RedisBroker {
         pipe.hset_multiple(
             &key,
             &[
-                ("uid", session.identity.id.as_str()),
-                ("name", session.identity.name.as_str()),
-                ("admin", if session.identity.admin { "1" } else { "0" }),
+                ("uid", session.user.id.as_str()),
+                ("name", session.user.name.as_str()),
+                ("admin", if session.admin { "1" } else { "0" }),
                 ("key", session.enc_key.as_str()),
                 ("ch", &session.channel()),
                 ("owner", self.settings.node_id.as_str()),
