@@ -33,9 +33,9 @@
 //! verdict to the stall deadline.
 //!
 //! Reading a frame is not cancel-safe (a frame half read would be lost), so
-//! it is never raced in a `select!` that could drop it: the supervisor
-//! polls the one reader future by reference, and drops it only once the
-//! connection is over.
+//! the reader is raced only against the close signal: the supervisor polls
+//! the one reader future in place, and drops it only once the connection
+//! is over.
 
 use crate::frame::{self, FrameReader, ReadError};
 use crate::node::Node;
@@ -442,8 +442,9 @@ where
     // The writer logs nothing: no span to enter on each of its many polls.
     let writer = tokio::spawn(write_loop(Arc::clone(&conn), write, hb_int));
     // The reader runs inside this task, not beside it: one task fewer per
-    // connection. It is polled in place across the loop (never dropped
-    // half-way through a frame, except when the connection is over).
+    // connection. It is polled in place until it ends or a close is asked
+    // for (never dropped half-way through a frame, except when the
+    // connection is over); the node's watcher enforces its deadlines.
     {
         let reader = read_loop(Handler::new(Arc::clone(&node), Arc::clone(&conn)), ws);
         let _watched = node.deadlines.watch(&conn);
@@ -563,7 +564,7 @@ impl Drop for Watched<'_> {
 }
 
 /// How late a deadline may be met, at most: the watcher's period.
-pub fn deadline_tick(hb_int: Duration) -> Duration {
+fn deadline_tick(hb_int: Duration) -> Duration {
     (hb_int / 10).min(Duration::from_secs(1))
 }
 
@@ -1177,7 +1178,6 @@ mod tests {
         let metrics = crate::metrics::Metrics::new("test");
         let hb_int = Duration::from_secs(10);
         let deadlines = Deadlines::default();
-        let fresh = Arc::new(Conn::new(1, false));
         let silent = Arc::new(Conn::new(2, false));
         let presented = Arc::new(Conn::new(3, false));
         let held_back = Arc::new(Conn::new(4, false));
@@ -1186,24 +1186,19 @@ mod tests {
             conn.presented.store(true, Ordering::Release);
         }
         held_back.held_back.store(true, Ordering::Release);
-        let _guards: Vec<_> = [&fresh, &silent, &presented, &held_back]
+        let _guards: Vec<_> = [&silent, &presented, &held_back]
             .into_iter()
             .map(|c| deadlines.watch(c))
             .collect();
 
         // Before any deadline: nothing happens.
         deadlines.expire(Instant::now(), hb_int, &metrics);
-        assert!(!fresh.closing.load(Ordering::Acquire));
+        assert_eq!(close_code(&silent), None);
 
         // Past the PRESENT deadline (hb_int), not the heartbeat's (1.5 ×).
         let now = silent.started + hb_int + Duration::from_millis(1);
         deadlines.expire(now, hb_int, &metrics);
         assert_eq!(close_code(&silent), Some(4003));
-        assert_eq!(
-            close_code(&fresh),
-            Some(4003),
-            "as old as `silent`, give or take"
-        );
         assert_eq!(close_code(&presented), None);
 
         // Past the heartbeat's too.
