@@ -126,15 +126,13 @@ pub(crate) async fn member(
 /// Polls `counter` until it reaches `target` (bounded by the harness'
 /// wait): the members report progress through it.
 pub(crate) async fn until(counter: &AtomicU64, target: u64) {
-    let deadline = tokio::time::Instant::now() + WAIT * 3;
-    while counter.load(Ordering::Relaxed) < target {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "stuck at {} of {target}",
-            counter.load(Ordering::Relaxed)
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually_async("the members' progress", WAIT * 3, || async {
+        match counter.load(Ordering::Relaxed) {
+            n if n >= target => Ok(()),
+            n => Err(format!("stuck at {n} of {target}")),
+        }
+    })
+    .await
 }
 
 /// Checks what the members saw: nobody got a message twice, and every
