@@ -54,7 +54,6 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tracing::{debug, Instrument};
@@ -124,7 +123,7 @@ pub struct Conn {
     /// socket ([`Conn::write_direct`]). It holds the socket for the latter
     /// (TCP connections with `shares_socket` only; `None` once the
     /// connection is over).
-    io: Mutex<Option<Arc<OwnedWriteHalf>>>,
+    io: Mutex<Option<Arc<TcpStream>>>,
     /// The writer owes the socket the rest of a frame (its own, or one the
     /// fan-out began, in `handoff`): nobody else writes until it is done.
     owed_pending: AtomicBool,
@@ -205,8 +204,7 @@ impl Conn {
             // usually evicted by the next event (6 % of a node's CPU in
             // stalls at 40,000 deliveries/s, docs/BENCHMARKS.md). If the
             // socket is full, the writer (tokio's readiness path) goes on.
-            let stream: &tokio::net::TcpStream = (**socket).as_ref();
-            match socket2::SockRef::from(stream).send(buf) {
+            match socket2::SockRef::from(&**socket).send(buf) {
                 Ok(n) if n == buf.len() => DirectWrite::Written,
                 Ok(n) => {
                     *self.handoff.lock() = Some(Bytes::copy_from_slice(&buf[n..]));
@@ -390,22 +388,23 @@ pub fn serve(node: Arc<Node>, io: Io) -> impl std::future::Future<Output = ()> {
     // and an enter and exit on every poll. The info-level lines of a
     // session carry its id and user themselves.
     let span = tracing::debug_span!("conn", node = %node.node_id, conn = conn.id, session = tracing::field::Empty, user = tracing::field::Empty);
-    // Hot path: back to the TCP stream itself, whose owned halves need no
-    // lock between reader and writer (tokio::io::split takes one on every
-    // read and write). Bytes hyper read past the handshake go first.
+    // Hot path: back to the TCP stream itself, shared by reader, writer
+    // and fan-out, which need no lock between them (tokio::io::split takes
+    // one on every read and write) and only `&TcpStream` each. Bytes hyper
+    // read past the handshake go first.
     match io.into_inner().downcast::<TokioIo<TcpStream>>() {
         Ok(parts) => {
-            let (read, write) = parts.io.into_inner().into_split();
+            let stream = Arc::new(parts.io.into_inner());
+            let read = SharedStream(Arc::clone(&stream));
             let reader = FrameReader::with_buffered(read, MAX_PAYLOAD, &parts.read_buf);
             // `read_buf` is a view into hyper's whole read buffer (8 KiB):
             // kept in this scope, it would stay allocated for the life of
             // the connection.
             drop(parts.read_buf);
-            let write = Arc::new(write);
             if conn.shares_socket {
-                *conn.io.lock() = Some(Arc::clone(&write));
+                *conn.io.lock() = Some(Arc::clone(&stream));
             }
-            Either::Left(serve_inner(node, conn, reader, SharedWrite(write)).instrument(span))
+            Either::Left(serve_inner(node, conn, reader, SharedStream(stream)).instrument(span))
         }
         Err(upgraded) => {
             let (read, write) = tokio::io::split(TokioIo::new(upgraded));
@@ -631,18 +630,43 @@ thread_local! {
     static DIRECT: RefCell<BytesMut> = RefCell::new(BytesMut::new());
 }
 
-/// The write half of a TCP connection, shared by the writer task (through
-/// this) and the fan-out ([`Conn::write_direct`]), which both only need
-/// `&TcpStream` to write.
-struct SharedWrite(Arc<OwnedWriteHalf>);
+/// A TCP connection shared by its reader, its writer task and the fan-out
+/// ([`Conn::write_direct`]), which each only need `&TcpStream`: the
+/// reader waits on its read readiness, the writer on its write readiness
+/// (tokio keeps a waker for each). One `Arc` for all three, so that the
+/// fan-out reaches the descriptor through one allocation, not two (an
+/// `Arc` of tokio's write half holds another `Arc` of the stream): a cache
+/// miss less per direct write.
+struct SharedStream(Arc<TcpStream>);
 
-impl AsyncWrite for SharedWrite {
+impl AsyncRead for SharedStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let stream: &TcpStream = &self.0;
+        loop {
+            std::task::ready!(stream.poll_read_ready(cx))?;
+            match stream.try_read(buf.initialize_unfilled()) {
+                Ok(n) => {
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+impl AsyncWrite for SharedStream {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        let stream: &TcpStream = (*self.0).as_ref();
+        let stream: &TcpStream = &self.0;
         loop {
             std::task::ready!(stream.poll_write_ready(cx))?;
             match stream.try_write(buf) {
@@ -663,8 +687,7 @@ impl AsyncWrite for SharedWrite {
         self: Pin<&mut Self>,
         _: &mut std::task::Context<'_>,
     ) -> Poll<std::io::Result<()>> {
-        let stream: &TcpStream = (*self.0).as_ref();
-        Poll::Ready(socket2::SockRef::from(stream).shutdown(std::net::Shutdown::Write))
+        Poll::Ready(socket2::SockRef::from(&*self.0).shutdown(std::net::Shutdown::Write))
     }
 }
 
@@ -1139,7 +1162,7 @@ mod tests {
             std::mem::size_of::<F>()
         }
         let connection = future_of(crate::server::serve_upgraded);
-        let writer = future_of(write_loop::<SharedWrite>);
+        let writer = future_of(write_loop::<SharedStream>);
         assert!(
             connection <= 768 - 104,
             "the connection's future is {connection} bytes"
