@@ -133,15 +133,6 @@ impl std::fmt::Debug for Session {
 }
 
 impl Session {
-    /// The identity the session was presented with.
-    pub fn identity(&self) -> Identity {
-        Identity {
-            id: self.user.id.clone(),
-            name: self.user.name.clone(),
-            admin: self.admin,
-        }
-    }
-
     pub fn new(
         id: u64,
         identity: Identity,

@@ -74,22 +74,14 @@ async fn chat_until<T: Send + 'static>(
 /// node at `addr` is `want` (it is counted as the connection's task ends,
 /// just after the client saw the close).
 async fn until_refused(addr: SocketAddr, reason: &str, want: u64) {
-    let prefix = &format!("gateway_connections_refused_total{{reason=\"{reason}\"");
-    let url = &format!("http://{addr}/metrics");
+    let label = &format!("reason=\"{reason}\"");
     eventually_async(
         &format!("{want} refused for {reason}"),
         WAIT,
         || async move {
-            let (_, metrics) = http_get(url).await;
-            let got: u64 = metrics
-                .lines()
-                .filter(|l| l.starts_with(prefix))
-                .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-                .sum();
-            if got == want {
-                Ok(())
-            } else {
-                Err(format!("{got} refused"))
+            match metric_where(addr, "gateway_connections_refused_total", label).await {
+                got if got == want => Ok(()),
+                got => Err(format!("{got} refused")),
             }
         },
     )

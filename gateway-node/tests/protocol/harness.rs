@@ -278,10 +278,21 @@ pub fn fresh_channel(prefix: &str) -> String {
 /// The value of a metric (summed over its label sets) on the node at
 /// `addr`.
 pub async fn metric(addr: SocketAddr, name: &str) -> u64 {
+    metric_where(addr, name, "").await
+}
+
+/// [`metric`] summed over the series whose labels include `label` (for
+/// example `reason="node_full"`; empty: every series).
+pub async fn metric_where(addr: SocketAddr, name: &str, label: &str) -> u64 {
     let (_, metrics) = http_get(&format!("http://{addr}/metrics")).await;
+    let labelled = format!("{name}{{");
+    let plain = format!("{name} ");
     metrics
         .lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+        .filter(|l| {
+            (l.starts_with(&labelled) && l.contains(label))
+                || (label.is_empty() && l.starts_with(&plain))
+        })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum::<f64>() as u64
 }

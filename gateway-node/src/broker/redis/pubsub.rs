@@ -679,13 +679,11 @@ mod tests {
             slots: slots.to_vec(),
         };
         let topics: HashSet<String> = (0..200).map(|i| format!("gw:{{c:t{i}}}")).collect();
-        let low = |t: &&String| key_slot(t) < 8192;
-        let mut want: Vec<&String> = topics.iter().filter(low).collect();
         fn sorted(mut v: Vec<&String>) -> Vec<&String> {
             v.sort();
             v
         }
-        want.sort();
+        let want = sorted(topics.iter().filter(|t| key_slot(t) < 8192).collect());
         // By the cluster's view alone, by the master's own, by either.
         let renewed = [master(1, &[0..=8191])];
         let none = [master(1, &[])];
