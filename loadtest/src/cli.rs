@@ -128,6 +128,11 @@ pub struct ConnectArgs {
     /// With `--fanout-at-end`: how long to wait for the deliveries.
     #[arg(long, default_value_t = 30.0)]
     pub drain_s: f64,
+    /// Before the clients come, one more sends this many messages into
+    /// their channel (channel 0 with `--channels`), so that every move
+    /// into it reads history while presence events pile up after them.
+    #[arg(long, default_value_t = 0)]
+    pub history: usize,
 }
 
 /// The message traffic of `fanout` and `churn`.
@@ -216,6 +221,7 @@ fn base_plan(scenario: Scenario, target: Target, setup: &Setup, g: &Globals) -> 
         max_run_s: 0.0,
         source_ips,
         fanout_at_end: false,
+        history: 0,
     })
 }
 
@@ -273,6 +279,7 @@ pub fn main() -> Result<ExitCode> {
             plan.clients = a.clients;
             plan.hold_s = a.hold_s;
             plan.channels = a.channels;
+            plan.history = a.history;
             if a.fanout_at_end {
                 // One publisher sending one message: 1 msg/s for 1 s.
                 plan.fanout_at_end = true;

@@ -491,6 +491,72 @@ pub async fn create_channels(plan: &Plan) -> Result<()> {
     Ok(())
 }
 
+/// `connect --history N`: N messages in the clients' channel (channel 0,
+/// or the default one), sent by a client of its own before the others
+/// come.
+async fn seed_history(plan: &Plan) -> Result<()> {
+    if plan.history == 0 {
+        return Ok(());
+    }
+    let url = &plan.urls[0];
+    let user = format!("lt-{}-history", plan.run_id);
+    let token = token::mint(
+        plan.secret.as_bytes(),
+        &token::claims(&user, "loadtest", false, 3600),
+    );
+    let (mut conn, _) = timeout(
+        Duration::from_secs(10),
+        client::open(url, None, &token, None),
+    )
+    .await
+    .unwrap_or(Err(client::Fail::Timeout))
+    .map_err(|f| anyhow!("seeding history: cannot present on {url}: {f}"))?;
+    let deadline = Instant::now() + Duration::from_secs_f64(60.0 + plan.history as f64 / 100.0);
+    let mut requests = Vec::new();
+    if plan.channels > 0 {
+        requests.push(format!(
+            r#"{{"f":130,"t":"CHANNEL_MOVE","cnf":{{"channel":"{}"}}}}"#,
+            plan.channel_name(0)
+        ));
+    }
+    let mut sent = 0;
+    while sent < plan.history {
+        // Batches keep the requests within the default burst of 120.
+        let batch = (plan.history - sent).min(100);
+        requests.extend((sent..sent + batch).map(|i| {
+            format!(r#"{{"f":130,"t":"MESSAGE_CREATE","cnf":{{"content":"history {i}"}}}}"#)
+        }));
+        for request in requests.drain(..) {
+            conn.writer
+                .send_text(request.as_bytes())
+                .await
+                .map_err(|e| anyhow!("seeding history: {e}"))?;
+        }
+        let mut answered = 0;
+        while answered < batch {
+            let frame = timeout_at(deadline, next_text(&mut conn.reader))
+                .await
+                .map_err(|_| anyhow!("seeding history: timed out"))?
+                .map_err(|f| anyhow!("seeding history: {f}"))?;
+            let Some(head) = scan::head(&frame) else {
+                continue;
+            };
+            if head.f == FunctionCode::Error.code() {
+                let code = scan::u64_field(&frame, "c").unwrap_or(0);
+                bail!("seeding history: the node answered error {code}");
+            }
+            if head.f == FunctionCode::Dispatch.code()
+                && head.t == Some(ProtocolEvent::MessageCreate.name())
+            {
+                answered += 1;
+            }
+        }
+        sent += batch;
+    }
+    conn.close_normally().await;
+    Ok(())
+}
+
 /// Go: publishers send; then waits until every worker stopped, works out
 /// the expected deliveries and drains until they arrived or the drain time
 /// is over. Returns the seconds from Go to the end of the drain.
@@ -534,6 +600,7 @@ async fn run_inner(plan: &Plan, opts: &Options) -> Result<Report> {
     let before = scrape_all(plan).await;
     let redis_before = redis_cpu(plan).await;
     create_channels(plan).await?;
+    seed_history(plan).await?;
 
     let mut fleet = Fleet::start(plan, opts).await?;
     fleet

@@ -102,6 +102,10 @@ pub struct Plan {
     /// `--channels`) and every member's delivery is counted and timed.
     #[serde(default)]
     pub fanout_at_end: bool,
+    /// `connect`: messages sent into the clients' channel before they
+    /// come (so that every move into it reads history).
+    #[serde(default)]
+    pub history: usize,
 }
 
 /// Most addresses `--source-ips` may name (a /16).
@@ -352,6 +356,7 @@ pub(crate) fn test_plan(scenario: Scenario) -> Plan {
         redis: Vec::new(),
         source_ips: Vec::new(),
         fanout_at_end: false,
+        history: 0,
     }
 }
 

@@ -60,6 +60,7 @@ fn fanout_plan(url: &str, run_id: &str) -> Plan {
         redis: Vec::new(),
         source_ips: Vec::new(),
         fanout_at_end: false,
+        history: 0,
     }
 }
 
@@ -151,4 +152,51 @@ async fn connect_from_source_ips_holds_heartbeats_and_fans_out_once() {
     assert_eq!(report.expected, 20);
     assert!(report.heartbeat_latency_ms.count > 0, "{report:#?}");
     assert!(report.heartbeat_latency_ms.count <= report.heartbeat_acks);
+}
+
+#[tokio::test]
+async fn connect_with_history_sends_the_messages_before_the_clients_come() {
+    let (url, _stop) = start_node().await;
+    let mut plan = fanout_plan(&url, "ithist1");
+    plan.scenario = Scenario::Connect;
+    plan.channels = 1;
+    plan.hold_s = 0.5;
+    plan.history = 3;
+    let report = driver::run(plan.clone(), &Options::default())
+        .await
+        .unwrap();
+    assert_eq!(report.connect.failed, 0, "{report:#?}");
+    assert_eq!(report.connect.ok, 20, "{report:#?}");
+    // The channel's snapshot holds them.
+    let token = gateway_shared::token::mint(
+        SECRET.as_bytes(),
+        &gateway_shared::token::claims("reader", "reader", false, 60),
+    );
+    let (mut client, _) = gateway_shared::Client::connect_present(&url, &token)
+        .await
+        .unwrap();
+    client
+        .execute(
+            "CHANNEL_MOVE",
+            serde_json::json!({"channel": plan.channel_name(0)}),
+            None,
+        )
+        .await
+        .unwrap();
+    let moved = loop {
+        let msg = client
+            .next_message(std::time::Duration::from_secs(10))
+            .await
+            .unwrap();
+        if msg.is_dispatch(gateway_shared::protocol::Event::ChannelMove) {
+            break msg.cnf;
+        }
+    };
+    let history: Vec<&str> = moved["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["content"].as_str().unwrap())
+        .collect();
+    assert_eq!(history, ["history 0", "history 1", "history 2"]);
 }
