@@ -7,7 +7,7 @@ use crate::harness::*;
 use crate::redis_server::{redis_cli, RedisCluster, RedisServer};
 use gateway_shared::protocol::Event;
 use gateway_shared::Client;
-use serde_json::json;
+use serde_json::{json, Value};
 
 /// The Redis that the nodes of a test share.
 pub enum Store {
@@ -960,6 +960,105 @@ async fn an_ended_sessions_leave_that_fails_is_made_again(store: &Store) {
     only_the_watcher_is_left(store, &room, &ids);
 }
 
+/// Comes into `room` and leaves it `times` times: two presence events in
+/// its log each time.
+async fn come_and_go(walker: &mut Peer, room: &str, times: usize) {
+    for _ in 0..times {
+        walker.move_to(room).await;
+        walker.move_to("general").await;
+    }
+}
+
+/// What a node of an older version logs for a message (its `lastid` too)
+/// or a deletion, leaving everything else as it is.
+fn log_as_an_older_version(store: &Store, room: &str, d: &str, last_id: Option<&str>) {
+    let meta = format!("gw:{{c:{room}}}:meta");
+    let log = format!("gw:{{c:{room}}}:log");
+    store.cli(&log, &["XADD", &log, "0-*", "d", d]);
+    if let Some(id) = last_id {
+        store.cli(&meta, &["HSET", &meta, "lastid", id]);
+    }
+}
+
+/// A message id just after `id`.
+fn next_id(id: &Value) -> String {
+    (id.as_str().unwrap().parse::<u64>().unwrap() + 1).to_string()
+}
+
+/// Each walk of the history (every move into the room is one) reads what
+/// was logged since the last and the messages that walk found, not the
+/// runs of presence events between them (one longer than a read of 256
+/// entries, short ones, none); the snapshot and deletions still see
+/// every message and every deletion, those an older version logged with
+/// no walk's knowledge too, and a walk that must go below what the last
+/// one found reads on.
+async fn history_reads_past_presence_events_by_what_the_last_walk_found(store: &Store) {
+    let node = node_on(store, |c| c.rate_limit_count = 100_000).await;
+    let room = fresh_channel("sparse");
+    let mut alice = Peer::join(&node, "alice").await;
+    let mut walker = Peer::join(&node, "walker").await;
+    alice.create_and_move(&room).await;
+    let mut said: Vec<(String, Value)> = Vec::new();
+    for content in ["old0", "old1"] {
+        said.push((content.into(), alice.say(content).await["id"].clone()));
+    }
+    // An older version logs a message, and deletes old1.
+    let legacy = next_id(&said[1].1);
+    let author = json!({"id": alice.user_id, "name": "alice"});
+    let message = |id: &str, content: &str| {
+        format!(
+            r#"MESSAGE_CREATE {{"id":"{id}","channel":"{room}","author":{author},"content":"{content}","ts":1700000000000}}"#
+        )
+    };
+    log_as_an_older_version(store, &room, &message(&legacy, "legacy"), Some(&legacy));
+    let old1 = said.pop().unwrap().1;
+    let delete = |id: &Value| format!(r#"MESSAGE_DELETE {{"id":{id},"channel":"{room}"}}"#);
+    log_as_an_older_version(store, &room, &delete(&old1), None);
+    said.push(("legacy".into(), json!(legacy)));
+    come_and_go(&mut walker, &room, 130).await;
+    for i in 0..55 {
+        let content = format!("m{i}");
+        said.push((content.clone(), alice.say(&content).await["id"].clone()));
+        if i % 10 == 3 {
+            come_and_go(&mut walker, &room, 1 + i % 4).await;
+        }
+    }
+    // The newest, one in the middle, and the older version's.
+    for content in ["m54", "m10", "legacy"] {
+        let at = said.iter().position(|(c, _)| c == content).unwrap();
+        let (_, id) = said.remove(at);
+        alice.execute("MESSAGE_DELETE", json!({"id": id})).await;
+        let deleted = alice.dispatch(Event::MessageDelete).await.cnf;
+        assert_eq!(deleted["id"], id, "{content} deleted");
+    }
+    come_and_go(&mut walker, &room, 3).await;
+    // The newest entry is an older version's.
+    let tail = next_id(&said.last().unwrap().1);
+    log_as_an_older_version(store, &room, &message(&tail, "tail"), Some(&tail));
+    said.push(("tail".into(), json!(tail)));
+
+    let mut bob = Peer::join(&node, "bob").await;
+    let contents = |moved: Value| -> Vec<String> {
+        moved["history"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["content"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let kept: Vec<String> = said.iter().map(|(c, _)| c.clone()).collect();
+    assert_eq!(contents(bob.move_to(&room).await), kept[kept.len() - 50..]);
+    // With fewer than 50 left, the walk reaches the log's start.
+    for (_, id) in said.drain(5..) {
+        alice.execute("MESSAGE_DELETE", json!({"id": id})).await;
+        alice.dispatch(Event::MessageDelete).await;
+    }
+    assert_eq!(
+        contents(bob.move_to(&room).await),
+        ["old0", "m0", "m1", "m2", "m3"]
+    );
+}
+
 /// Each test above that takes a `Store`, on one Redis and on a cluster.
 macro_rules! on_each_store {
     ($($test:ident),* $(,)?) => {
@@ -997,4 +1096,5 @@ on_each_store!(
     sessions_that_end_together_all_leave,
     sessions_that_end_as_their_node_stops_still_leave,
     an_ended_sessions_leave_that_fails_is_made_again,
+    history_reads_past_presence_events_by_what_the_last_walk_found,
 );

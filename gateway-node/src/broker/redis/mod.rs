@@ -16,6 +16,7 @@
 //! | `gw:{g}:epoch` | string | random id of the data set (a Redis that lost it has another) |
 //! | `gw:{c:NAME}:meta` | hash | `gen` (log generation), `lastid` (last message id), `ord` |
 //! | `gw:{c:NAME}:log` | stream | the channel's events, entry id `0-n` (`XADD 0-*`: the log counts its events); also its history: a message is stored once, here |
+//! | `gw:{c:NAME}:hist` | string | where the last history walk found messages and deletions in the log (`lua/history.lua`) |
 //! | `gw:{c:NAME}:members` | hash | session id → user id |
 //! | `gw:{c:NAME}:users`, `:ujson`, `:order` | hash, hash, zset | per user: sessions, JSON, join order |
 //! | `gw:{c:NAME}:presence` | zset | session id → expiry (ms), refreshed by the owner |

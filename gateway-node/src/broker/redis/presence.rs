@@ -47,8 +47,8 @@ fn move_dispatch(out: &[redis::Value], channel: &str, from: &str) -> Arc<Dispatc
 }
 
 /// The keys of the join and leave scripts, in their order.
-const CHANNEL_KEYS: [&str; 7] = [
-    "meta", "members", "users", "ujson", "order", "log", "presence",
+const CHANNEL_KEYS: [&str; 8] = [
+    "meta", "members", "users", "ujson", "order", "log", "presence", "hist",
 ];
 
 impl RedisBroker {

@@ -110,7 +110,9 @@ impl RedisBroker {
         };
         let mut c = self.conn();
         let mut inv = self.scripts.delete.prepare_invoke();
-        inv.key(ck(name, "meta")).key(ck(name, "log"));
+        inv.key(ck(name, "meta"))
+            .key(ck(name, "log"))
+            .key(ck(name, "hist"));
         inv.arg(channel_topic(name))
             .arg(id)
             .arg(uid)
@@ -140,7 +142,9 @@ impl RedisBroker {
             return Err(Reject::new(ErrorCode::NotFound, "unknown channel"));
         }
         let mut inv = self.scripts.messages.prepare_invoke();
-        inv.key(ck(name, "meta")).key(ck(name, "log"));
+        inv.key(ck(name, "meta"))
+            .key(ck(name, "log"))
+            .key(ck(name, "hist"));
         inv.arg(self.settings.history_retain)
             .arg(before.map(|b| b.to_string()).unwrap_or_default())
             .arg(limit);

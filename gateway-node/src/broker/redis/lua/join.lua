@@ -1,4 +1,4 @@
--- KEYS: meta members users ujson order log presence
+-- KEYS: meta members users ujson order log presence hist
 -- ARGV: sid uid user_json threshold topic channel_json retain want_snapshot
 --       history_limit presence_expiry_ms
 local n = head(KEYS[6])
@@ -23,7 +23,7 @@ if ARGV[8] == '1' then
   for _, u in ipairs(users) do table.insert(out, u or '{}') end
   -- The last 50 messages, oldest first.
   local recent = {}
-  history(KEYS[1], KEYS[6], tonumber(ARGV[9]), function(_, d)
+  history(KEYS[1], KEYS[6], KEYS[8], tonumber(ARGV[9]), function(_, d)
     table.insert(recent, string.sub(d, 16))
     return #recent >= 50
   end)

@@ -1,4 +1,4 @@
--- KEYS: meta members users ujson order log presence
+-- KEYS: meta members users ujson order log presence hist
 -- ARGV: threshold topic channel_json retain, then the ids of the sessions
 -- that leave (one or more, a self-clocked batch)
 -- Each session leaves the channel: its presence entry goes, and if it

@@ -1,4 +1,4 @@
--- KEYS: meta log
+-- KEYS: meta log hist
 -- ARGV: history_limit before limit
 -- A page of the channel's history, newest first: the MESSAGE_CREATE
 -- bodies of messages with an id below `before` (every one, when empty),
@@ -6,7 +6,7 @@
 -- Ids are decimal strings: a shorter one is smaller.
 local before, limit = ARGV[2], tonumber(ARGV[3])
 local out = {}
-history(KEYS[1], KEYS[2], tonumber(ARGV[1]), function(id, d)
+history(KEYS[1], KEYS[2], KEYS[3], tonumber(ARGV[1]), function(id, d)
   if before == '' or #id < #before or (#id == #before and id < before) then
     table.insert(out, string.sub(d, 16))
   end
