@@ -1057,6 +1057,27 @@ async fn history_reads_past_presence_events_by_what_the_last_walk_found(store: &
         contents(bob.move_to(&room).await),
         ["old0", "m0", "m1", "m2", "m3"]
     );
+    // A record of another generation, or above the log's newest entry (a
+    // log made again), is not trusted: these would hide every message.
+    let log = format!("gw:{{c:{room}}}:log");
+    let newest = store.cli(&log, &["XREVRANGE", &log, "+", "-", "COUNT", "1"]);
+    let newest: u64 = newest
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("0-"))
+        .and_then(|n| n.parse().ok())
+        .expect("the log's newest entry");
+    let hist = format!("gw:{{c:{room}}}:hist");
+    for record in [
+        format!("7 {newest} 0 1"),
+        format!("0 {} 0 1", newest + 1000),
+    ] {
+        store.cli(&hist, &["SET", &hist, &record]);
+        assert_eq!(
+            contents(bob.move_to(&room).await),
+            ["old0", "m0", "m1", "m2", "m3"],
+            "with the record {record}"
+        );
+    }
 }
 
 /// Each test above that takes a `Store`, on one Redis and on a cluster.
