@@ -403,24 +403,32 @@ fn node_reports(
         .collect()
 }
 
-/// Creates the plan's channels from one session before the clients come.
-pub async fn create_channels(plan: &Plan) -> Result<()> {
-    if plan.channels == 0 {
-        return Ok(());
-    }
+/// A session of its own for work before the clients come (user
+/// `lt-<run>-<who>`, presented on the first node); `doing` names the work
+/// in errors.
+async fn setup_session(plan: &Plan, who: &str, doing: &str) -> Result<client::Conn> {
     let url = &plan.urls[0];
-    let user = format!("lt-{}-setup", plan.run_id);
+    let user = format!("lt-{}-{who}", plan.run_id);
     let token = token::mint(
         plan.secret.as_bytes(),
         &token::claims(&user, "loadtest", false, 3600),
     );
-    let (mut conn, _) = timeout(
+    let (conn, _) = timeout(
         Duration::from_secs(10),
         client::open(url, None, &token, None),
     )
     .await
     .unwrap_or(Err(client::Fail::Timeout))
-    .map_err(|f| anyhow!("creating channels: cannot present on {url}: {f}"))?;
+    .map_err(|f| anyhow!("{doing}: cannot present on {url}: {f}"))?;
+    Ok(conn)
+}
+
+/// Creates the plan's channels from one session before the clients come.
+pub async fn create_channels(plan: &Plan) -> Result<()> {
+    if plan.channels == 0 {
+        return Ok(());
+    }
+    let mut conn = setup_session(plan, "setup", "creating channels").await?;
     let deadline = Instant::now() + Duration::from_secs_f64(60.0 + plan.channels as f64 / 10.0);
     let prefix = format!("lt-{}-", plan.run_id);
     let mut pending: BTreeSet<usize> = (0..plan.channels).collect();
@@ -498,20 +506,9 @@ async fn seed_history(plan: &Plan) -> Result<()> {
     if plan.history == 0 {
         return Ok(());
     }
-    let url = &plan.urls[0];
-    let user = format!("lt-{}-history", plan.run_id);
-    let token = token::mint(
-        plan.secret.as_bytes(),
-        &token::claims(&user, "loadtest", false, 3600),
-    );
-    let (mut conn, _) = timeout(
-        Duration::from_secs(10),
-        client::open(url, None, &token, None),
-    )
-    .await
-    .unwrap_or(Err(client::Fail::Timeout))
-    .map_err(|f| anyhow!("seeding history: cannot present on {url}: {f}"))?;
+    let mut conn = setup_session(plan, "history", "seeding history").await?;
     let deadline = Instant::now() + Duration::from_secs_f64(60.0 + plan.history as f64 / 100.0);
+    // The session's requests are handled in order: the move comes first.
     let mut requests = Vec::new();
     if plan.channels > 0 {
         requests.push(format!(

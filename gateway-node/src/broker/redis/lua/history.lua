@@ -75,41 +75,36 @@ local function history(meta, log, hist, limit, visit)
     end
   end
 
-  -- bottom: from it to top, `found` lists every message and deletion.
-  local bottom, rest
-  if ktop then
-    if scan(top, ktop + 1) then
-      bottom = last
-    else
-      -- The known ones, a run of consecutive numbers in one read.
-      local i = 1
-      while i <= #known and not bottom do
-        local j = i
-        while j < #known and known[j + 1] == known[j] - 1 do j = j + 1 end
-        local run = redis.call('XREVRANGE', log, '0-' .. known[i], '0-' .. known[j])
-        for _, entry in ipairs(run) do
-          if read(entry) then
-            bottom = kbottom
-            -- Those not read yet stay known.
-            local n = tonumber(string.sub(entry[1], 3))
-            rest = {}
-            for k = i, #known do
-              if known[k] < n then table.insert(rest, known[k]) end
-            end
-            break
+  -- Reads the recorded entries, a run of consecutive numbers at once;
+  -- true when the walk ends among them (those not read yet stay known).
+  local function read_known()
+    local i = 1
+    while i <= #known do
+      local j = i
+      while j < #known and known[j + 1] == known[j] - 1 do j = j + 1 end
+      for _, entry in ipairs(redis.call('XREVRANGE', log, '0-' .. known[i], '0-' .. known[j])) do
+        if read(entry) then
+          for k = i, #known do
+            if known[k] < last then table.insert(found, known[k]) end
           end
+          return true
         end
-        i = j + 1
       end
-      if not bottom then
-        if kbottom > 1 and scan(kbottom - 1, nil) then bottom = last else bottom = 0 end
-      end
+      i = j + 1
     end
-  else
-    if scan(top, nil) then bottom = last else bottom = 0 end
+    return false
   end
-  if rest then
-    for _, n in ipairs(rest) do table.insert(found, n) end
+
+  -- bottom: from it to top, `found` lists every message and deletion.
+  local bottom
+  if not ktop then
+    bottom = scan(top, nil) and last or 0
+  elseif scan(top, ktop + 1) then
+    bottom = last
+  elseif read_known() then
+    bottom = kbottom
+  else
+    bottom = kbottom > 1 and scan(kbottom - 1, nil) and last or 0
   end
   -- A bounded record: the newest 64, complete down to the last kept.
   if #found > 64 then
