@@ -17,8 +17,8 @@
 # Environment:
 #   TOOLS_DIR       where the tools live (default <repo>/.tools)
 #   KUBE_VERSIONS   Kubernetes versions to render and validate against.
-#                   Default: 1.30.0 (oldest with the GA `sleep` preStop
-#                   action that the chart uses by default) and the newest
+#                   Default: 1.30.0 (oldest with the `sleep` preStop action,
+#                   which the chart uses by default, on by default) and the newest
 #                   schema bundled with kubernetes-validate.
 #   KEEP_RENDERED   set to a directory to keep the rendered manifests there.
 set -uo pipefail
@@ -107,7 +107,7 @@ GATEWAY_RESUME_WINDOW_S GATEWAY_REPLAY_BUFFER GATEWAY_RATE_LIMIT_COUNT
 GATEWAY_RATE_LIMIT_WINDOW_S GATEWAY_OUTBOUND_LIMIT GATEWAY_MAX_CONNECTIONS
 GATEWAY_MAX_CONNECTIONS_PER_IP GATEWAY_HTTP_HEADER_TIMEOUT_MS GATEWAY_TCP_SEND_BUFFER
 GATEWAY_DRAIN_GRACE_S GATEWAY_DEFAULT_CHANNEL GATEWAY_PRESENCE_THRESHOLD
-GATEWAY_MAX_CHANNELS GATEWAY_LOG_FORMAT GATEWAY_LOG GATEWAY_REDIS_PUBLISH_BATCH_US
+GATEWAY_MAX_CHANNELS GATEWAY_HISTORY_RETAIN GATEWAY_LOG_FORMAT GATEWAY_LOG GATEWAY_REDIS_PUBLISH_BATCH_US
 GATEWAY_DIRECT_WRITES GATEWAY_DEMO""".split()
 
 deployments = [d for d in docs if d["kind"] == "Deployment"
@@ -267,7 +267,7 @@ expect_failure "unknown value key (schema)" "additional propert|unknownKey" --se
 expect_failure "bad log format (schema)" "logFormat" --set gateway.logFormat=xml
 expect_failure "PDB with minAvailable and maxUnavailable" "not both" \
   --set podDisruptionBudget.minAvailable=1 --set podDisruptionBudget.maxUnavailable=1
-expect_failure "sleep preStop on Kubernetes 1.28" "sleep.*lifecycle action" --kube-version 1.28.0
+expect_failure "sleep preStop on Kubernetes 1.29 (action alpha, off by default)" "sleep.*lifecycle action" --kube-version 1.29.0
 expect_failure "autoscaling with no metric" "needs at least one metric" \
   --set redis.enabled=true --set autoscaling.enabled=true \
   --set autoscaling.targetCPUUtilizationPercentage=null

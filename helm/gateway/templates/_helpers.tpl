@@ -118,8 +118,8 @@ every template that renders, so a bad combination fails the whole render.
 {{- if and .Values.podDisruptionBudget.enabled (not (kindIs "invalid" .Values.podDisruptionBudget.minAvailable)) (not (kindIs "invalid" .Values.podDisruptionBudget.maxUnavailable)) -}}
 {{- fail "\n\npodDisruptionBudget: set minAvailable or maxUnavailable, not both (set the other to null).\n" -}}
 {{- end -}}
-{{- if and .Values.preStop.enabled (eq .Values.preStop.mode "sleep") (semverCompare "<1.29.0-0" .Capabilities.KubeVersion.Version) -}}
-{{- fail (printf "\n\npreStop.mode=sleep uses the Kubernetes `sleep` lifecycle action, which needs Kubernetes 1.29+ (GA in 1.30); this cluster is %s. Use preStop.mode=exec with an image that has `sleep`, or preStop.enabled=false.\n" .Capabilities.KubeVersion.Version) -}}
+{{- if and .Values.preStop.enabled (eq .Values.preStop.mode "sleep") (semverCompare "<1.30.0-0" .Capabilities.KubeVersion.Version) -}}
+{{- fail (printf "\n\npreStop.mode=sleep uses the Kubernetes `sleep` lifecycle action, which needs Kubernetes 1.30+ (alpha and off by default in 1.29, beta and on in 1.30, GA in 1.34); this cluster is %s. Use preStop.mode=exec with an image that has `sleep`, or preStop.enabled=false.\n" .Capabilities.KubeVersion.Version) -}}
 {{- end -}}
 {{- if and .Values.jwt.previousSecretKey (not .Values.jwt.existingSecret) -}}
 {{- fail "\n\njwt.previousSecretKey needs jwt.existingSecret: put the new and the previous secret in a Secret you manage, under jwt.secretKey and jwt.previousSecretKey.\n" -}}
