@@ -66,6 +66,8 @@ async fn malformed_payloads_are_fatal_4002() {
         r#"{"f":120.0}"#,
         r#"{"f":130,"t":5,"cnf":{}}"#,
         r#"{"f":130,"t":"MESSAGE_CREATE","s":"1","cnf":{}}"#,
+        // `s` must fit in 64 signed bits.
+        r#"{"f":130,"t":"MESSAGE_CREATE","s":9223372036854775808,"cnf":{}}"#,
         r#"{"f":130,"t":"MESSAGE_CREATE","cnf":[1]}"#,
         r#"{"f":110,"cnf":"token"}"#,
         r#"{"f":110,"cnf":{"token":5}}"#,
@@ -388,6 +390,10 @@ async fn invalid_event_data_gets_4011_and_keeps_the_connection() {
         ),
         ("MESSAGE_CREATE", json!({"content": "x", "nonce": 1})),
         ("MESSAGE_CREATE", json!("just a string")),
+        ("MESSAGE_CREATE", json!(7)),
+        // An event that takes no fields still wants an object (or none).
+        ("START_TYPING", json!("x")),
+        ("START_TYPING", json!(3)),
         ("MESSAGE_DELETE", json!({})),
         ("MESSAGE_DELETE", json!({"id": 12})),
         ("MESSAGE_DELETE", json!({"id": "12a"})),
@@ -421,6 +427,25 @@ async fn invalid_event_data_gets_4011_and_keeps_the_connection() {
         );
     }
     admin.say("still connected").await;
+}
+
+#[tokio::test]
+async fn any_64_bit_s_on_a_130_is_echoed_unchanged() {
+    let node = TestNode::start().await;
+    let mut peer = Peer::join(&node, "echo").await;
+    for s in [-7, i64::MIN, i64::MAX] {
+        let text = json!({"f": 130, "t": "MESSAGE_CREATE", "s": s, "cnf": {}}).to_string();
+        peer.client.send_texts(&[text]).await.unwrap();
+        let msg = peer.wait_for(|m| m.f != 130).await;
+        let err = msg.error().expect("an error");
+        assert_eq!(
+            (err.c, err.d, err.s),
+            (4011, false, Some(s)),
+            "{}",
+            msg.text
+        );
+    }
+    peer.say("still connected").await;
 }
 
 #[tokio::test]
