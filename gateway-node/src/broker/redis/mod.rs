@@ -77,7 +77,7 @@
 //! | `presence.rs` | sessions entering, moving between and leaving channels; presence; bans |
 //! | `resume.rs` | parking a session, claiming it from its owner, taking it over, catching it up |
 //! | `upkeep.rs` | start-up keys and node index, liveness, presence refresh and sweep, a Redis that lost its data |
-//! | `lua/` | the scripts, one a file; `emit.lua` (the one way events other than messages enter a log) and `history.lua` are put in front of those that call them |
+//! | `lua/` | the scripts, one a file; `head.lua`, `emit.lua` (the one way events other than messages enter a log) and `history.lua` are put in front of those that call them |
 
 mod batch;
 mod conn;
