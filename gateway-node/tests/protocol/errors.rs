@@ -69,9 +69,18 @@ async fn malformed_payloads_are_fatal_4002() {
         // `s` must fit in 64 signed bits.
         r#"{"f":130,"t":"MESSAGE_CREATE","s":9223372036854775808,"cnf":{}}"#,
         r#"{"f":130,"t":"MESSAGE_CREATE","cnf":[1]}"#,
+        r#"{"f":130,"t":"MESSAGE_CREATE","cnf":true}"#,
+        r#"{"f":130,"t":"MESSAGE_CREATE","cnf":1.5}"#,
         r#"{"f":110,"cnf":"token"}"#,
+        r#"{"f":110,"cnf":1.5}"#,
+        r#"{"f":110,"cnf":[]}"#,
         r#"{"f":110,"cnf":{"token":5}}"#,
         r#"{"f":110,"cnf":{"token":"x","session_id":"1"}}"#,
+        // session_id: an integer in 1..2^53.
+        r#"{"f":110,"cnf":{"token":"x","session_id":0}}"#,
+        r#"{"f":110,"cnf":{"token":"x","session_id":-3}}"#,
+        r#"{"f":110,"cnf":{"token":"x","session_id":1.5}}"#,
+        r#"{"f":110,"cnf":{"token":"x","session_id":9007199254740992}}"#,
         r#"{"f":110,"cnf":{"token":"x","session_id":1,"s":-1}}"#,
     ] {
         assert_fatal(&node, false, text, 4002).await;
@@ -86,6 +95,17 @@ async fn binary_frames_are_fatal_4002() {
     let (mut client, _) = Client::connect_hello(&node.url()).await.unwrap();
     client
         .send_frame(true, OpCode::Binary, br#"{"f":120}"#)
+        .await
+        .unwrap();
+    expect_fatal(&mut client, 4002).await;
+}
+
+#[tokio::test]
+async fn a_text_frame_that_is_not_utf8_is_fatal_4002() {
+    let node = TestNode::start().await;
+    let (mut client, _) = Client::connect_hello(&node.url()).await.unwrap();
+    client
+        .send_frame(true, OpCode::Text, b"{\"f\":120,\"x\":\"\xff\xfe\"}")
         .await
         .unwrap();
     expect_fatal(&mut client, 4002).await;
@@ -411,6 +431,11 @@ async fn invalid_event_data_gets_4011_and_keeps_the_connection() {
         ("SYSTEM_BAN_ADD", json!({"user_id": admin.user_id})),
         ("SYSTEM_BAN_ADD", json!({"user_id": "u", "duration_s": 0})),
         ("SYSTEM_BAN_ADD", json!({"user_id": "u", "duration_s": 1.5})),
+        // Longer than 100 years (of 365 days).
+        (
+            "SYSTEM_BAN_ADD",
+            json!({"user_id": "u", "duration_s": 100_i64 * 365 * 86_400 + 1}),
+        ),
         (
             "SYSTEM_BAN_ADD",
             json!({"user_id": "u", "reason": "r".repeat(257)}),
@@ -425,6 +450,39 @@ async fn invalid_event_data_gets_4011_and_keeps_the_connection() {
             (4011, false, Some(i as i64), Some(t)),
             "{t} {cnf}"
         );
+    }
+    admin.say("still connected").await;
+}
+
+#[tokio::test]
+async fn a_cnf_that_is_not_an_object_is_4011_for_every_event() {
+    let node = TestNode::start().await;
+    let mut admin = Peer::admin(&node, "root").await;
+    let events = [
+        "MESSAGE_CREATE",
+        "MESSAGE_DELETE",
+        "START_TYPING",
+        "CHANNEL_ADD",
+        "CHANNEL_MOVE",
+        "SYSTEM_BAN_ADD",
+        "SYSTEM_BAN_REMOVE",
+    ];
+    for (i, t) in events.into_iter().enumerate() {
+        for cnf in [json!("text"), json!(12)] {
+            admin.execute_s(t, cnf.clone(), i as u64).await;
+            let err = admin.error().await;
+            assert_eq!(
+                (err.c, err.d, err.s, err.t.as_deref(), err.m.as_deref()),
+                (
+                    4011,
+                    false,
+                    Some(i as i64),
+                    Some(t),
+                    Some("cnf must be an object")
+                ),
+                "{t} {cnf}"
+            );
+        }
     }
     admin.say("still connected").await;
 }
