@@ -249,6 +249,36 @@ async fn resume_on_the_other_node_replays_what_was_missed(store: &Store) {
     assert_eq!(contents, expected, "every message once, in order");
 }
 
+async fn a_resume_ahead_of_the_session_elsewhere_starts_a_new_one(store: &Store) {
+    let (a, b) = two_nodes(store).await;
+    let room = fresh_channel("ahead");
+    let mut alice = Peer::join(&b, "alice").await;
+    let mut bob = Peer::join(&a, "bob").await;
+    alice.create_and_move(&room).await;
+    bob.move_to(&room).await;
+    let (session_id, token, ahead) = (bob.session_id(), bob.token.clone(), bob.last_s + 100);
+    bob.client.abort();
+    let (mut client, _) = Client::connect_hello(&b.url()).await.unwrap();
+    let ready = client
+        .present(&token, Some((session_id, Some(ahead))))
+        .await
+        .unwrap();
+    assert!(
+        !ready.resumed,
+        "a client ahead of its session is not resumed"
+    );
+    assert_ne!(ready.session_id, session_id);
+    // The old session ended at once: it left the room.
+    let left = alice.dispatch(Event::RoomUserRemove).await.cnf;
+    assert_eq!(left["session_id"], session_id);
+}
+
+/// Only a channel's last `history_retain` messages can be deleted.
+async fn a_message_past_the_retained_history_cannot_be_deleted(store: &Store) {
+    let node = node_on(store, |c| c.history_retain = 50).await;
+    crate::events::only_retained_messages_can_be_deleted(&node, 50).await;
+}
+
 async fn resume_elsewhere_closes_the_old_connection_with_4017(store: &Store) {
     let (a, b) = two_nodes(store).await;
     let mut old = Peer::join(&a, "dup").await;
@@ -1103,6 +1133,8 @@ on_each_store!(
     channel_add_and_bans_reach_every_node,
     resume_on_the_other_node_replays_what_was_missed,
     resume_elsewhere_closes_the_old_connection_with_4017,
+    a_resume_ahead_of_the_session_elsewhere_starts_a_new_one,
+    a_message_past_the_retained_history_cannot_be_deleted,
     another_users_session_cannot_be_resumed_on_any_node,
     drain_parks_sessions_and_they_resume_elsewhere_without_loss,
     a_killed_nodes_sessions_resume_as_new_and_leave_their_channels,

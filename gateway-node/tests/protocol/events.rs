@@ -467,3 +467,30 @@ async fn every_member_gets_every_message_once_in_order_and_can_resume(direct_wri
         }
     }
 }
+
+/// With `retain` as the node's `history_retain`: the message `retain + 1`
+/// back is gone from history, so deleting it is 4013; the one after it
+/// can still be deleted.
+pub async fn only_retained_messages_can_be_deleted(node: &TestNode, retain: usize) {
+    let room = fresh_channel("retain");
+    let mut admin = Peer::admin(node, "keeper").await;
+    admin.create_and_move(&room).await;
+    let mut ids = Vec::new();
+    for i in 0..=retain {
+        ids.push(admin.say(&format!("m{i}")).await["id"].clone());
+    }
+    admin
+        .execute_s("MESSAGE_DELETE", json!({"id": ids[0]}), 1)
+        .await;
+    let err = admin.error().await;
+    assert_eq!((err.c, err.d, err.s), (4013, false, Some(1)));
+    admin.execute("MESSAGE_DELETE", json!({"id": ids[1]})).await;
+    let deleted = admin.dispatch(Event::MessageDelete).await.cnf;
+    assert_eq!(deleted["id"], ids[1]);
+}
+
+#[tokio::test]
+async fn a_message_past_the_retained_history_cannot_be_deleted() {
+    let node = TestNode::with(|c| c.history_retain = 50).await;
+    only_retained_messages_can_be_deleted(&node, 50).await;
+}

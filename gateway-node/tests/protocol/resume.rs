@@ -141,6 +141,30 @@ async fn resume_past_the_replay_buffer_starts_a_new_session() {
 }
 
 #[tokio::test]
+async fn resume_ahead_of_what_the_session_sent_starts_a_new_session() {
+    let node = TestNode::start().await;
+    let room = fresh_channel("ahead");
+    let mut alice = Peer::join(&node, "alice").await;
+    let mut bob = Peer::join(&node, "bob").await;
+    alice.create_and_move(&room).await;
+    bob.move_to(&room).await;
+    let (token, _, session_id, last_s) = drop_connection(&node, bob).await;
+    let (mut client, _) = Client::connect_hello(&node.url()).await.unwrap();
+    let ready = client
+        .present(&token, Some((session_id, Some(last_s + 100))))
+        .await
+        .unwrap();
+    assert!(
+        !ready.resumed,
+        "a client ahead of its session is not resumed"
+    );
+    assert_ne!(ready.session_id, session_id);
+    // The old session ended at once: it left the room.
+    let left = alice.dispatch(Event::RoomUserRemove).await.cnf;
+    assert_eq!(left["session_id"], session_id);
+}
+
+#[tokio::test]
 async fn resume_while_the_old_connection_is_open_closes_it_with_4017() {
     let node = TestNode::start().await;
     let mut old = Peer::join(&node, "frank").await;
