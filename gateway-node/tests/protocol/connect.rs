@@ -31,6 +31,15 @@ async fn other_protocol_versions_are_refused_with_http_400() {
 }
 
 #[tokio::test]
+async fn a_plain_request_at_the_gateway_path_is_426() {
+    let node = TestNode::start().await;
+    for path in ["/gateway", "/gateway?v=1"] {
+        let (status, body) = http_get(&node.http(path)).await;
+        assert_eq!(status, 426, "{path}: {body}");
+    }
+}
+
+#[tokio::test]
 async fn present_answers_ready_with_a_new_session() {
     let node = TestNode::start().await;
     let (token, user_id) = user_token("alice");

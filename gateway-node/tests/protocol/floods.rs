@@ -345,11 +345,33 @@ async fn an_address_over_max_connections_per_ip_gets_429_and_others_do_not() {
     assert_eq!(ws.status, 101);
     // A connection that ends gives its place back.
     drop(first);
+    connects_once_refusals_end(&url, 429).await;
+}
+
+#[tokio::test]
+async fn a_node_at_max_connections_refuses_upgrades_with_503() {
+    let node = flood_node(|c| c.max_connections = 2).await;
+    let url = node.url();
+    let (first, _) = Client::connect_hello(&url).await.unwrap();
+    let (_second, _) = Client::connect_hello(&url).await.unwrap();
+    match Client::connect_hello(&url).await {
+        Err(ClientError::Refused(503)) => {}
+        other => panic!("a third connection: {:?}", other.err()),
+    }
+    until_refused(node.addr, "node_full", 1).await;
+    drop(first);
+    connects_once_refusals_end(&url, 503).await;
+}
+
+/// Connects to `url`, retrying while the node answers `status` (it frees
+/// a place when it notices a connection ended, which nothing announces),
+/// for at most `WAIT`.
+async fn connects_once_refusals_end(url: &str, status: u16) {
     let deadline = Instant::now() + WAIT;
     loop {
-        match Client::connect_hello(&url).await {
+        match Client::connect_hello(url).await {
             Ok(_) => break,
-            Err(ClientError::Refused(429)) if Instant::now() < deadline => {
+            Err(ClientError::Refused(s)) if s == status && Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(20)).await
             }
             Err(e) => panic!("{e}"),

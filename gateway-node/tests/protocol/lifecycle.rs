@@ -1,9 +1,11 @@
 //! Deadlines, slow consumers and drain.
 
 use crate::harness::*;
+use crate::rawws::{self, RawWs};
 use gateway_shared::protocol::Event;
 use gateway_shared::Client;
 use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[tokio::test]
 async fn no_present_in_time_is_fatal_4003() {
@@ -172,6 +174,46 @@ async fn drain_sends_gateway_down_then_closes_with_1012() {
     shutdown.await.unwrap();
     // Nothing listens any more.
     assert!(Client::connect(&url).await.is_err(), "{addr} still accepts");
+}
+
+#[tokio::test]
+async fn an_upgrade_while_the_node_drains_is_503() {
+    let node = TestNode::start().await;
+    let mut peer = Peer::join(&node, "stays").await;
+    // An HTTP connection the node served before the drain, kept alive.
+    let mut stream = rawws::connect(node.addr, None, None).await.unwrap();
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(read_response(&mut stream).await, 200);
+    let shutdown = tokio::spawn(node.shutdown());
+    // GATEWAY_DOWN comes once the node is draining.
+    peer.dispatch(Event::GatewayDown).await;
+    let ws = RawWs::upgrade(stream, "").await.unwrap();
+    assert_eq!(ws.status, 503);
+    shutdown.await.unwrap();
+}
+
+/// Reads one HTTP response with a `Content-Length` body; returns its status.
+async fn read_response(stream: &mut tokio::net::TcpStream) -> u16 {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 1024];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map_or(0, |v| v.trim().parse().unwrap());
+            if buf.len() >= end + 4 + length {
+                return head[9..12].parse().unwrap();
+            }
+        }
+        let n = stream.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "the connection ended mid-response");
+        buf.extend_from_slice(&chunk[..n]);
+    }
 }
 
 #[tokio::test]
