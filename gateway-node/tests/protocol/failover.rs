@@ -270,6 +270,21 @@ fn set_back(store: &Store, room: &str, back: u64, rewrite: bool) {
     store.cli(&topic, &["CLIENT", "KILL", "TYPE", "pubsub"]);
 }
 
+/// Logs `missed` events in `room` that no node is told of, then trims the
+/// log to its last entry and drops the nodes' subscriptions: when they
+/// read what they missed, it is gone, as for a node that fell more than
+/// the log's length behind.
+fn trim_past_what_was_read(store: &Store, room: &str, missed: u64) {
+    let log = format!("gw:{{c:{room}}}:log");
+    let n = last_logged(store, &log);
+    for k in n + 1..=n + missed {
+        let d = ghost_message(room, k, &format!("missed-{k}"));
+        store.cli(&log, &["XADD", &log, &format!("0-{k}"), "d", &d]);
+    }
+    store.cli(&log, &["XTRIM", &log, "MAXLEN", "1"]);
+    store.cli(&log, &["CLIENT", "KILL", "TYPE", "pubsub"]);
+}
+
 /// The `n` of the last event in the channel log `log` (entry id `0-n`).
 fn last_logged(store: &Store, log: &str) -> u64 {
     let last = store.cli(log, &["XREVRANGE", log, "+", "-", "COUNT", "1"]);
@@ -284,7 +299,9 @@ fn ghost_message(room: &str, id: u64, content: &str) -> String {
     )
 }
 
-async fn a_log_that_went_back_ends_its_sessions(rewrite: bool) {
+/// `harm` does something to the room's log that loses events the nodes'
+/// sessions should have had.
+async fn a_log_that_lost_events_ends_its_sessions(harm: impl FnOnce(&Store, &str)) {
     let store = Store::one();
     let node = |store: &Store| {
         let url = store.url();
@@ -301,7 +318,7 @@ async fn a_log_that_went_back_ends_its_sessions(rewrite: bool) {
         let sent = alice.say(&format!("m{i}")).await;
         assert_eq!(bob.dispatch(Event::MessageCreate).await.cnf, sent);
     }
-    set_back(&store, &room, 2, rewrite);
+    harm(&store, &room);
 
     // Both nodes notice: the room's sessions end, and start over.
     for (peer, node) in [(&mut alice, &a), (&mut bob, &b)] {
@@ -326,12 +343,18 @@ async fn a_log_that_went_back_ends_its_sessions(rewrite: bool) {
 
 #[tokio::test]
 async fn a_log_whose_counter_went_back_ends_its_sessions() {
-    a_log_that_went_back_ends_its_sessions(false).await;
+    a_log_that_lost_events_ends_its_sessions(|store, room| set_back(store, room, 2, false)).await;
 }
 
 #[tokio::test]
 async fn a_log_whose_numbers_were_reused_ends_its_sessions() {
-    a_log_that_went_back_ends_its_sessions(true).await;
+    a_log_that_lost_events_ends_its_sessions(|store, room| set_back(store, room, 2, true)).await;
+}
+
+#[tokio::test]
+async fn sessions_further_behind_than_the_log_holds_end_with_1012() {
+    a_log_that_lost_events_ends_its_sessions(|store, room| trim_past_what_was_read(store, room, 5))
+        .await;
 }
 
 /// Ids of the clients connected to the server on `port`.
