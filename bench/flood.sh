@@ -11,9 +11,13 @@
 # ROUNDS=N runs the flood N times against the same node (does memory come
 # back?), e.g. ROUNDS=3 bench/flood.sh --after-s 65.
 #
-# The node runs with its default limits (header timeout 10 s, hb_int 20 s,
-# outbound limit 1024) on the in-memory backend; extra node settings can be
-# given as GATEWAY_* variables in the environment.
+# The node runs on the in-memory backend with its default limits (header
+# timeout 10 s, hb_int 20 s, outbound limit 1024) except two: the rate limit
+# is raised (GATEWAY_RATE_LIMIT_COUNT=1000000, so that the chat client is
+# never the one limited) and logs are errors only (GATEWAY_LOG=error); both,
+# and any other GATEWAY_* setting, can be given in the environment
+# (GATEWAY_JWT_SECRET, GATEWAY_NODE_ID and GATEWAY_LISTEN are the script's).
+# BIN=path runs another build of the node.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN="${BIN:-target/release/gateway-node}"

@@ -5,8 +5,10 @@
 # 1. the floor: target/release/floor writes one pre-built MESSAGE_CREATE
 #    frame per write() to CLIENTS loopback sockets at RATE deliveries/s,
 #    with a blocking write loop on one thread, then with one tokio task per
-#    socket on a current-thread runtime and on two runtime threads (the
-#    gateway's default per node; FLOOR_MODES="blocking tokio:1 tokio:2");
+#    socket on a current-thread runtime and on two runtime threads (what a
+#    node runs by default on this 2-core machine: one per CPU;
+#    FLOOR_MODES="blocking tokio:1 tokio:2"), FLOOR_DURATION seconds each
+#    (default 10);
 #    its writer threads' CPU / deliveries;
 # 2. the gateway: two nodes on one Redis (bench/run.sh), one channel of
 #    CLIENTS members, PUBLISHERS publishers at RATE / CLIENTS msg/s, sending
@@ -21,7 +23,8 @@
 #   MAX_RATES="100 125 150" bench/floor.sh 40000
 #
 # Take the machine's benchmark lock around it if others measure too:
-# flock /tmp/bench.lock bench/floor.sh. Results: bench/results/floor-*.json.
+# flock /tmp/bench.lock bench/floor.sh. Results: bench/results/TAG-*.json
+# (TAG=floor by default; set TAG to keep runs apart).
 # Build first: cargo build --release -p gateway-node -p gateway-loadtest.
 set -euo pipefail
 cd "$(dirname "$0")/.."

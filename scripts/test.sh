@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs every test of the project: the Rust workspace (unit, protocol and
-# Redis tests, each Redis test on one Redis and on a Redis Cluster), the
+# Redis tests, most Redis tests on one Redis and on a Redis Cluster), the
 # black-box conformance suite against a single node, the JavaScript client
 # (against real nodes, and the chat page in Chromium), schemathesis against
 # the server API, the conformance suite against two nodes on one Redis and

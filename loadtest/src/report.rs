@@ -179,7 +179,8 @@ pub struct NodeReport {
     /// (rss − rss_before) / sessions_opened.
     pub bytes_per_session: Option<f64>,
     /// CPU seconds (user + system) the node used from before the clients
-    /// came to the end of the run (`process_cpu_seconds_total`).
+    /// came to the end of the run (`gateway_cpu_seconds_total`, else
+    /// `process_cpu_seconds_total`).
     #[serde(default)]
     pub cpu_s: Option<f64>,
 }
