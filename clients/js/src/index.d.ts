@@ -135,6 +135,11 @@ export interface GatewayClientOptions {
   maxReconnectDelayMs?: number;
   /** How long a request waits for its answer; default 30000. */
   requestTimeoutMs?: number;
+  /**
+   * How long opening a connection may take, up to the node's HELLO, before
+   * it is given up and tried again; default 10000.
+   */
+  connectTimeoutMs?: number;
 }
 
 export declare class GatewayClient {

@@ -31,7 +31,8 @@ export class GatewayError extends Error {
   /**
    * @param {number|string} code a protocol error code (4008, 4013, …) or
    *   one of the client's own: "NOT_CONNECTED", "TIMEOUT", "SESSION_LOST",
-   *   "CLOSED", "PAYLOAD_TOO_LARGE"
+   *   "CLOSED", "PAYLOAD_TOO_LARGE", "TOKEN" (the token function threw),
+   *   "DECODE" (the node sent something that is not JSON)
    * @param {string} message
    * @param {string} [event] the event of the request, when there was one
    */
@@ -93,6 +94,9 @@ export class GatewayClient {
    * @param {number} [options.requestTimeoutMs=30000] how long a request
    *   waits for its answer (across a resume too) before it rejects with
    *   "TIMEOUT"
+   * @param {number} [options.connectTimeoutMs=10000] how long opening a
+   *   connection may take, up to the node's HELLO, before it is given up
+   *   and tried again (heartbeats watch the connection from HELLO on)
    */
   constructor(options) {
     if (!options || !options.url || !options.token) {
@@ -108,9 +112,10 @@ export class GatewayClient {
       minReconnectDelayMs: 500,
       maxReconnectDelayMs: 30_000,
       requestTimeoutMs: 30_000,
+      connectTimeoutMs: 10_000,
       ...options,
     };
-    /** @type {string | null} */ this.sessionId = null;
+    /** @type {number | null} */ this.sessionId = null;
     /** The last dispatch sequence number received. */
     this.seq = 0;
     /** READY's `user`. */
@@ -129,6 +134,7 @@ export class GatewayClient {
     this._attempt = 0;
     this._closed = false;
     this._heartbeat = null;
+    this._helloTimer = null;
     this._reconnectTimer = null;
     this._awaitingAck = false;
     this._connecting = null;
@@ -205,6 +211,7 @@ export class GatewayClient {
   close() {
     this._closed = true;
     clearTimeout(this._reconnectTimer);
+    clearTimeout(this._helloTimer);
     this._stopHeartbeat();
     const ws = this._ws;
     this._ws = null;
@@ -247,6 +254,12 @@ export class GatewayClient {
     }
     this._ws = ws;
     this._token = token;
+    // Nothing else watches a connection until HELLO (heartbeats start
+    // there): one that hangs before it is given up and tried again.
+    clearTimeout(this._helloTimer);
+    this._helloTimer = setTimeout(() => {
+      if (this._ws === ws) this._abandon(ws, "no HELLO in time");
+    }, this.options.connectTimeoutMs);
     ws.onmessage = (event) => {
       if (this._ws !== ws) return;
       const data = typeof event.data === "string" ? event.data : decoder.decode(event.data);
@@ -275,6 +288,7 @@ export class GatewayClient {
   _handle(ws, msg) {
     switch (msg.f) {
       case F.HELLO: {
+        clearTimeout(this._helloTimer);
         const cnf = msg.cnf ?? {};
         this._maxPayload = cnf.max_payload ?? 4096;
         this._startHeartbeat(ws, cnf.hb_int ?? 20_000);
@@ -415,10 +429,15 @@ export class GatewayClient {
   _lost(code, reason) {
     this._ws = null;
     this.ready = false;
+    clearTimeout(this._helloTimer);
     this._stopHeartbeat();
     if (this._closed) return;
     if (FINAL_CLOSE_CODES.includes(code)) {
       this._closed = true;
+      // The session is over, or another connection holds it (4017): a
+      // later connect() starts a new one instead of resuming it.
+      this.sessionId = null;
+      this.seq = 0;
       const fatal = this._lastFatal?.code === code ? this._lastFatal.message : "";
       reason = reason || fatal || `closed with ${code}`;
       const error = new GatewayError(code, reason);

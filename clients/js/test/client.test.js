@@ -5,7 +5,7 @@ import assert from "node:assert/strict";
 import { createHmac } from "node:crypto";
 import { execFileSync } from "node:child_process";
 import { after, before, describe, test } from "node:test";
-import WebSocket from "ws";
+import WebSocket, { WebSocketServer } from "ws";
 import { FINAL_CLOSE_CODES, GatewayClient, GatewayError } from "../src/index.js";
 import { devToken, next, startNode, startProxy, startRedis, within } from "./helpers.js";
 
@@ -280,6 +280,58 @@ describe("one node in memory", () => {
     assert.equal(close.reconnect, false);
     assert.equal(proxy.accepted, 1);
     await proxy.close();
+  });
+
+  test("after a final close (4017), connect() starts a new session instead of taking it back", async () => {
+    const token = mint("js-quinn", "quinn");
+    const first = open(node.url, token);
+    const firstReady = await first.connect();
+    await first.send("before");
+    // A second client resumes the same session: the first is replaced.
+    const second = open(node.url, token);
+    second.sessionId = first.sessionId;
+    second.seq = first.seq;
+    const replaced = next(first, "close");
+    assert.equal((await second.connect()).resumed, true);
+    const close = await replaced;
+    assert.equal(close.code, 4017);
+    assert.equal(close.reconnect, false);
+    assert.equal(first.sessionId, null);
+    // Connecting again is a new session; the second keeps the old one.
+    const secondClosed = [];
+    second.on("close", (c) => secondClosed.push(c.code));
+    const again = await first.connect();
+    assert.equal(again.resumed, false);
+    assert.notEqual(again.session_id, firstReady.session_id);
+    assert.equal((await second.send("still mine")).content, "still mine");
+    assert.deepEqual(secondClosed, []);
+  });
+
+  test("a connection with no HELLO in time is given up and tried again", async () => {
+    // A WebSocket server that accepts and never says a word.
+    const silent = new WebSocketServer({ host: "127.0.0.1", port: 0 });
+    await new Promise((resolve) => silent.on("listening", resolve));
+    let accepted = 0;
+    silent.on("connection", () => {
+      accepted += 1;
+    });
+    const url = `ws://127.0.0.1:${silent.address().port}/gateway`;
+    const ursula = open(url, mint("js-ursula", "ursula"), { connectTimeoutMs: 200 });
+    const connecting = ursula.connect();
+    connecting.catch(() => {});
+    try {
+      const close = await next(ursula, "close");
+      assert.equal(close.code, 3000);
+      assert.equal(close.reconnect, true);
+      assert.equal(close.reason, "no HELLO in time");
+      await next(ursula, "close");
+      assert.ok(accepted >= 2, `${accepted} connections`);
+    } finally {
+      ursula.close();
+      await assert.rejects(connecting, (e) => e.code === "CLOSED");
+      for (const ws of silent.clients) ws.terminate();
+      await new Promise((resolve) => silent.close(resolve));
+    }
   });
 
   test("resumed: false is a new READY, and the client starts counting again", async () => {

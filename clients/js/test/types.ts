@@ -6,7 +6,13 @@ import type { ChannelMove, Message, Ready } from "../src/index.js";
 declare const WebSocketImpl: unknown;
 
 async function example(): Promise<void> {
-  const c = new GatewayClient({ url: "ws://127.0.0.1:8080/gateway", token: () => "t", WebSocket: WebSocketImpl });
+  const c = new GatewayClient({
+    url: "ws://127.0.0.1:8080/gateway",
+    token: () => "t",
+    WebSocket: WebSocketImpl,
+    requestTimeoutMs: 5000,
+    connectTimeoutMs: 5000,
+  });
   const ready: Ready = await c.connect();
   const name: string = ready.user.name;
   c.on("MESSAGE_CREATE", (m, meta) => {
