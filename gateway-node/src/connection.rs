@@ -1,17 +1,22 @@
-//! One WebSocket connection: two tasks around a shared [`Conn`].
+//! One WebSocket connection: two tasks around a shared [`Conn`], and the
+//! fan-out writing to its socket directly while nothing is queued.
 //!
 //! # Implementation flow
 //!
-//! 1. `serve` splits the socket. The **reader** only reads frames,
+//! 1. `serve` shares the socket (a TCP stream is read and written by
+//!    readiness through one `Arc`; another stream is split in two halves).
+//!    The **reader** only reads frames,
 //!    reassembles fragments (refusing anything over 4096 bytes before
 //!    buffering it), and runs each message through the [`Handler`]: the
 //!    session state machine HELLO → PRESENTED → LIVE. Each message earns at
 //!    most one reply (READY, an error, a heartbeat answer, a pong), queued
 //!    as a control frame.
-//! 2. The **writer** task owns the write half. Woken through `Conn::wake`,
-//!    it takes the attached session's unsent dispatches and the queued
-//!    control frames, encodes them into one buffer and writes it with one
-//!    syscall.
+//! 2. The **writer** task writes everything the fan-out does not. Woken
+//!    through `Conn::wake`, it takes the attached session's unsent
+//!    dispatches and the queued control frames, encodes them into one
+//!    buffer and writes it with one syscall, holding `io` so that no
+//!    direct write (`Conn::write_direct`, from the fan-out while the
+//!    connection has nothing queued) comes between.
 //! 3. The **supervisor** (the task running `serve`, which also polls the
 //!    reader in place) waits for either side to finish, and then detaches
 //!    or ends the session.
@@ -223,9 +228,10 @@ impl Conn {
         self.wake.notify_one();
     }
 
-    /// Queues a control frame. Never refused: the queue stays bounded
-    /// because the reader, which queues at most one reply per message,
-    /// waits for room (`room_for_reply`) before reading the next one.
+    /// Queues a control frame. The queue stays bounded because the reader,
+    /// which queues at most one reply per message, waits for room
+    /// (`room_for_reply`) before reading the next one. Once a close was
+    /// asked for, frames are dropped: nothing follows a close.
     pub fn send(&self, frame: Bytes) {
         let mut inner = self.inner.lock();
         if inner.close.is_some() {
@@ -432,8 +438,8 @@ where
     W: AsyncWrite + Unpin + Send + 'static,
 {
     node.metrics.connections.inc();
-    // We answer pings and closes ourselves through the writer (one writer
-    // per socket).
+    // We answer pings and closes ourselves, as control frames through the
+    // writer.
     conn.beat();
     conn.send(node.hello_frame.clone());
 

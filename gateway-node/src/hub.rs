@@ -17,7 +17,8 @@
 //! Cluster-wide events (CHANNEL_ADD) use the same machinery on the
 //! `global` channel, of which every session is a member.
 //!
-//! Locking: a channel's mutex, then its members' session mutexes (leaf).
+//! Locking: a channel's mutex, then its members' session mutexes (and
+//! under those only what session.rs says).
 
 use crate::ring::Log;
 use crate::session::{Session, Writes};
@@ -452,7 +453,8 @@ impl Hub {
         empty
     }
 
-    /// Names of the channels with local members.
+    /// Names of the channels the hub holds: with local members, or kept
+    /// (pinned, or empty until the subscription task takes them out).
     pub fn names(&self) -> Vec<Arc<str>> {
         self.channels.lock().keys().cloned().collect()
     }

@@ -132,7 +132,7 @@ impl Metrics {
         let fanout_delay = Histogram::with_opts(
             HistogramOpts::new(
                 "fanout_delay_seconds",
-                "Time from an event's publication to its frame being written to a socket",
+                "Time from an event reaching this node (its publication, in memory) to its frame being written to a socket",
             )
             .buckets(vec![
                 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,

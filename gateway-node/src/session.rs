@@ -8,10 +8,13 @@
 //! the slow-consumer rule is `seq - sent > outbound_limit`, and a replay is
 //! the ordinary write path.
 //!
-//! Locking: the session lock is a leaf. Code holding it takes no other
-//! lock; channel fan-out takes a channel lock and then each member's
-//! session lock, never the other way round. Nothing here is held across an
-//! `.await`.
+//! Locking: channel fan-out takes a channel lock and then each member's
+//! session lock, never the other way round. Under a session lock only the
+//! attached connection's own locks are taken: `inner` and `handoff`
+//! (leaves: queueing READY on attach, the rest of a frame cut short), and
+//! `io` only with `try_lock` (a direct write), because the writer holds
+//! `io` while it takes the session lock to encode what is unsent. Nothing
+//! here is held across an `.await`.
 
 use crate::auth::Identity;
 use crate::connection::{Conn, DirectWrite};
@@ -167,8 +170,9 @@ impl Session {
         })
     }
 
-    /// Numbers `dispatch` for this session, keeps it for replay, and wakes
-    /// the writer. A client more than `outbound_limit` behind is detached
+    /// Numbers `dispatch` for this session, keeps it for replay, and writes
+    /// it (directly when the connection has nothing queued, else by waking
+    /// the writer). A client more than `outbound_limit` behind is detached
     /// and its connection closed with 4016.
     pub fn deliver(&self, dispatch: &Arc<Dispatch>) {
         self.deliver_with(dispatch, Writes::Direct);

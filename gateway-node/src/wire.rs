@@ -125,7 +125,9 @@ pub struct Dispatch {
     tail: Box<[u8]>,
     /// Where BODY starts in `tail`.
     body_start: usize,
-    /// When the event was created, for the fan-out delay histogram.
+    /// When this node made the dispatch (on Redis: when the pub/sub push or
+    /// the log read reached it; in memory: at publication), for the
+    /// fan-out delay histogram.
     pub created: Instant,
 }
 

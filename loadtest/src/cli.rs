@@ -5,7 +5,8 @@
 //! Exit codes: 0 a clean run; 1 the run could not happen (or no client
 //! could set up a session), or smoke failed;
 //! 2 the run found protocol violations (duplicates, gaps, reordering,
-//! `resumed: false` in churn). Loss is a measurement, not a violation: it
+//! deliveries beyond those expected, malformed frames, `resumed: false` in
+//! churn). Loss is a measurement, not a violation: it
 //! is reported (and warned about) but exits 0.
 
 use crate::driver::{self, Options};
@@ -70,7 +71,8 @@ pub struct Target {
     #[arg(long, env = "GATEWAY_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: String,
     /// Redis servers of the cluster, comma-separated (redis://host:port);
-    /// the report then gives their CPU seconds for the run (`INFO cpu`).
+    /// the report of connect, fanout and churn then gives their CPU seconds
+    /// for the run (`INFO cpu`); smoke ignores it.
     #[arg(long, value_delimiter = ',')]
     pub redis: Vec<String>,
 }

@@ -9,8 +9,8 @@
 //!    channel a cluster has not made visible everywhere yet). The outcome
 //!    is recorded once: a client counts as a member of its channel only
 //!    after its CHANNEL_MOVE came back.
-//! 2. **Main loop**: three long-lived futures raced in one `select!`: the
-//!    reader (scans every frame, see [`Track::observe`]), the writer
+//! 2. **Main loop**: long-lived futures raced in one `select!`: the end of
+//!    the run (phase `Finish`), the reader (scans every frame, see [`Track::observe`]), the writer
 //!    (heartbeats every `hb_int`; a publisher also sends its messages on
 //!    schedule) and, for churners, a drop timer. The reader is only
 //!    cancelled when the connection is being thrown away, which is the one

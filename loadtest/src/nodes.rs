@@ -14,7 +14,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 pub struct Sample {
     pub rss_bytes: Option<u64>,
     pub live_sessions: Option<u64>,
-    /// `process_cpu_seconds_total` (user + system, from the node's /proc).
+    /// `gateway_cpu_seconds_total`, else `process_cpu_seconds_total` (user
+    /// + system, from the node's /proc).
     pub cpu_seconds: Option<f64>,
 }
 
@@ -51,7 +52,7 @@ pub async fn scrape(url: &str) -> Option<Sample> {
         .flatten()
 }
 
-/// Reads the two gauges out of Prometheus text.
+/// Reads RSS, CPU seconds and live sessions out of Prometheus text.
 pub fn parse(body: &str) -> Sample {
     let mut sample = Sample::default();
     for line in body.lines() {

@@ -11,8 +11,9 @@
 //!    [`Event::SetupDone`] and waits for the driver.
 //! 3. [`Command::Go`] switches the [`Phase`] to `Publish`: publishers send
 //!    their messages on a schedule counted from that instant, churners start
-//!    dropping connections. When every publisher has sent its share (or the
-//!    publishing time plus a grace has passed) the phase becomes `Drain`
+//!    dropping connections. When the publishing time has passed and every
+//!    publisher has sent its share (at the latest, the publishing time
+//!    plus a grace) the phase becomes `Drain`
 //!    and the worker emits [`Event::Stopped`] with its exact sent and
 //!    member counts, from which the driver computes the expected total.
 //! 4. [`Command::Finish`] (or the end of the stdin pipe, or the hard time

@@ -46,9 +46,10 @@
 //! its position in the log.
 //!
 //! Resume elsewhere: the new node asks the owner to park the session
-//! (`claim`). The owner closes the old socket (4017), leaves the hub,
-//! records the session's sequence number and log cursors, and writes its
-//! held dispatches to `:buf`. The new node takes the parked session over
+//! (`claim`). The owner leaves the hub, records the session's sequence
+//! number and log cursors, and writes its held dispatches to `:buf`; once
+//! that is stored it closes the old socket (4017), and not if it failed.
+//! The new node takes the parked session over
 //! (one script), replays `:buf`, reads the channel and global logs after
 //! the cursors, and joins the hub where the catch-up ended. A drained node
 //! parks every session the same way; a crashed node parks nothing, so its

@@ -380,12 +380,13 @@ impl RedisBroker {
     }
 }
 
-/// Leave calls a node has at Redis at most: a mass close (100,000
+/// Leave batches a node has at Redis at most: a mass close (100,000
 /// sessions) is seconds of Redis work, and sent at once, the calls at the
 /// back of the queue would only add to the wait of everything else the
-/// node asks. Four calls of up to 256 leaves are tens of milliseconds of
-/// Redis work; the rest waits in the node's queue, and the sessions that
-/// ended wait for room in it.
+/// node asks. A batch is up to 256 leaves, sent as one script call per
+/// channel (and the ended sessions' key deletions beside them); four such
+/// batches are tens of milliseconds of Redis work. The rest waits in the
+/// node's queue, and the sessions that ended wait for room in it.
 const LEAVES_IN_FLIGHT: usize = 4;
 
 /// Calls an ended session's leave gets: a call that timed out may not have
