@@ -498,6 +498,28 @@ async fn two_redis_nodes(store: &Store) -> (TestNode, TestNode) {
     )
 }
 
+/// Registry entries no node wrote (a timestamp at the end of time, one
+/// that is not a number) are stale: left out and removed, not a crash.
+#[tokio::test]
+async fn registry_entries_no_node_wrote_are_dropped() {
+    let store = Store::one();
+    let (a, _b) = two_redis_nodes(&store).await;
+    let nodes = "gw:{g}:nodes";
+    store.cli(nodes, &["HSET", nodes, "future", "18446744073709551615 5"]);
+    store.cli(nodes, &["HSET", nodes, "garbage", "soon 5"]);
+    let answer = get(&a, "/api/v1/cluster").await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    let ids: Vec<String> = answer.json()["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(ids, ["api-a", "api-b"]);
+    assert_eq!(store.cli(nodes, &["HEXISTS", nodes, "future"]).trim(), "0");
+    assert_eq!(store.cli(nodes, &["HEXISTS", nodes, "garbage"]).trim(), "0");
+}
+
 #[tokio::test]
 async fn any_node_serves_any_call_on_one_redis() {
     any_node_serves_any_call(&Store::one()).await;

@@ -315,6 +315,27 @@ async fn another_users_session_cannot_be_resumed_on_any_node(store: &Store) {
     );
 }
 
+/// A parked session whose stored numbers no node could have written (a
+/// sequence number at the end of `u64`) resumes as a new session instead
+/// of overflowing.
+#[tokio::test]
+async fn a_parked_session_with_impossible_numbers_resumes_as_new() {
+    let store = Store::one();
+    let (a, b) = two_nodes(&store).await;
+    let mut bob = Peer::join(&a, "bob").await;
+    let drain = tokio::spawn(a.shutdown());
+    bob.dispatch(Event::GatewayDown).await;
+    assert_eq!(bob.closed().await, Some(1012));
+    drain.await.unwrap();
+    let key = format!("gw:{{s:{}}}", bob.session_id());
+    assert_eq!(store.cli(&key, &["HGET", &key, "state"]).trim(), "parked");
+    store.cli(&key, &["HSET", &key, "seq", "18446744073709551615"]);
+    let (mut client, ready) = bob.resume_at(&b.url()).await;
+    assert!(!ready.resumed);
+    assert_ne!(ready.session_id, bob.session_id());
+    client.heartbeat().await.unwrap();
+}
+
 async fn drain_parks_sessions_and_they_resume_elsewhere_without_loss(store: &Store) {
     let (a, b) = two_nodes(store).await;
     let room = fresh_channel("drain");

@@ -35,10 +35,17 @@ struct StoredSession {
     ggen: u64,
 }
 
+/// The largest sequence number or log cursor a stored session may hold:
+/// 2^53 - 1, beyond any a session reaches (and beyond a JavaScript
+/// client's exact integers). A record above it was not written by a node,
+/// and is not resumed (its arithmetic would overflow).
+const MAX_STORED_N: u64 = (1 << 53) - 1;
+
 impl StoredSession {
     fn from_map(map: &HashMap<String, String>) -> Option<Self> {
         let get = |k: &str| map.get(k).cloned();
         let num = |k: &str| map.get(k).and_then(|v| v.parse().ok()).unwrap_or(0);
+        let n = |k: &str| Some(num(k)).filter(|&n| n <= MAX_STORED_N);
         Some(Self {
             identity: Identity {
                 id: get("uid")?,
@@ -49,9 +56,9 @@ impl StoredSession {
             channel: get("ch")?,
             owner: get("owner").unwrap_or_default(),
             state: get("state").unwrap_or_default(),
-            seq: num("seq"),
-            ccur: num("ccur"),
-            gcur: num("gcur"),
+            seq: n("seq")?,
+            ccur: n("ccur")?,
+            gcur: n("gcur")?,
             cgen: num("cgen"),
             ggen: num("ggen"),
         })

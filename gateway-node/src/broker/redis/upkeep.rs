@@ -105,7 +105,9 @@ impl RedisBroker {
             if id == self.settings.node_id {
                 continue;
             }
-            if at + NODE_TTL_MS < now {
+            // Older than the TTL, or as far in the future (no node's
+            // clock: a record not written by a node): stale.
+            if at.saturating_add(NODE_TTL_MS) < now || at > now.saturating_add(NODE_TTL_MS) {
                 stale.push(id);
             } else {
                 nodes.push(NodeInfo { id, sessions });
