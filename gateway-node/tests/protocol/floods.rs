@@ -331,13 +331,7 @@ async fn clients_that_never_read_are_cut_as_slow_consumers() {
 async fn an_address_over_max_connections_per_ip_gets_429_and_others_do_not() {
     let node = flood_node(|c| c.max_connections_per_ip = 2).await;
     let url = node.url();
-    let (first, _) = Client::connect_hello(&url).await.unwrap();
-    let (_second, _) = Client::connect_hello(&url).await.unwrap();
-    match Client::connect_hello(&url).await {
-        Err(ClientError::Refused(429)) => {}
-        other => panic!("a third connection from 127.0.0.1: {:?}", other.err()),
-    }
-    until_refused(node.addr, "address_full", 1).await;
+    let (first, _second) = two_then_refused(&node, 429, "address_full").await;
     // Another address is counted apart.
     let other: IpAddr = "127.0.0.2".parse().unwrap();
     let stream = rawws::connect(node.addr, Some(other), None).await.unwrap();
@@ -352,15 +346,24 @@ async fn an_address_over_max_connections_per_ip_gets_429_and_others_do_not() {
 async fn a_node_at_max_connections_refuses_upgrades_with_503() {
     let node = flood_node(|c| c.max_connections = 2).await;
     let url = node.url();
-    let (first, _) = Client::connect_hello(&url).await.unwrap();
-    let (_second, _) = Client::connect_hello(&url).await.unwrap();
-    match Client::connect_hello(&url).await {
-        Err(ClientError::Refused(503)) => {}
-        other => panic!("a third connection: {:?}", other.err()),
-    }
-    until_refused(node.addr, "node_full", 1).await;
+    let (first, _second) = two_then_refused(&node, 503, "node_full").await;
     drop(first);
     connects_once_refusals_end(&url, 503).await;
+}
+
+/// Opens two connections to `node` (from 127.0.0.1), which a cap of two
+/// admits, and checks that a third is refused with `status`, counted
+/// under `reason`. Returns the two.
+async fn two_then_refused(node: &TestNode, status: u16, reason: &str) -> (Client, Client) {
+    let url = node.url();
+    let (first, _) = Client::connect_hello(&url).await.unwrap();
+    let (second, _) = Client::connect_hello(&url).await.unwrap();
+    match Client::connect_hello(&url).await {
+        Err(ClientError::Refused(s)) if s == status => {}
+        other => panic!("a third connection: {:?}", other.err()),
+    }
+    until_refused(node.addr, reason, 1).await;
+    (first, second)
 }
 
 /// Connects to `url`, retrying while the node answers `status` (it frees

@@ -149,9 +149,22 @@ async fn resume_ahead_of_what_the_session_sent_starts_a_new_session() {
     alice.create_and_move(&room).await;
     bob.move_to(&room).await;
     let (token, _, session_id, last_s) = drop_connection(&node, bob).await;
-    let (mut client, _) = Client::connect_hello(&node.url()).await.unwrap();
+    resume_ahead_is_a_new_session(&node.url(), &token, (session_id, last_s + 100), &mut alice)
+        .await;
+}
+
+/// Presents `(session_id, s)` at `url` with an `s` past what the session
+/// sent: READY of a new session, and the old one leaves its channel at
+/// once (`watcher`, a member there, sees it go).
+pub async fn resume_ahead_is_a_new_session(
+    url: &str,
+    token: &str,
+    (session_id, s): (u64, u64),
+    watcher: &mut Peer,
+) {
+    let (mut client, _) = Client::connect_hello(url).await.unwrap();
     let ready = client
-        .present(&token, Some((session_id, Some(last_s + 100))))
+        .present(token, Some((session_id, Some(s))))
         .await
         .unwrap();
     assert!(
@@ -159,8 +172,7 @@ async fn resume_ahead_of_what_the_session_sent_starts_a_new_session() {
         "a client ahead of its session is not resumed"
     );
     assert_ne!(ready.session_id, session_id);
-    // The old session ended at once: it left the room.
-    let left = alice.dispatch(Event::RoomUserRemove).await.cnf;
+    let left = watcher.dispatch(Event::RoomUserRemove).await.cnf;
     assert_eq!(left["session_id"], session_id);
 }
 
