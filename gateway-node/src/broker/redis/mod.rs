@@ -49,9 +49,9 @@
 //! (`claim`). The owner leaves the hub, records the session's sequence
 //! number and log cursors, and writes its held dispatches to `:buf`; once
 //! that is stored it closes the old socket (4017), and not if it failed.
-//! The new node takes the parked session over
-//! (one script), replays `:buf`, reads the channel and global logs after
-//! the cursors, and joins the hub where the catch-up ended. A drained node
+//! The new node takes the parked session over (one script), replays
+//! `:buf`, reads the channel and global logs after the cursors, and joins
+//! the hub where the catch-up ended. A drained node
 //! parks every session the same way; a crashed node parks nothing, so its
 //! sessions resume as new ones (`resumed: false`), never with a gap.
 //!
