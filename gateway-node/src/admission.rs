@@ -1,16 +1,18 @@
 //! Admission of WebSocket connections: the node-wide cap
 //! (`--max-connections`) and the per-address cap
-//! (`--max-connections-per-ip`).
+//! (`--max-connections-per-ip`); and of new sessions: the per-user budget
+//! of session starts (`--session-starts-per-user`, [`SessionStarts`]).
 //!
 //! A [`Ticket`] is taken before the upgrade is answered and moves into the
 //! connection's task; dropping it gives both places back. The drain waits
 //! for every ticket through the node-wide semaphore.
 
+use crate::session::TokenBucket;
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// Why a connection was not admitted.
@@ -119,12 +121,114 @@ impl Admission {
     }
 }
 
+/// New sessions each user may start on this node: a burst of `per_minute`,
+/// refilled over a minute. A session lives for the resume window after its
+/// connection drops, so without a budget one valid token could fill a
+/// node (and Redis) with sessions by presenting and dropping in a loop.
+/// Resumes are not counted.
+pub struct SessionStarts {
+    burst: f64,
+    per_s: f64,
+    buckets: Mutex<Buckets>,
+}
+
+struct Buckets {
+    by_user: HashMap<Box<str>, TokenBucket>,
+    /// Size at which full buckets are dropped (a full bucket is what an
+    /// absent user gets): twice what was left after the last time.
+    prune_at: usize,
+}
+
+/// Users tracked before the first pruning.
+const PRUNE_FROM: usize = 1024;
+
+impl SessionStarts {
+    /// `per_minute` 0 turns the budget off.
+    pub fn new(per_minute: u32) -> Option<Self> {
+        (per_minute > 0).then(|| Self {
+            burst: f64::from(per_minute),
+            per_s: f64::from(per_minute) / 60.0,
+            buckets: Mutex::new(Buckets {
+                by_user: HashMap::new(),
+                prune_at: PRUNE_FROM,
+            }),
+        })
+    }
+
+    /// Takes one start for `user` at `now`; false when the budget is spent.
+    pub fn take(&self, user: &str, now: Instant) -> bool {
+        let (burst, per_s) = (self.burst, self.per_s);
+        let mut b = self.buckets.lock();
+        if b.by_user.len() >= b.prune_at {
+            // Refilled buckets hold nothing an absent entry would not.
+            b.by_user
+                .retain(|_, bucket| !bucket.is_full(burst, per_s, now));
+            b.prune_at = (b.by_user.len() * 2).max(PRUNE_FROM);
+        }
+        match b.by_user.get_mut(user) {
+            Some(bucket) => bucket.take(burst, per_s, now),
+            None => {
+                let mut bucket = TokenBucket::full(burst, now);
+                let took = bucket.take(burst, per_s, now);
+                b.by_user.insert(user.into(), bucket);
+                took
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn ip(last: u8) -> IpAddr {
         IpAddr::from([10, 0, 0, last])
+    }
+
+    #[test]
+    fn a_users_session_starts_refill_over_a_minute_and_others_are_apart() {
+        let starts = SessionStarts::new(3).unwrap();
+        let t0 = Instant::now();
+        for _ in 0..3 {
+            assert!(starts.take("ann", t0));
+        }
+        assert!(!starts.take("ann", t0), "the burst is spent");
+        assert!(
+            starts.take("bob", t0),
+            "another user has a budget of its own"
+        );
+        // One start comes back every 20 s (3 a minute).
+        assert!(!starts.take("ann", t0 + Duration::from_secs(19)));
+        assert!(starts.take("ann", t0 + Duration::from_secs(40)));
+        assert!(SessionStarts::new(0).is_none(), "0 is off");
+    }
+
+    #[test]
+    fn only_refilled_buckets_are_pruned() {
+        let starts = SessionStarts::new(2).unwrap();
+        let t0 = Instant::now();
+        assert!(starts.take("spent", t0));
+        assert!(starts.take("spent", t0));
+        // With "spent", PRUNE_FROM users: the next start prunes.
+        for i in 1..PRUNE_FROM {
+            assert!(starts.take(&format!("u{i}"), t0));
+        }
+        // A minute on, everyone else has refilled and goes at the next
+        // start; "spent" is refilled too and goes as well, losing nothing.
+        let later = t0 + Duration::from_secs(60);
+        assert!(starts.take("new", later));
+        assert_eq!(starts.buckets.lock().by_user.len(), 1);
+        // Within the minute a spent bucket is kept.
+        let starts = SessionStarts::new(2).unwrap();
+        assert!(starts.take("spent", t0));
+        assert!(starts.take("spent", t0));
+        // With "spent", PRUNE_FROM users: the next start prunes.
+        for i in 1..PRUNE_FROM {
+            assert!(starts.take(&format!("u{i}"), t0));
+        }
+        assert!(starts.take("new", t0 + Duration::from_secs(1)));
+        assert_eq!(starts.buckets.lock().by_user.len(), PRUNE_FROM + 1);
+        assert!(!starts.take("spent", t0 + Duration::from_secs(1)));
     }
 
     #[test]

@@ -147,6 +147,11 @@ pub struct Config {
     /// The rate-limit window in seconds; tokens refill at count/window per s.
     #[arg(long, env = "GATEWAY_RATE_LIMIT_WINDOW_S", default_value_t = 60)]
     pub rate_limit_window_s: u32,
+    /// New sessions one user may start on this node per minute (a burst of
+    /// this many, refilled over a minute); a PRESENT over it gets 4008.
+    /// Resumes do not count. 0 turns the budget off.
+    #[arg(long, env = "GATEWAY_SESSION_STARTS_PER_USER", default_value_t = 60)]
+    pub session_starts_per_user: u32,
     /// Dispatches queued unsent before a client is a slow consumer (4016).
     #[arg(long, env = "GATEWAY_OUTBOUND_LIMIT", default_value_t = 1024)]
     pub outbound_limit: usize,
@@ -243,6 +248,7 @@ impl Default for Config {
             presence_threshold: 1000,
             max_channels: 10_000,
             history_retain: 1000,
+            session_starts_per_user: 60,
             log_format: LogFormat::Text,
             worker_threads: None,
             dev: false,

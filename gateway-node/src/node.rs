@@ -47,6 +47,8 @@ pub struct Node {
     conn_ids: AtomicU64,
     /// Every connection's PRESENT deadline and heartbeat timeout.
     pub deadlines: crate::connection::Deadlines,
+    /// Each user's budget of new sessions (`None`: off).
+    session_starts: Option<crate::admission::SessionStarts>,
 }
 
 /// A decoded PRESENT (110) `cnf`.
@@ -125,6 +127,7 @@ impl Node {
             rate_burst: config.rate_limit_count as f64,
             rate_per_s: config.rate_limit_count as f64 / config.rate_limit_window_s as f64,
         };
+        let session_starts = crate::admission::SessionStarts::new(config.session_starts_per_user);
         Self {
             hello_frame: wire::hello_frame(config.hb_int_ms),
             verifier: Verifier::new(secret, rules),
@@ -140,6 +143,7 @@ impl Node {
             draining: AtomicBool::new(false),
             conn_ids: AtomicU64::new(1),
             deadlines: Default::default(),
+            session_starts,
         }
     }
 
@@ -207,6 +211,14 @@ impl Node {
         if let Some((session_id, s)) = request.resume {
             if let Some(session) = self.try_resume(conn, &identity, session_id, s).await? {
                 return Ok(session);
+            }
+        }
+        if let Some(starts) = &self.session_starts {
+            if !starts.take(&identity.id, Instant::now()) {
+                return Err(Reject::new(
+                    ErrorCode::RateLimited,
+                    "too many new sessions for this user; present again later",
+                ));
             }
         }
         self.new_session(conn, identity).await

@@ -57,6 +57,12 @@ impl TokenBucket {
         }
     }
 
+    /// Whether the bucket has refilled to `burst` by `now`.
+    pub fn is_full(&self, burst: f64, per_s: f64, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens + elapsed * per_s >= burst
+    }
+
     /// Takes one token if there is one.
     pub fn take(&mut self, burst: f64, per_s: f64, now: Instant) -> bool {
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();

@@ -548,6 +548,32 @@ async fn the_channel_limit_is_enforced() {
 }
 
 #[tokio::test]
+async fn new_sessions_over_a_users_budget_get_4008_and_resumes_do_not_count() {
+    let node = TestNode::with(|c| c.session_starts_per_user = 2).await;
+    let url = node.url();
+    let (token, _) = user_token("starter");
+    let (_first, ready) = Client::connect_present(&url, &token).await.unwrap();
+    let (_second, _) = Client::connect_present(&url, &token).await.unwrap();
+    // A third new session is refused, and the connection stays open.
+    let (mut third, _) = Client::connect_hello(&url).await.unwrap();
+    let present = json!({"f": 110, "cnf": {"token": token}}).to_string();
+    third.send_text(&present).await.unwrap();
+    let msg = third.expect_f(FunctionCode::Error).await.unwrap();
+    let err = msg.error().unwrap();
+    assert_eq!((err.c, err.d), (4008, false), "{}", msg.text);
+    // A resume is not a new session: it is not counted.
+    let resumed = third
+        .present(&token, Some((ready.session_id, Some(0))))
+        .await
+        .unwrap();
+    assert!(resumed.resumed);
+    // Another user has a budget of their own.
+    Client::connect_present(&url, &user_token("other").0)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
 async fn executes_over_the_budget_get_4008_and_are_dropped() {
     let node = TestNode::with(|c| {
         c.rate_limit_count = 5;

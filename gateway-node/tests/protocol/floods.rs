@@ -203,6 +203,40 @@ async fn upgrades_that_never_present_get_4003_at_the_present_deadline() {
     chat_until(&mut peer, "while they go", gone).await;
 }
 
+/// One valid token presenting and dropping in a loop: each dropped session
+/// would stay for the resume window, so new ones are held to the user's
+/// budget (4008, the connection open), while others keep chatting.
+#[tokio::test]
+async fn a_user_starting_sessions_in_a_loop_is_held_to_its_budget() {
+    const BUDGET: u32 = 20; // a minute's: one more every 3 s
+    let node = flood_node(|c| c.session_starts_per_user = BUDGET).await;
+    let url = node.url();
+    let mut peer = Peer::join(&node, "steady").await;
+    let (token, _) = user_token("looper");
+    let began = Instant::now();
+    let flood = tokio::spawn(async move {
+        let (mut started, mut refused) = (0u32, 0u32);
+        for _ in 0..100 {
+            let (mut client, _) = Client::connect_hello(&url).await.unwrap();
+            match client.present(&token, None).await {
+                Ok(_) => started += 1,
+                Err(ClientError::Gateway(err)) if err.c == 4008 && !err.d => refused += 1,
+                Err(e) => panic!("{e}"),
+            }
+            client.abort();
+        }
+        (started, refused)
+    });
+    let ((started, refused), _) = chat_until(&mut peer, "while it loops", flood).await;
+    // The burst, and what refilled while the loop ran.
+    let refilled = (began.elapsed().as_secs_f64() / 3.0).floor() as u32;
+    assert!(
+        (BUDGET..=BUDGET + refilled).contains(&started),
+        "{started} sessions started"
+    );
+    assert_eq!(started + refused, 100);
+}
+
 #[tokio::test]
 async fn presents_with_forged_tokens_get_4004_and_the_node_keeps_serving() {
     let node = flood_node(|_| {}).await;
