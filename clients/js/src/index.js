@@ -375,10 +375,12 @@ export class GatewayClient {
       this._pending.delete(cnf.s);
       clearTimeout(entry.timer);
       entry.reject(error);
-    } else if (cnf.c === 4018 && !this.ready) {
-      // The node cannot reach its backend: try again later, on any node.
+    } else if ((cnf.c === 4018 || cnf.c === 4008) && !this.ready) {
+      // PRESENT refused for now (the node cannot reach its backend, or the
+      // user started too many new sessions): try again later, with
+      // backoff, on any node.
       this._emit("error", error);
-      this._abandon(ws, "backend unavailable");
+      this._abandon(ws, cnf.c === 4018 ? "backend unavailable" : "too many new sessions");
     } else {
       this._emit("error", error);
     }

@@ -358,6 +358,31 @@ describe("one node in memory", () => {
   });
 });
 
+test("a PRESENT over the user's budget of new sessions (4008) is tried again later", async () => {
+  const node = await startNode(["--dev", "--jwt-secret", SECRET, "--session-starts-per-user", "1"]);
+  const token = mint("js-vera", "vera");
+  const first = client(node.url, token);
+  const second = client(node.url, token);
+  try {
+    await first.connect();
+    const refused = next(second, "error");
+    const dropped = next(second, "close");
+    const connecting = second.connect();
+    connecting.catch(() => {});
+    assert.equal((await refused).code, 4008);
+    const close = await dropped;
+    assert.equal(close.code, 3000);
+    assert.equal(close.reconnect, true);
+    assert.equal(close.reason, "too many new sessions");
+    second.close();
+    await assert.rejects(connecting, (e) => e.code === "CLOSED");
+  } finally {
+    first.close();
+    second.close();
+    await node.stop();
+  }
+});
+
 test("a lone node started without a secret mints development tokens", async () => {
   const node = await startNode([]);
   try {
