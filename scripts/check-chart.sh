@@ -276,16 +276,45 @@ expect_failure "autoscaling with no metric" "needs at least one metric" \
 # 3. Defaults that matter: the demo page and its development tokens are for
 #    trying the gateway on a laptop, so the chart leaves them off.
 # ---------------------------------------------------------------------------
-demo_env() {
+# The value the gateway container gets for env variable $1 (helm args after it).
+env_value() {
+  local name="$1"
+  shift
   helm template gw "$CHART" --namespace gateway "$@" 2>&1 |
-    grep -A1 -- '- name: GATEWAY_DEMO' | sed -n 's/^ *value: //p'
+    grep -A1 -- "- name: $name\$" | sed -n 's/^ *value: //p'
 }
+demo_env() { env_value GATEWAY_DEMO "$@"; }
 if [[ "$(demo_env)" == '"false"' && "$(demo_env --set gateway.demo=true)" == '"true"' ]]; then
   pass "defaults  demo page off unless gateway.demo=true"
 else
   fail "defaults  demo page off unless gateway.demo=true" \
     "GATEWAY_DEMO was $(demo_env) by default and $(demo_env --set gateway.demo=true) when asked"
 fi
+
+# Numbers from a values file reach templates as float64, which Go prints
+# as 1e+06 from a million up: the node would refuse "1e+06". Each integer
+# setting must render as digits.
+big_values="$RENDER_DIR/big-numbers.yaml"
+cat >"$big_values" <<'YAML'
+gateway:
+  maxConnections: 1000000
+  tcpSendBuffer: 4194304
+  rateLimit:
+    count: 1000000
+    windowSeconds: 60
+  resumeWindowSeconds: 86400
+  workerThreads: 16
+YAML
+big_ok=1
+for pair in GATEWAY_MAX_CONNECTIONS=1000000 GATEWAY_TCP_SEND_BUFFER=4194304 \
+  GATEWAY_RATE_LIMIT_COUNT=1000000 GATEWAY_RESUME_WINDOW_S=86400 GATEWAY_WORKER_THREADS=16; do
+  got="$(env_value "${pair%%=*}" -f "$big_values")"
+  if [[ "$got" != "\"${pair#*=}\"" ]]; then
+    big_ok=0
+    fail "values    integers from a values file render as digits" "${pair%%=*} rendered as $got"
+  fi
+done
+[[ $big_ok == 1 ]] && pass "values    integers from a values file render as digits"
 
 # ---------------------------------------------------------------------------
 # Summary
