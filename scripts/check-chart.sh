@@ -316,6 +316,21 @@ for pair in GATEWAY_MAX_CONNECTIONS=1000000 GATEWAY_TCP_SEND_BUFFER=4194304 \
 done
 [[ $big_ok == 1 ]] && pass "values    integers from a values file render as digits"
 
+# Rolling updates: old pods drain one after another (minReadySeconds =
+# preStop + drain grace by default); an explicit jwt.secret rolls the pods
+# when it changes (checksum annotation).
+rendered_default="$(helm template gw "$CHART" --namespace gateway 2>&1)"
+rendered_secret="$(helm template gw "$CHART" --namespace gateway \
+  --set jwt.secret=0123456789abcdef0123456789abcdef-check 2>&1)"
+if grep -q '^  minReadySeconds: 15$' <<<"$rendered_default" &&
+  ! grep -q 'checksum/jwt' <<<"$rendered_default" &&
+  grep -q 'checksum/jwt: [0-9a-f]\{64\}$' <<<"$rendered_secret"; then
+  pass "defaults  minReadySeconds 15; checksum/jwt only with jwt.secret"
+else
+  fail "defaults  minReadySeconds 15; checksum/jwt only with jwt.secret" \
+    "$(grep -E 'minReadySeconds|checksum/jwt' <<<"$rendered_default$rendered_secret")"
+fi
+
 # ---------------------------------------------------------------------------
 # Summary
 # ---------------------------------------------------------------------------

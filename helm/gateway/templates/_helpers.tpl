@@ -87,6 +87,17 @@ app.kubernetes.io/component: redis
 {{- if or .Values.redis.enabled .Values.redis.url .Values.redis.existingSecret -}}true{{- end -}}
 {{- end -}}
 
+{{/* updateStrategy.minReadySeconds, or preStop sleep + drain grace. */}}
+{{- define "gateway.minReadySeconds" -}}
+{{- if not (kindIs "invalid" .Values.updateStrategy.minReadySeconds) -}}
+{{- int .Values.updateStrategy.minReadySeconds -}}
+{{- else -}}
+{{- $preStop := 0 -}}
+{{- if .Values.preStop.enabled -}}{{- $preStop = int .Values.preStop.seconds -}}{{- end -}}
+{{- add (int .Values.gateway.drainGraceSeconds) $preStop -}}
+{{- end -}}
+{{- end -}}
+
 {{/* Drain grace + preStop sleep + margin. */}}
 {{- define "gateway.terminationGracePeriodSeconds" -}}
 {{- $preStop := 0 -}}
