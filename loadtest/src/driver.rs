@@ -613,9 +613,15 @@ async fn run_inner(plan: &Plan, opts: &Options) -> Result<Report> {
             let hold_end = Instant::now() + Duration::from_secs_f64(plan.hold_s);
             fleet.until(Some(hold_end), |_| false).await?;
             // Memory at the end of the hold, before the fan-out's buffers.
-            let after = scrape_all(plan).await;
+            let mut after = scrape_all(plan).await;
             if plan.fanout_at_end {
                 traffic_s = publish_and_drain(&mut fleet, plan, &mut warnings).await?;
+                // CPU to the end of the fan-out, the span Redis' CPU covers.
+                for (hold, end) in after.iter_mut().zip(scrape_all(plan).await) {
+                    if let (Some(hold), Some(end)) = (hold.as_mut(), end) {
+                        hold.cpu_seconds = end.cpu_seconds;
+                    }
+                }
             }
             after
         }

@@ -244,6 +244,9 @@ pub struct Ctx {
     pub phase: watch::Sender<Phase>,
     /// When publishing started: the origin of every publisher's schedule.
     pub go_at: OnceLock<Instant>,
+    /// The same instant on the wall clock, in µs (nonces carry wall-clock
+    /// times, which the worker processes of one machine share).
+    pub go_wall_us: OnceLock<u64>,
     /// Publishers set up and not yet done sending.
     pub active_publishers: AtomicUsize,
     /// Woken on every setup outcome.
@@ -271,6 +274,7 @@ impl Ctx {
             plan,
             phase,
             go_at: OnceLock::new(),
+            go_wall_us: OnceLock::new(),
             active_publishers: AtomicUsize::new(0),
             setup_notify: Notify::new(),
             started: Instant::now(),
@@ -374,6 +378,7 @@ pub async fn run(
                 Some(Command::Go) => {
                     if ctx.phase() == Phase::Setup {
                         let now = Instant::now();
+                        let _ = ctx.go_wall_us.set(crate::client::now_us());
                         let _ = ctx.go_at.set(now);
                         let planned = now + Duration::from_secs_f64(publishing_s);
                         publish_until = Some((planned, planned + PUBLISH_GRACE));
