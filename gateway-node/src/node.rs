@@ -419,7 +419,9 @@ impl Node {
         let parked = futures_util::stream::iter(sessions.iter().cloned())
             .map(|session| self.park_one(session))
             .buffer_unordered(PARK_IN_FLIGHT)
-            .fold(0usize, |n, parked| std::future::ready(n + usize::from(parked)))
+            .fold(0usize, |n, parked| {
+                std::future::ready(n + usize::from(parked))
+            })
             .await;
         if parked > 0 {
             info!(
