@@ -316,6 +316,15 @@ for pair in GATEWAY_MAX_CONNECTIONS=1000000 GATEWAY_TCP_SEND_BUFFER=4194304 \
 done
 [[ $big_ok == 1 ]] && pass "values    integers from a values file render as digits"
 
+# A cluster that requires iss/aud: the smoke test's tokens carry them.
+smoke_args="$(helm template gw "$CHART" --namespace gateway --set jwt.issuer=https://auth.example \
+  --set jwt.audience=chat --show-only templates/tests/smoke.yaml 2>&1)"
+if grep -q -- '- --jwt-issuer' <<<"$smoke_args" && grep -q -- '- "chat"' <<<"$smoke_args"; then
+  pass "values    helm test's tokens carry jwt.issuer and jwt.audience"
+else
+  fail "values    helm test's tokens carry jwt.issuer and jwt.audience" "$smoke_args"
+fi
+
 # Rolling updates: old pods drain one after another (minReadySeconds =
 # preStop + drain grace by default); an explicit jwt.secret rolls the pods
 # when it changes (checksum annotation).

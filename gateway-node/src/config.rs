@@ -55,6 +55,14 @@ pub struct TokenArgs {
     /// Lifetime of the token in seconds.
     #[arg(long, default_value_t = 3600)]
     pub ttl_s: u64,
+    /// Issuer (`iss`), for a cluster that requires one; inside a node's
+    /// container the node's own setting.
+    #[arg(long, env = "GATEWAY_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// Audience (`aud`), for a cluster that requires one; inside a node's
+    /// container the node's own setting.
+    #[arg(long, env = "GATEWAY_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

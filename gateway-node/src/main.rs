@@ -41,7 +41,8 @@ fn print_token(args: &TokenArgs) -> anyhow::Result<()> {
         (1..=32).contains(&name_len),
         "--name must be 1-32 characters"
     );
-    let claims = token::claims(&args.sub, &args.name, args.admin, args.ttl_s);
+    let claims = token::claims(&args.sub, &args.name, args.admin, args.ttl_s)
+        .with_iss_aud(args.jwt_issuer.as_deref(), args.jwt_audience.as_deref());
     println!("{}", token::mint(args.jwt_secret.as_bytes(), &claims));
     Ok(())
 }

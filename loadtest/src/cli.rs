@@ -70,6 +70,12 @@ pub struct Target {
     /// The cluster's JWT secret (HS256), to mint the clients' tokens.
     #[arg(long, env = "GATEWAY_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: String,
+    /// The issuer (`iss`) the cluster requires of tokens, if any.
+    #[arg(long, env = "GATEWAY_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// The audience (`aud`) the cluster requires of tokens, if any.
+    #[arg(long, env = "GATEWAY_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
     /// Redis servers of the cluster, comma-separated (redis://host:port);
     /// the report of connect, fanout and churn then gives their CPU seconds
     /// for the run (`INFO cpu`); smoke ignores it.
@@ -204,6 +210,8 @@ fn base_plan(scenario: Scenario, target: Target, setup: &Setup, g: &Globals) -> 
         scenario,
         urls: target.urls,
         secret: target.jwt_secret,
+        issuer: target.jwt_issuer,
+        audience: target.jwt_audience,
         redis: target.redis,
         run_id: setup.run_id.clone().unwrap_or_else(random_run_id),
         clients: 0,
@@ -350,7 +358,12 @@ pub fn emit(report: &Report, json: Option<&PathBuf>) -> Result<()> {
 
 fn run_smoke(target: Target, json: Option<PathBuf>, threads: usize) -> Result<ExitCode> {
     let runtime = runtime(threads)?;
-    let report = runtime.block_on(smoke::run(&target.urls, &target.jwt_secret, |check| {
+    let minter = smoke::Minter {
+        secret: &target.jwt_secret,
+        issuer: target.jwt_issuer.as_deref(),
+        audience: target.jwt_audience.as_deref(),
+    };
+    let report = runtime.block_on(smoke::run(&target.urls, minter, |check| {
         if check.ok {
             println!("PASS {}", check.name);
         } else {

@@ -32,7 +32,6 @@ use crate::scan::{self, Head};
 use crate::worker::{bump, Ctx, Phase};
 use gateway_shared::client::{connect_raw_from, RawFrame, RawReader, RawWriter};
 use gateway_shared::protocol::{ErrorCode, Event, FunctionCode};
-use gateway_shared::token;
 use gateway_shared::ClientError;
 use rand::Rng;
 use std::fmt::Write as _;
@@ -553,10 +552,7 @@ pub async fn run(ctx: Arc<Ctx>, i: usize) {
     let plan = &ctx.plan;
     let user_id = plan.user_id(i);
     let ttl = plan.max_run_s as u64 + 3600;
-    let token = token::mint(
-        plan.secret.as_bytes(),
-        &token::claims(&user_id, &format!("lt{i}"), false, ttl),
-    );
+    let token = plan.token(&user_id, &format!("lt{i}"), ttl);
     let url_index = plan.url_of(i);
     let source = plan.source_ip_of(i);
     let channel = plan.channel_of(i);

@@ -30,7 +30,6 @@ use crate::scan;
 use crate::worker::{self, Assignment, Command, Event, Progress};
 use anyhow::{anyhow, bail, Context as _, Result};
 use gateway_shared::protocol::{ErrorCode, Event as ProtocolEvent, FunctionCode};
-use gateway_shared::token;
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -409,10 +408,7 @@ fn node_reports(
 async fn setup_session(plan: &Plan, who: &str, doing: &str) -> Result<client::Conn> {
     let url = &plan.urls[0];
     let user = format!("lt-{}-{who}", plan.run_id);
-    let token = token::mint(
-        plan.secret.as_bytes(),
-        &token::claims(&user, "loadtest", false, 3600),
-    );
+    let token = plan.token(&user, "loadtest", 3600);
     let (conn, _) = timeout(
         Duration::from_secs(10),
         client::open(url, None, &token, None),

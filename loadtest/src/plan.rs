@@ -57,6 +57,11 @@ pub struct Plan {
     pub urls: Vec<String>,
     /// The cluster's HS256 secret, to mint tokens.
     pub secret: String,
+    /// The issuer and audience the cluster requires of tokens, if any.
+    #[serde(default)]
+    pub issuer: Option<String>,
+    #[serde(default)]
+    pub audience: Option<String>,
     /// Tags user ids, channel names and nonces, so concurrent or earlier
     /// runs against the same cluster do not mix.
     pub run_id: String,
@@ -167,6 +172,13 @@ fn non_negative(x: f64) -> bool {
 }
 
 impl Plan {
+    /// A token of this cluster for user `sub`, valid `ttl_s` seconds.
+    pub fn token(&self, sub: &str, name: &str, ttl_s: u64) -> String {
+        let claims = gateway_shared::token::claims(sub, name, false, ttl_s)
+            .with_iss_aud(self.issuer.as_deref(), self.audience.as_deref());
+        gateway_shared::token::mint(self.secret.as_bytes(), &claims)
+    }
+
     /// Checks what would otherwise fail half-way through a run.
     pub fn validate(&self) -> Result<()> {
         if self.urls.is_empty() {
@@ -337,6 +349,8 @@ pub(crate) fn test_plan(scenario: Scenario) -> Plan {
         scenario,
         urls: vec!["ws://127.0.0.1:1/gateway".into()],
         secret: "x".repeat(32),
+        issuer: None,
+        audience: None,
         run_id: "abc123".into(),
         clients: 20,
         ramp_per_s: 1000.0,

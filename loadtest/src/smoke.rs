@@ -133,7 +133,30 @@ impl Peer {
 }
 
 /// Runs the smoke test; `on_check` sees every step as it finishes.
-pub async fn run(urls: &[String], secret: &str, mut on_check: impl FnMut(&Check)) -> SmokeReport {
+/// What the smoke test mints its tokens with: the cluster's secret, and
+/// the issuer and audience it requires, if any.
+#[derive(Debug, Clone, Copy)]
+pub struct Minter<'a> {
+    pub secret: &'a str,
+    pub issuer: Option<&'a str>,
+    pub audience: Option<&'a str>,
+}
+
+impl<'a> From<&'a str> for Minter<'a> {
+    fn from(secret: &'a str) -> Self {
+        Self {
+            secret,
+            issuer: None,
+            audience: None,
+        }
+    }
+}
+
+pub async fn run(
+    urls: &[String],
+    minter: Minter<'_>,
+    mut on_check: impl FnMut(&Check),
+) -> SmokeReport {
     let started = Instant::now();
     let run_id = random_run_id();
     let mut report = SmokeReport {
@@ -153,7 +176,7 @@ pub async fn run(urls: &[String], secret: &str, mut on_check: impl FnMut(&Check)
         ok
     };
     // The whole script is bounded, whatever the node does.
-    let script = steps(urls, secret, &run_id, &mut record);
+    let script = steps(urls, minter, &run_id, &mut record);
     match tokio::time::timeout(Duration::from_secs(120), script).await {
         Ok(()) => {}
         Err(_) => {
@@ -168,7 +191,7 @@ pub async fn run(urls: &[String], secret: &str, mut on_check: impl FnMut(&Check)
 /// Runs the steps in order, stopping at the first failure.
 async fn steps(
     urls: &[String],
-    secret: &str,
+    minter: Minter<'_>,
     run_id: &str,
     record: &mut impl FnMut(&str, Step<()>) -> bool,
 ) {
@@ -196,7 +219,7 @@ async fn steps(
 
     let mut alice = step!(
         "hello and present (alice)",
-        present(url_a, secret, run_id, "alice").await
+        present(url_a, minter, run_id, "alice").await
     );
     step!(
         "heartbeat answered",
@@ -211,7 +234,7 @@ async fn steps(
     );
     let mut bob = step!(
         "hello and present (bob)",
-        present(url_b, secret, run_id, "bob").await
+        present(url_b, minter, run_id, "bob").await
     );
 
     let channel = format!("lt-{run_id}-smoke");
@@ -408,12 +431,11 @@ fn check_hello(hello: &Hello) -> Step<()> {
     Ok(())
 }
 
-async fn present(url: &str, secret: &str, run_id: &str, name: &'static str) -> Step<Peer> {
+async fn present(url: &str, minter: Minter<'_>, run_id: &str, name: &'static str) -> Step<Peer> {
     let user_id = format!("lt-{run_id}-{name}");
-    let token = token::mint(
-        secret.as_bytes(),
-        &token::claims(&user_id, name, false, 3600),
-    );
+    let claims =
+        token::claims(&user_id, name, false, 3600).with_iss_aud(minter.issuer, minter.audience);
+    let token = token::mint(minter.secret.as_bytes(), &claims);
     let (mut client, hello) = Client::connect_hello(url)
         .await
         .map_err(|e| format!("{name}: connecting to {url}: {e}"))?;

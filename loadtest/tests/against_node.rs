@@ -41,6 +41,8 @@ fn fanout_plan(url: &str, run_id: &str) -> Plan {
         scenario: Scenario::Fanout,
         urls: vec![url.to_owned()],
         secret: SECRET.into(),
+        issuer: None,
+        audience: None,
         run_id: run_id.into(),
         clients: 20,
         ramp_per_s: 1000.0,
@@ -78,12 +80,42 @@ fn assert_clean(report: &Report) {
     assert_eq!(report.latency_ms.count, report.delivered, "{json}");
 }
 
+/// A cluster that requires an issuer and an audience: smoke and the
+/// scenarios mint tokens with them when told, and are refused without.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_carry_the_issuer_and_audience_a_cluster_requires() {
+    let (url, _stop) = start_node_with(Config {
+        jwt_issuer: Some("https://auth.example".into()),
+        jwt_audience: Some("chat".into()),
+        ..Config::default()
+    })
+    .await;
+    let urls = std::slice::from_ref(&url);
+    let refused = smoke::run(urls, SECRET.into(), |_| {}).await;
+    assert!(!refused.passed, "tokens without iss and aud were accepted");
+    let minter = smoke::Minter {
+        secret: SECRET,
+        issuer: Some("https://auth.example"),
+        audience: Some("chat"),
+    };
+    let report = smoke::run(urls, minter, |_| {}).await;
+    assert!(report.passed, "{:#?}", report.checks);
+    let plan = Plan {
+        issuer: Some("https://auth.example".into()),
+        audience: Some("chat".into()),
+        ..fanout_plan(&url, "itiss1")
+    };
+    let report = driver::run(plan, &Options::default()).await.unwrap();
+    assert_eq!(report.connect.failed, 0);
+    assert_eq!(report.delivered, report.expected);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn smoke_fanout_and_churn_run_clean_against_a_real_node() {
     let (url, _stop) = start_node().await;
 
     // smoke: every step passes.
-    let report = smoke::run(std::slice::from_ref(&url), SECRET, |_| {}).await;
+    let report = smoke::run(std::slice::from_ref(&url), SECRET.into(), |_| {}).await;
     assert!(report.passed, "{:#?}", report.checks);
     assert!(report.checks.len() >= 9, "{:#?}", report.checks);
 

@@ -263,6 +263,23 @@ pub struct Claims {
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub admin: bool,
     pub exp: u64,
+    /// Issuer, for clusters that require one (`--jwt-issuer`). Any JSON
+    /// here: the node's verifier checks it, when configured to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iss: Option<serde_json::Value>,
+    /// Audience, for clusters that require one (`--jwt-audience`): a
+    /// string or an array of them (RFC 7519, 4.1.3), checked likewise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aud: Option<serde_json::Value>,
+}
+
+impl Claims {
+    /// These claims with the issuer and audience a cluster requires, if any.
+    pub fn with_iss_aud(mut self, iss: Option<&str>, aud: Option<&str>) -> Self {
+        self.iss = iss.map(Into::into);
+        self.aud = aud.map(Into::into);
+        self
+    }
 }
 
 /// `cnf` of code 100.

@@ -29,5 +29,7 @@ pub fn claims(sub: &str, name: &str, admin: bool, ttl_s: u64) -> Claims {
         name: name.to_owned(),
         admin,
         exp: unix_now_s() + ttl_s,
+        iss: None,
+        aud: None,
     }
 }

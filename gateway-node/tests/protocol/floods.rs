@@ -247,6 +247,8 @@ async fn presents_with_forged_tokens_get_4004_and_the_node_keeps_serving() {
         name: "victim".into(),
         admin: true,
         exp,
+        iss: None,
+        aud: None,
     };
     let forged = [
         // Signed with another secret.
