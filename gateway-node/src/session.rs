@@ -57,16 +57,20 @@ impl TokenBucket {
         }
     }
 
+    /// The tokens the bucket holds at `now`.
+    fn level(&self, burst: f64, per_s: f64, now: Instant) -> f64 {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        (self.tokens + elapsed * per_s).min(burst)
+    }
+
     /// Whether the bucket has refilled to `burst` by `now`.
     pub fn is_full(&self, burst: f64, per_s: f64, now: Instant) -> bool {
-        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
-        self.tokens + elapsed * per_s >= burst
+        self.level(burst, per_s, now) >= burst
     }
 
     /// Takes one token if there is one.
     pub fn take(&mut self, burst: f64, per_s: f64, now: Instant) -> bool {
-        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * per_s).min(burst);
+        self.tokens = self.level(burst, per_s, now);
         self.last = now;
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;

@@ -10,9 +10,10 @@
 //!    is recorded once: a client counts as a member of its channel only
 //!    after its CHANNEL_MOVE came back.
 //! 2. **Main loop**: long-lived futures raced in one `select!`: the end of
-//!    the run (phase `Finish`), the reader (scans every frame, see [`Track::observe`]), the writer
-//!    (heartbeats every `hb_int`; a publisher also sends its messages on
-//!    schedule) and, for churners, a drop timer. The reader is only
+//!    the run (phase `Finish`), the reader (scans every frame, see
+//!    [`Track::observe`]), the writer (heartbeats every `hb_int`; a
+//!    publisher also sends its messages on schedule) and, for churners, a
+//!    drop timer. The reader is only
 //!    cancelled when the connection is being thrown away, which is the one
 //!    safe way to cancel fastwebsockets' `read_frame`.
 //! 3. **Drop and resume**: when the drop timer fires (churn) or the node
@@ -383,7 +384,7 @@ impl Publisher {
             let Some(&go) = self.ctx.go_at.get() else {
                 return pending().await;
             };
-            let at = go + self.offset + self.interval.mul_f64(self.k as f64);
+            let at = go + self.due_after_go();
             tokio::select! {
                 _ = sleep_until(at) => return,
                 changed = phase.changed() => if changed.is_err() {
@@ -393,14 +394,17 @@ impl Publisher {
         }
     }
 
+    /// When message `k` is due, counted from Go.
+    fn due_after_go(&self) -> Duration {
+        self.offset + self.interval.mul_f64(self.k as f64)
+    }
+
     /// The next message, stamped with the time it was due: a publisher the
     /// tester's own load held up adds that delay to the latency measured,
     /// instead of hiding it.
     fn message(&mut self) -> &[u8] {
         let due = match self.ctx.go_wall_us.get() {
-            Some(go) => {
-                go + (self.offset + self.interval.mul_f64(self.k as f64)).as_micros() as u64
-            }
+            Some(go) => go + self.due_after_go().as_micros() as u64,
             None => now_us(),
         };
         self.buf.clear();

@@ -174,9 +174,12 @@ fn non_negative(x: f64) -> bool {
 impl Plan {
     /// A token of this cluster for user `sub`, valid `ttl_s` seconds.
     pub fn token(&self, sub: &str, name: &str, ttl_s: u64) -> String {
-        let claims = gateway_shared::token::claims(sub, name, false, ttl_s)
-            .with_iss_aud(self.issuer.as_deref(), self.audience.as_deref());
-        gateway_shared::token::mint(self.secret.as_bytes(), &claims)
+        crate::smoke::Minter {
+            secret: &self.secret,
+            issuer: self.issuer.as_deref(),
+            audience: self.audience.as_deref(),
+        }
+        .token(sub, name, ttl_s)
     }
 
     /// Checks what would otherwise fail half-way through a run.

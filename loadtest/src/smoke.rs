@@ -142,6 +142,15 @@ pub struct Minter<'a> {
     pub audience: Option<&'a str>,
 }
 
+impl Minter<'_> {
+    /// A token of the cluster for user `sub`, valid `ttl_s` seconds.
+    pub fn token(&self, sub: &str, name: &str, ttl_s: u64) -> String {
+        let claims =
+            token::claims(sub, name, false, ttl_s).with_iss_aud(self.issuer, self.audience);
+        token::mint(self.secret.as_bytes(), &claims)
+    }
+}
+
 impl<'a> From<&'a str> for Minter<'a> {
     fn from(secret: &'a str) -> Self {
         Self {
@@ -433,9 +442,7 @@ fn check_hello(hello: &Hello) -> Step<()> {
 
 async fn present(url: &str, minter: Minter<'_>, run_id: &str, name: &'static str) -> Step<Peer> {
     let user_id = format!("lt-{run_id}-{name}");
-    let claims =
-        token::claims(&user_id, name, false, 3600).with_iss_aud(minter.issuer, minter.audience);
-    let token = token::mint(minter.secret.as_bytes(), &claims);
+    let token = minter.token(&user_id, name, 3600);
     let (mut client, hello) = Client::connect_hello(url)
         .await
         .map_err(|e| format!("{name}: connecting to {url}: {e}"))?;
