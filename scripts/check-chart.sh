@@ -263,6 +263,17 @@ expect_failure "server API on with an ingress path / (Prefix)" "would expose the
 expect_failure "server API on with an ingress path /api (ImplementationSpecific)" "would expose the server API" \
   --set api.keysSecret=k --set ingress.enabled=true --set 'ingress.hosts[0].host=g' \
   --set 'ingress.hosts[0].paths[0].path=/api' --set 'ingress.hosts[0].paths[0].pathType=ImplementationSpecific'
+expect_failure "server API on with an ingress path /a (ImplementationSpecific: a string prefix to ingress-nginx)" \
+  "would expose the server API" \
+  --set api.keysSecret=k --set ingress.enabled=true --set 'ingress.hosts[0].host=g' \
+  --set 'ingress.hosts[0].paths[0].path=/a' --set 'ingress.hosts[0].paths[0].pathType=ImplementationSpecific'
+expect_failure "server API on with an ingress regex path /(.*) (ImplementationSpecific)" "would expose the server API" \
+  --set api.keysSecret=k --set ingress.enabled=true --set 'ingress.hosts[0].host=g' \
+  --set 'ingress.hosts[0].paths[0].path=/(.*)' --set 'ingress.hosts[0].paths[0].pathType=ImplementationSpecific'
+expect_failure "server API on with an ingress regex path /API/v1/.+ (case-insensitive to ingress-nginx)" \
+  "would expose the server API" \
+  --set api.keysSecret=k --set ingress.enabled=true --set 'ingress.hosts[0].host=g' \
+  --set 'ingress.hosts[0].paths[0].path=/API/v1/.+' --set 'ingress.hosts[0].paths[0].pathType=ImplementationSpecific'
 expect_failure "unknown value key (schema)" "additional propert|unknownKey" --set unknownKey=1
 expect_failure "bad log format (schema)" "logFormat" --set gateway.logFormat=xml
 expect_failure "PDB with minAvailable and maxUnavailable" "not both" \
@@ -290,6 +301,19 @@ else
   fail "defaults  demo page off unless gateway.demo=true" \
     "GATEWAY_DEMO was $(demo_env) by default and $(demo_env --set gateway.demo=true) when asked"
 fi
+
+# The API check lets through what does not reach /api/: /gateway as a
+# Prefix, a regex for /gateway, /apiary as a Prefix (whole path elements).
+api_ok=1
+for path_type in "/gateway Prefix" "/gateway(/|$)(.*) ImplementationSpecific" "/apiary Prefix" "/ Exact"; do
+  if ! out="$(helm template gw "$CHART" --namespace gateway --set api.keysSecret=k --set ingress.enabled=true \
+    --set 'ingress.hosts[0].host=g' --set "ingress.hosts[0].paths[0].path=${path_type% *}" \
+    --set "ingress.hosts[0].paths[0].pathType=${path_type##* }" 2>&1)"; then
+    api_ok=0
+    fail "values    ingress paths that do not reach /api/ render with the server API on" "$path_type: $out"
+  fi
+done
+[[ $api_ok == 1 ]] && pass "values    ingress paths that do not reach /api/ render with the server API on"
 
 # Numbers from a values file reach templates as float64, which Go prints
 # as 1e+06 from a million up: the node would refuse "1e+06". Each integer

@@ -142,7 +142,23 @@ every template that renders, so a bad combination fails the whole render.
 {{- range .Values.ingress.hosts -}}
 {{- range .paths -}}
 {{- $p := .path | trimSuffix "/" -}}
-{{- if or (and (eq .pathType "Exact") (hasPrefix "/api/" (printf "%s/" .path))) (and (ne .pathType "Exact") (or (eq $p "") (eq $p "/api") (eq $p "/api/v1") (hasPrefix "/api/" $p))) -}}
+{{- $exposes := false -}}
+{{- if eq .pathType "Exact" -}}
+{{- $exposes = hasPrefix "/api/" (printf "%s/" .path) -}}
+{{- else if eq .pathType "Prefix" -}}
+{{- /* Prefix matches whole path elements: /a does not reach /api. */ -}}
+{{- $exposes = or (eq $p "") (eq $p "/api") (eq $p "/api/v1") (hasPrefix "/api/" $p) -}}
+{{- else -}}
+{{- /* ImplementationSpecific is up to the controller: ingress-nginx takes
+  it as a string prefix (/a reaches /api/v1/…) or, with use-regex, as an
+  unanchored, case-insensitive regular expression. Refuse either reading
+  that reaches an API path. */ -}}
+{{- $exposes = or (hasPrefix .path "/api/v1/channels") (hasPrefix "/api/" .path) -}}
+{{- if regexMatch "[\\[\\](){}^$*+?|\\\\]" .path -}}
+{{- $exposes = or $exposes (regexMatch (printf "(?i)%s" .path) "/api/v1/channels/c/messages") -}}
+{{- end -}}
+{{- end -}}
+{{- if $exposes -}}
 {{- fail (printf "\n\nThe ingress path %s (%s) would expose the server API (/api/v1/) publicly while api.keysSecret is set. Route only /gateway (and / Exact) on the public ingress and call the API through the Service from inside the cluster (docs/DEPLOY.md).\n" .path .pathType) -}}
 {{- end -}}
 {{- end -}}
