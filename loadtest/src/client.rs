@@ -101,6 +101,9 @@ pub struct Track {
     pub last_s: u64,
     /// The largest message id seen in the channel.
     pub last_msg_id: u64,
+    /// When the last MESSAGE_CREATE of this run arrived (µs since the
+    /// epoch): kept here, not in a shared atomic written per delivery.
+    pub last_delivery_us: u64,
 }
 
 pub(crate) fn now_us() -> u64 {
@@ -174,7 +177,9 @@ impl Track {
             self.last_msg_id = id;
         }
         stats.delivered.fetch_add(1, Ordering::Relaxed);
-        stats.latency.record(now_us().saturating_sub(sent_us));
+        let now = now_us();
+        self.last_delivery_us = now;
+        stats.latency.record(now.saturating_sub(sent_us));
     }
 }
 
@@ -553,6 +558,14 @@ async fn drop_timer(ctx: &Ctx, mut phase: watch::Receiver<Phase>) {
 
 /// One client, from setup to finish.
 pub async fn run(ctx: Arc<Ctx>, i: usize) {
+    let mut track = Track::default();
+    session(&ctx, i, &mut track).await;
+    ctx.stats
+        .last_delivery_us
+        .fetch_max(track.last_delivery_us, Ordering::Relaxed);
+}
+
+async fn session(ctx: &Arc<Ctx>, i: usize, track: &mut Track) {
     let plan = &ctx.plan;
     let user_id = plan.user_id(i);
     let ttl = plan.max_run_s as u64 + 3600;
@@ -564,7 +577,6 @@ pub async fn run(ctx: Arc<Ctx>, i: usize) {
     // The channel this client is counted in (the default channel, as 0,
     // for `connect --fanout-at-end` without channels).
     let tracked = plan.tracked_channel_of(i);
-    let mut track = Track::default();
 
     // 1. Setup, bounded.
     let setup = async {
@@ -574,7 +586,7 @@ pub async fn run(ctx: Arc<Ctx>, i: usize) {
             let (mut conn, ready) = open(&plan.urls[url_index], source, &token, None).await?;
             track.session_id = ready.session_id;
             if let Some(name) = &channel_name {
-                join(&mut conn, name, &mut track, &ctx).await?;
+                join(&mut conn, name, track, ctx).await?;
             }
             Ok::<_, Fail>((conn, ready))
         })
@@ -617,12 +629,12 @@ pub async fn run(ctx: Arc<Ctx>, i: usize) {
             tokio::select! {
                 biased;
                 _ = reach(ctx.phase.subscribe(), Phase::Finish) => Ended::Finish,
-                ended = read_loop(reader, &mut track, &ctx, &heartbeat_sent) => ended,
+                ended = read_loop(reader, track, ctx, &heartbeat_sent) => ended,
                 ended = write_loop(
-                    writer, hb_int, publisher.as_mut(), ctx.phase.subscribe(), &heartbeat_sent, &ctx,
+                    writer, hb_int, publisher.as_mut(), ctx.phase.subscribe(), &heartbeat_sent, ctx,
                 ) => ended,
                 _ = async {
-                    if churner { drop_timer(&ctx, ctx.phase.subscribe()).await } else { pending().await }
+                    if churner { drop_timer(ctx, ctx.phase.subscribe()).await } else { pending().await }
                 } => Ended::Drop,
             }
         };
@@ -649,16 +661,7 @@ pub async fn run(ctx: Arc<Ctx>, i: usize) {
             }
         };
         drop(conn);
-        match resume(
-            &ctx,
-            source,
-            &token,
-            channel_name.as_deref(),
-            &mut track,
-            down,
-        )
-        .await
-        {
+        match resume(ctx, source, &token, channel_name.as_deref(), track, down).await {
             Some((new_conn, ready)) => {
                 conn = new_conn;
                 hb_int = ready.hb_int;

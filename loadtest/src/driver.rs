@@ -553,12 +553,16 @@ async fn seed_history(plan: &Plan) -> Result<()> {
 /// Go: publishers send; then waits until every worker stopped, works out
 /// the expected deliveries and drains until they arrived or the drain time
 /// is over. Returns the seconds from Go to the end of the drain.
+/// Publishes and waits for the deliveries; returns when publishing began
+/// (µs on the wall clock, which the workers' delivery times share) and
+/// how long the driver waited.
 async fn publish_and_drain(
     fleet: &mut Fleet,
     plan: &Plan,
     warnings: &mut Vec<String>,
-) -> Result<f64> {
+) -> Result<(u64, f64)> {
     fleet.label = "publish";
+    let go_us = crate::client::now_us();
     fleet.broadcast(Command::Go).await;
     let go = Instant::now();
     let stop_by = go + Duration::from_secs_f64(plan.duration_s + 15.0);
@@ -585,7 +589,7 @@ async fn publish_and_drain(
             plan.drain_s
         ));
     }
-    Ok(go.elapsed().as_secs_f64())
+    Ok((go_us, go.elapsed().as_secs_f64()))
 }
 
 async fn run_inner(plan: &Plan, opts: &Options) -> Result<Report> {
@@ -601,7 +605,7 @@ async fn run_inner(plan: &Plan, opts: &Options) -> Result<Report> {
         .await?;
     fleet.print_line();
 
-    let mut traffic_s = 0.0;
+    let mut traffic = (0, 0.0);
     let mut warnings = Vec::new();
     let after = match plan.scenario {
         Scenario::Connect => {
@@ -611,7 +615,7 @@ async fn run_inner(plan: &Plan, opts: &Options) -> Result<Report> {
             // Memory at the end of the hold, before the fan-out's buffers.
             let mut after = scrape_all(plan).await;
             if plan.fanout_at_end {
-                traffic_s = publish_and_drain(&mut fleet, plan, &mut warnings).await?;
+                traffic = publish_and_drain(&mut fleet, plan, &mut warnings).await?;
                 // CPU to the end of the fan-out, the span Redis' CPU covers.
                 for (hold, end) in after.iter_mut().zip(scrape_all(plan).await) {
                     if let (Some(hold), Some(end)) = (hold.as_mut(), end) {
@@ -622,7 +626,7 @@ async fn run_inner(plan: &Plan, opts: &Options) -> Result<Report> {
             after
         }
         Scenario::Fanout | Scenario::Churn => {
-            traffic_s = publish_and_drain(&mut fleet, plan, &mut warnings).await?;
+            traffic = publish_and_drain(&mut fleet, plan, &mut warnings).await?;
             scrape_all(plan).await
         }
     };
@@ -632,7 +636,7 @@ async fn run_inner(plan: &Plan, opts: &Options) -> Result<Report> {
     let nodes = node_reports(plan, &before, &after, &tally);
     let timing = Timing {
         duration_s: started.elapsed().as_secs_f64(),
-        traffic_s,
+        traffic_s: Timing::traffic_s(traffic.0, tally.last_delivery_us, traffic.1),
     };
     let mut report = Report::build(plan, &tally, timing, nodes);
     report.redis_cpu_s = redis_before.zip(redis_after).map(|(b, a)| a - b);

@@ -47,6 +47,9 @@ pub struct Tally {
     pub foreign: u64,
     /// Send → receive, in µs.
     pub latency: Snapshot,
+    /// When the last of these deliveries arrived (µs since the epoch; 0
+    /// before the first).
+    pub last_delivery_us: u64,
     pub resumes: u64,
     /// Resumes answered with `resumed: false`.
     pub resumed_false: u64,
@@ -103,6 +106,7 @@ impl Tally {
         self.order_violations += other.order_violations;
         self.foreign += other.foreign;
         self.latency.merge(&other.latency);
+        self.last_delivery_us = self.last_delivery_us.max(other.last_delivery_us);
         self.resumes += other.resumes;
         self.resumed_false += other.resumed_false;
         self.resume_failed += other.resume_failed;
@@ -211,7 +215,7 @@ pub struct Report {
     pub publishers: usize,
     /// Target messages per second.
     pub rate: f64,
-    /// From the start of publishing to the end of the drain.
+    /// From the start of publishing to the last delivery.
     pub traffic_s: f64,
     pub seq_gaps: u64,
     pub order_violations: u64,
@@ -246,6 +250,21 @@ pub struct Report {
 pub struct Timing {
     pub duration_s: f64,
     pub traffic_s: f64,
+}
+
+impl Timing {
+    /// The traffic window: from the moment publishing began (`go_us`, wall
+    /// clock) to the last delivery. Only when nothing was delivered, the
+    /// driver's own wait (`waited_s`), which ends when it notices the
+    /// drain is over: up to a progress interval (250 ms) late, so it would
+    /// understate the rate.
+    pub fn traffic_s(go_us: u64, last_delivery_us: u64, waited_s: f64) -> f64 {
+        if go_us > 0 && last_delivery_us > go_us {
+            (last_delivery_us - go_us) as f64 / 1e6
+        } else {
+            waited_s
+        }
+    }
 }
 
 impl Report {
@@ -553,6 +572,25 @@ mod tests {
         assert_eq!(report.latency_ms.max, 3.0);
         assert!(report.violations.is_empty());
         assert!(report.warnings.iter().any(|w| w.contains("250 of 1450")));
+    }
+
+    #[test]
+    fn the_traffic_window_ends_at_the_last_delivery() {
+        let go = 1_700_000_000_000_000;
+        let mut a = Tally {
+            last_delivery_us: go + 2_000_000,
+            ..Default::default()
+        };
+        a.merge(&Tally {
+            last_delivery_us: go + 10_050_000,
+            ..Default::default()
+        });
+        assert_eq!(a.last_delivery_us, go + 10_050_000);
+        // The driver noticed the end 0.2 s later; the window does not grow.
+        assert_eq!(Timing::traffic_s(go, a.last_delivery_us, 10.25), 10.05);
+        // Nothing delivered (or no publishing): the driver's wait.
+        assert_eq!(Timing::traffic_s(go, 0, 10.25), 10.25);
+        assert_eq!(Timing::traffic_s(0, 0, 0.0), 0.0);
     }
 
     #[test]

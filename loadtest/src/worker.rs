@@ -136,6 +136,8 @@ pub struct Stats {
     pub setup_errors: Mutex<BTreeMap<String, u64>>,
     /// Microseconds from the worker's start to the last setup outcome.
     pub last_setup_us: AtomicU64,
+    /// The latest of the clients' last deliveries, folded in as each ends.
+    pub last_delivery_us: AtomicU64,
 }
 
 fn counters(n: usize) -> Vec<AtomicU64> {
@@ -178,6 +180,7 @@ impl Stats {
             closes: Mutex::default(),
             setup_errors: Mutex::default(),
             last_setup_us: AtomicU64::new(0),
+            last_delivery_us: AtomicU64::new(0),
         }
     }
 
@@ -222,6 +225,7 @@ impl Stats {
             order_violations: r(&self.order_violations),
             foreign: r(&self.foreign),
             latency: self.latency.snapshot(),
+            last_delivery_us: r(&self.last_delivery_us),
             resumes: r(&self.resumes),
             resumed_false: r(&self.resumed_false),
             resume_failed: r(&self.resume_failed),
