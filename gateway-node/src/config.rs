@@ -146,7 +146,8 @@ pub struct Config {
     /// How long a disconnected session stays resumable, in seconds.
     #[arg(long, env = "GATEWAY_RESUME_WINDOW_S", default_value_t = 60)]
     pub resume_window_s: u64,
-    /// Dispatches a session holds for replay on resume.
+    /// Dispatches a session holds for replay on resume, before those not
+    /// yet written (held too, up to one past `--outbound-limit`).
     #[arg(long, env = "GATEWAY_REPLAY_BUFFER", default_value_t = 1000)]
     pub replay_buffer: usize,
     /// Executes (code 130) a session may send per window (the burst).

@@ -125,7 +125,7 @@ impl Node {
         api_keys: crate::api::Keys,
     ) -> Self {
         let limits = Limits {
-            ring: config.replay_buffer.max(config.outbound_limit),
+            replay: config.replay_buffer,
             outbound_limit: config.outbound_limit,
             direct_writes: config.direct_writes,
             rate_burst: config.rate_limit_count as f64,

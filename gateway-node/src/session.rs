@@ -6,7 +6,11 @@
 //! entry after `sent` into its socket buffer. A resume only moves `sent`
 //! back to the client's `s`. So there is one bounded buffer per session,
 //! the slow-consumer rule is `seq - sent > outbound_limit`, and a replay is
-//! the ordinary write path.
+//! the ordinary write path. The ring holds `replay` dispatches before the
+//! unsent ones and every unsent one up to one past the outbound limit
+//! ([`Limits::held`]): a client closed with 4016, or dropped with a backlog,
+//! still finds everything after what it read, and `replay` more may arrive
+//! before it resumes.
 //!
 //! Locking: channel fan-out takes a channel lock and then each member's
 //! session lock, never the other way round. Under a session lock only the
@@ -30,8 +34,8 @@ use std::time::{Duration, Instant};
 /// Per-session limits, copied from the configuration.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
-    /// Dispatches held for replay (never fewer than `outbound_limit`).
-    pub ring: usize,
+    /// Dispatches held for replay before the unsent ones (`--replay-buffer`).
+    pub replay: usize,
     /// Unsent dispatches before a client is a slow consumer.
     pub outbound_limit: usize,
     /// Write from the fan-out when nothing is queued ([`Conn::write_direct`]).
@@ -40,6 +44,20 @@ pub struct Limits {
     pub rate_burst: f64,
     /// Tokens added per second.
     pub rate_per_s: f64,
+}
+
+impl Limits {
+    /// How many dispatches a session holds when `unsent` of them have not
+    /// been written: `replay` before those, and the unsent ones up to one
+    /// past the outbound limit (a slow consumer's whole backlog).
+    pub fn held(&self, unsent: u64) -> usize {
+        self.replay + unsent.min(self.outbound_limit as u64 + 1) as usize
+    }
+
+    /// The most a session ever holds.
+    pub fn max_held(&self) -> usize {
+        self.held(u64::MAX)
+    }
 }
 
 /// A token bucket: `burst` tokens, refilled continuously.
@@ -111,7 +129,8 @@ struct State {
     ring: Ring,
     /// The connection receiving this session's dispatches.
     conn: Option<Arc<Conn>>,
-    /// Highest sequence number handed to `conn`'s writer.
+    /// Highest sequence number handed to `conn`'s writer; while detached,
+    /// what the last connection was handed (what came after is unsent).
     sent: u64,
     /// The channel the session is in.
     channel: Arc<str>,
@@ -208,8 +227,10 @@ impl Session {
         st.seq += 1;
         let seq = st.seq;
         // Room first, then the new entry: pushing first would take the ring
-        // one past its limit and double its allocation for good.
-        if st.ring.len() >= self.limits.ring {
+        // one past its limit and double its allocation for good. (The
+        // writer trims what it has sent past `replay`, in `commit`.)
+        let held = self.limits.held(seq - st.sent);
+        while st.ring.len() >= held {
             st.ring.pop_front();
         }
         push(&mut st.ring);
@@ -323,19 +344,21 @@ impl Session {
         {
             let mut st = session.state.lock();
             st.seq = seq;
-            st.sent = seq;
-            // Keep the contiguous run that ends at `seq` (at most a ring).
+            // Keep the contiguous run that ends at `seq` (at most what a
+            // session can hold), all of it unsent until a client attaches:
+            // catching up from the logs must not push it out.
             let run = ring
                 .iter()
                 .rev()
                 .zip((0..=seq).rev())
-                .take(limits.ring)
+                .take(limits.max_held())
                 .take_while(|((s, _), want)| s == want)
                 .count();
             let skip = ring.len() - run;
             for (_, d) in ring.into_iter().skip(skip) {
                 st.ring.push(d);
             }
+            st.sent = seq.saturating_sub(run as u64);
         }
         session
     }
@@ -461,6 +484,11 @@ impl Session {
             self.metrics.dispatch_sent(dispatch, now);
         }
         st.sent += count as u64;
+        // What was held for a backlog now written goes back to `replay`.
+        let held = self.limits.held(st.seq - st.sent);
+        while st.ring.len() > held {
+            st.ring.pop_front();
+        }
         st.sent < st.seq
     }
 }
@@ -484,7 +512,7 @@ impl Session {
             admin: false,
         };
         let limits = Limits {
-            ring: 100,
+            replay: 100,
             outbound_limit: 100,
             direct_writes: false,
             rate_burst: 1.0,
@@ -522,9 +550,12 @@ mod tests {
                 })
                 .collect()
         };
-        let restored = |seq, list: &[u64], limit| {
+        let restored = |seq, list: &[u64], limit: usize| {
             let mut limits = Session::for_test(1).limits;
-            limits.ring = limit;
+            // At most `limit` held: `limit - 1` before the unsent ones, and
+            // one past an outbound limit of 0.
+            limits.replay = limit - 1;
+            limits.outbound_limit = 0;
             let identity = Identity {
                 id: "u".into(),
                 name: "n".into(),

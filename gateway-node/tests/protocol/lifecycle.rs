@@ -2,7 +2,7 @@
 
 use crate::harness::*;
 use crate::rawws::{self, RawWs};
-use gateway_shared::protocol::Event;
+use gateway_shared::protocol::{Event, FunctionCode};
 use gateway_shared::Client;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -39,8 +39,11 @@ async fn heartbeats_keep_a_session_alive() {
 
 #[tokio::test]
 async fn a_client_that_stops_reading_is_closed_as_a_slow_consumer() {
+    // The replay buffer no larger than the outbound limit, as with the
+    // defaults (1000 and 1024): the backlog must still be replayable.
     let node = TestNode::with(|c| {
         c.outbound_limit = 64;
+        c.replay_buffer = 64;
         c.rate_limit_count = 1_000_000;
     })
     .await;
@@ -61,7 +64,9 @@ async fn a_client_that_stops_reading_is_closed_as_a_slow_consumer() {
         sent += 1;
         // Keep talker's own socket drained.
         talker.dispatch(Event::MessageCreate).await;
-        if sent.is_multiple_of(50) {
+        // Every message sent after the 4016 reaches the detached session:
+        // look often, so that fewer than the replay buffer's 64 arrive.
+        if sent.is_multiple_of(10) {
             let (_, metrics) = http_get(&node.http("/metrics")).await;
             if metrics
                 .lines()
@@ -83,8 +88,27 @@ async fn a_client_that_stops_reading_is_closed_as_a_slow_consumer() {
         }
     };
     assert_eq!(code, Some(4016));
-    // The session stays resumable, with nothing lost.
-    assert!(slow.resume_at(&node.url()).await.1.resumed);
+    // The session stays resumable, with nothing lost, though more events
+    // arrive before the client resumes (up to 9 above and 10 here: fewer
+    // than the replay buffer).
+    for i in 0..10 {
+        talker.say(&format!("meanwhile {i}")).await;
+    }
+    let (mut client, ready) = slow.resume_at(&node.url()).await;
+    assert!(ready.resumed);
+    // Everything after what it read, in order, through the last one.
+    let mut s = slow.last_s;
+    loop {
+        let msg = client.next_message(WAIT).await.unwrap();
+        if msg.f != FunctionCode::Dispatch.code() {
+            continue;
+        }
+        s += 1;
+        assert_eq!(msg.s, Some(s), "gap or duplicate at {}", msg.text);
+        if msg.is_dispatch(Event::MessageCreate) && msg.cnf["content"] == "meanwhile 9" {
+            break;
+        }
+    }
 }
 
 /// The sum of the counters of `node` whose lines start with `prefix` (a

@@ -125,7 +125,9 @@ async fn resume_past_the_replay_buffer_starts_a_new_session() {
     alice.create_and_move(&room).await;
     bob.move_to(&room).await;
     let (token, _, session_id, last_s) = drop_connection(&node, bob).await;
-    for i in 0..8 {
+    // A session holds the replay buffer before what it had not written,
+    // and up to one past the outbound limit after: 5 + 6 here.
+    for i in 0..12 {
         alice.say(&format!("m{i}")).await;
     }
     let (mut client, _) = Client::connect_hello(&node.url()).await.unwrap();
