@@ -351,6 +351,45 @@ async fn a_log_whose_numbers_were_reused_ends_its_sessions() {
     a_log_that_lost_events_ends_its_sessions(|store, room| set_back(store, room, 2, true)).await;
 }
 
+/// A session resumed on a node that did not hold its channel brings the
+/// log's generation with it: when that node checks the log after losing
+/// its connection, it fills in what it missed instead of taking the
+/// channel for one that was reset (which ended its sessions with 1012).
+#[tokio::test]
+async fn a_session_resumed_elsewhere_keeps_its_channels_generation() {
+    let store = Store::one();
+    let node = |store: &Store| {
+        let url = store.url();
+        TestNode::with(move |c| c.redis_url = Some(url))
+    };
+    let (a, b) = (node(&store).await, node(&store).await);
+    let room = fresh_channel("gen");
+    let mut admin = Peer::admin(&a, "admin").await;
+    admin.execute("CHANNEL_ADD", json!({ "name": room })).await;
+    admin.dispatch(Event::ChannelAdd).await;
+    // The channel's log was reset once before anyone came.
+    let meta = format!("gw:{{c:{room}}}:meta");
+    store.cli(&meta, &["HSET", &meta, "gen", "1"]);
+    let mut alice = Peer::join(&a, "alice").await;
+    alice.move_to(&room).await;
+    alice.say("before").await;
+    let (client, ready) = alice.resume_at(&b.url()).await;
+    assert!(ready.resumed);
+    alice.client = client;
+    // An event node b was not told of, then its subscription cut: it
+    // reads the log, finds the event and delivers it.
+    let log = format!("gw:{{c:{room}}}:log");
+    let n = last_logged(&store, &log);
+    let unheard = ghost_message(&room, 99_999_999_999_999_999, "unheard");
+    store.cli(
+        &log,
+        &["XADD", &log, &format!("0-{}", n + 1), "d", &unheard],
+    );
+    store.cli(&log, &["CLIENT", "KILL", "TYPE", "pubsub"]);
+    let got = alice.dispatch(Event::MessageCreate).await;
+    assert_eq!(got.cnf["content"], "unheard");
+}
+
 #[tokio::test]
 async fn sessions_further_behind_than_the_log_holds_end_with_1012() {
     a_log_that_lost_events_ends_its_sessions(|store, room| trim_past_what_was_read(store, room, 5))

@@ -281,6 +281,10 @@ impl RedisBroker {
         {
             return Ok(false);
         }
+        // The position this session brings is in that generation of the
+        // log: a channel new to this node must not start at generation 0,
+        // or its next check of the log would take it for a reset (1012).
+        local.init_gen(stored.cgen);
         let Some(global) = self.read_log(GLOBAL_LOG, gcur).await? else {
             return Ok(false);
         };
