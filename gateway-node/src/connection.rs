@@ -332,6 +332,14 @@ impl Conn {
         self.presented.store(true, Ordering::Release);
     }
 
+    /// Undoes [`set_session`](Self::set_session) when the session could
+    /// not be attached: the connection is not presented.
+    pub fn clear_session(&self) {
+        self.inner.lock().session = None;
+        self.session_version.fetch_add(1, Ordering::Release);
+        self.presented.store(false, Ordering::Release);
+    }
+
     fn session(&self) -> Option<Arc<Session>> {
         self.inner.lock().session.clone()
     }
@@ -476,7 +484,7 @@ where
         if ends {
             // Boxed: the backend's future is large and would otherwise size
             // this task (one per connection) for its whole life.
-            Box::pin(node.end_session(&session)).await;
+            Box::pin(node.end_session_from(&session, conn.id)).await;
         } else if session.detach(conn.id) {
             debug!(session = session.id, "detached; resumable");
         }

@@ -279,6 +279,9 @@ impl Node {
                 Ok(Some(session))
             }
             Err(err) => {
+                // Not this connection's session: it is unpresented again
+                // (its PRESENT deadline runs on) and its close ends nothing.
+                conn.clear_session();
                 self.metrics.resume(ResumeResult::Failed);
                 // A detached session whose missed dispatches are gone is of
                 // no use to anyone: end it now rather than at expiry.
@@ -331,6 +334,7 @@ impl Node {
                 conn.send(self.ready_frame(&session, channel, &channels, false));
             })
             .map_err(|_| {
+                conn.clear_session();
                 Reject::new(
                     ErrorCode::UnknownError,
                     "session ended while presenting; present again",
@@ -344,6 +348,18 @@ impl Node {
     /// be resumed. Returns its connection, if one was attached.
     pub async fn end_session(&self, session: &Arc<Session>) -> Option<Arc<Conn>> {
         let conn = session.end()?;
+        self.ended(session, conn).await
+    }
+
+    /// Ends `session` if connection `conn_id` is attached to it (it closed
+    /// with 1000); a session another connection resumed meanwhile goes on.
+    pub async fn end_session_from(&self, session: &Arc<Session>, conn_id: u64) {
+        if let Some(conn) = session.end_from(conn_id) {
+            self.ended(session, conn).await;
+        }
+    }
+
+    async fn ended(&self, session: &Arc<Session>, conn: Option<Arc<Conn>>) -> Option<Arc<Conn>> {
         self.sessions.lock().remove(&session.id);
         if let Err(e) = self.broker.end_session(session).await {
             tracing::warn!(session = session.id, error = %e.message, "ending the session in the backend failed");

@@ -315,8 +315,22 @@ impl Session {
     /// Ends the session: no more dispatches, no resume. Returns the attached
     /// connection (for the caller to close), or `None` if already ended.
     pub fn end(&self) -> Option<Option<Arc<Conn>>> {
+        self.end_if(|_| true)
+    }
+
+    /// [`end`](Self::end), only while `conn_id` is the attached connection:
+    /// a connection that closes with 1000 ends its own session, not one
+    /// another connection has resumed since.
+    pub fn end_from(&self, conn_id: u64) -> Option<Option<Arc<Conn>>> {
+        self.end_if(|conn| conn.is_some_and(|c| c.id == conn_id))
+    }
+
+    fn end_if(
+        &self,
+        attached: impl FnOnce(Option<&Arc<Conn>>) -> bool,
+    ) -> Option<Option<Arc<Conn>>> {
         let mut st = self.state.lock();
-        if st.ended {
+        if st.ended || !attached(st.conn.as_ref()) {
             return None;
         }
         st.ended = true;

@@ -223,3 +223,51 @@ async fn a_session_expires_after_the_resume_window() {
             .resumed
     );
 }
+
+/// A resume that cannot be honoured (its `s` is ahead of a session live on
+/// another connection) followed by a new session that is refused (4008:
+/// over the user's budget) leaves the connection unpresented: its PRESENT
+/// deadline runs on (4003, not the heartbeat timeout of a presented one).
+#[tokio::test]
+async fn a_failed_resume_leaves_the_connection_unpresented() {
+    let node = TestNode::with(|c| {
+        c.session_starts_per_user = 1;
+        c.hb_int_ms = 1000;
+    })
+    .await;
+    let alice = Peer::join(&node, "alice").await;
+    let (mut other, _) = Client::connect_hello(&node.url()).await.unwrap();
+    let ahead = Some((alice.session_id(), Some(alice.last_s + 100)));
+    match other.present(&alice.token, ahead).await {
+        Err(gateway_shared::ClientError::Gateway(e)) => assert_eq!(e.c, 4008),
+        other => panic!("expected 4008, got {other:?}"),
+    }
+    assert_eq!(other.closed().await.unwrap(), Some(4003));
+}
+
+/// The same failed resume, then a normal close (1000) of that connection:
+/// it ends no session, and the one live on the other connection goes on.
+#[tokio::test]
+async fn a_failed_resume_then_a_normal_close_ends_nobodys_session() {
+    let node = TestNode::with(|c| c.session_starts_per_user = 1).await;
+    let room = fresh_channel("kept");
+    let mut alice = Peer::join(&node, "alice").await;
+    let mut bob = Peer::join(&node, "bob").await;
+    alice.create_and_move(&room).await;
+    bob.move_to(&room).await;
+    let (mut other, _) = Client::connect_hello(&node.url()).await.unwrap();
+    let ahead = Some((alice.session_id(), Some(alice.last_s + 100)));
+    assert!(other.present(&alice.token, ahead).await.is_err());
+    other.close(1000).await.unwrap();
+    assert_eq!(other.closed().await.unwrap(), Some(1000));
+    // The node is done with that connection (and whatever its close ends).
+    tokio::time::timeout(WAIT, async {
+        while metric(node.addr, "gateway_connections").await != 2 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the closed connection is gone");
+    let sent = bob.say("still here?").await;
+    assert_eq!(alice.dispatch(Event::MessageCreate).await.cnf, sent);
+}
