@@ -77,7 +77,7 @@ impl<'v> Fields<'v> {
 
 /// Runs one execute. The caller has checked the session and the rate limit.
 pub async fn execute(
-    node: &Node,
+    node: &Arc<Node>,
     session: &Arc<Session>,
     env: &Envelope<'_>,
 ) -> Result<(), Reject> {
@@ -103,8 +103,17 @@ pub async fn execute(
         Event::ChannelMove => {
             let channel = fields
                 .str("channel", "channel must be a string")?
-                .ok_or_else(|| invalid("channel is missing"))?;
-            node.broker.move_to(session, channel).await
+                .ok_or_else(|| invalid("channel is missing"))?
+                .to_owned();
+            // In a task of its own: a connection that closes meanwhile
+            // drops its reader, and a move stopped half-way would leave the
+            // session out of every channel.
+            let (node, session) = (Arc::clone(node), Arc::clone(session));
+            tokio::spawn(async move { node.broker.move_to(&node, &session, &channel).await })
+                .await
+                .unwrap_or_else(|_| {
+                    Err(Reject::new(ErrorCode::UnknownError, "channel move failed"))
+                })
         }
         Event::SystemBanAdd => ban_add(node, session, &fields).await,
         Event::SystemBanRemove => ban_remove(node, session, &fields).await,

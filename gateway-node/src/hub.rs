@@ -266,6 +266,11 @@ impl LocalChannel {
         }
     }
 
+    /// Whether `session_id` is attached here.
+    pub fn is_member(&self, session_id: u64) -> bool {
+        self.inner.lock().members.contains_key(&session_id)
+    }
+
     /// Removes `session` and returns its cursor (see [`Self::cursor`]),
     /// in one step: no event can fall between the two.
     pub fn detach_with_cursor(&self, session_id: u64) -> Option<u64> {

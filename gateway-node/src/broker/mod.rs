@@ -81,10 +81,15 @@ impl Broker {
 
     /// CHANNEL_MOVE: leave the current channel, enter `to`, and dispatch the
     /// CHANNEL_MOVE snapshot to the mover before any event of `to`.
-    pub async fn move_to(&self, session: &Arc<Session>, to: &str) -> Result<(), Reject> {
+    pub async fn move_to(
+        &self,
+        node: &Node,
+        session: &Arc<Session>,
+        to: &str,
+    ) -> Result<(), Reject> {
         match self {
             Self::Memory(m) => m.move_to(session, to),
-            Self::Redis(r) => r.move_to(session, to).await,
+            Self::Redis(r) => r.move_to(node, session, to).await,
         }
     }
 

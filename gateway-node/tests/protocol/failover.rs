@@ -390,6 +390,61 @@ async fn a_session_resumed_elsewhere_keeps_its_channels_generation() {
     assert_eq!(got.cnf["content"], "unheard");
 }
 
+/// Every Redis of `store` lets the nodes' connections at the keys
+/// matching `patterns` only (`ACL SETUSER default resetkeys …`), or at
+/// every key again with `None`.
+fn only_keys(store: &Store, patterns: Option<&[&str]>) {
+    for port in store.ports() {
+        let mut args = vec!["ACL", "SETUSER", "default"];
+        match patterns {
+            Some(patterns) => {
+                args.push("resetkeys");
+                args.extend(patterns);
+            }
+            None => args.push("allkeys"),
+        }
+        assert_eq!(redis_cli(port, &args), "OK");
+    }
+}
+
+/// A CHANNEL_MOVE that Redis refuses part-way (the new channel's keys are
+/// out of reach; the old channel was left already) answers 4018 and puts
+/// the session back where it was: it receives its old channel, and moved
+/// again once Redis answers, the new one. Before, it was left in no
+/// channel, receiving nothing, and a second move changed nothing.
+#[tokio::test]
+async fn a_channel_move_refused_part_way_leaves_the_session_where_it_was() {
+    let store = Store::one();
+    let url = store.url();
+    let node = TestNode::with(move |c| c.redis_url = Some(url)).await;
+    let room = fresh_channel("limbo");
+    let mut carol = Peer::join(&node, "carol").await;
+    carol.create_and_move(&room).await;
+    let mut bob = Peer::join(&node, "bob").await;
+    let mut alice = Peer::join(&node, "alice").await;
+    only_keys(
+        &store,
+        Some(&[
+            "~gw:{g}*",
+            "~gw:{c:general}*",
+            "~gw:{s:*",
+            "~gw:sid",
+            "~gw:ban:*",
+            "~gw:node*",
+        ]),
+    );
+    alice
+        .execute("CHANNEL_MOVE", json!({ "channel": room }))
+        .await;
+    assert_eq!(alice.error().await.c, 4018);
+    let sent = bob.say("still in general?").await;
+    assert_eq!(alice.dispatch(Event::MessageCreate).await.cnf, sent);
+    only_keys(&store, None);
+    alice.move_to(&room).await;
+    let sent = carol.say("welcome").await;
+    assert_eq!(alice.dispatch(Event::MessageCreate).await.cnf, sent);
+}
+
 #[tokio::test]
 async fn sessions_further_behind_than_the_log_holds_end_with_1012() {
     a_log_that_lost_events_ends_its_sessions(|store, room| trim_past_what_was_read(store, room, 5))

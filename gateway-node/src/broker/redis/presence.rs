@@ -8,6 +8,7 @@ use super::{channel_topic, ck, sk, RedisBroker, CHANNELS, CONTROL_TOPIC, OP_TIME
 use crate::broker::memory::unix_ms;
 use crate::broker::{move_body, Ban, ChannelInfo, Member, PresencePage};
 use crate::hub::LocalChannel;
+use crate::node::Node;
 use crate::session::Session;
 use crate::wire::{Dispatch, Reject};
 use gateway_shared::protocol::{ErrorCode, Event, User};
@@ -315,26 +316,93 @@ impl RedisBroker {
         Ok(())
     }
 
-    pub async fn move_to(&self, session: &Arc<Session>, to: &str) -> Result<(), Reject> {
+    /// CHANNEL_MOVE. A move refused part-way (4018) puts the session back
+    /// where it was, so that it is always in exactly one channel's stream;
+    /// if even that fails, the session is ended (its connection closed with
+    /// 1012) rather than left receiving nothing. The caller runs it to its
+    /// end even if the connection closes meanwhile.
+    pub async fn move_to(
+        &self,
+        node: &Node,
+        session: &Arc<Session>,
+        to: &str,
+    ) -> Result<(), Reject> {
         if !self.channel_exists(to).await? {
             return Err(Reject::new(ErrorCode::NotFound, "unknown channel"));
         }
         let from = session.channel();
-        if &*from == to {
+        let local = self.hub.get(&from);
+        if &*from == to && local.as_ref().is_some_and(|l| l.is_member(session.id)) {
             // Already a member: the script only reads the snapshot.
             let out = self.join_script(session, to, true).await?;
             session.deliver(&move_dispatch(&out, to, &from));
             return Ok(());
         }
-        if let Some(local) = self.hub.get(&from) {
-            local.detach(session.id);
+        // Out of `from` first: none of its events reaches the session after
+        // its CHANNEL_MOVE. Where it was is kept, to go back if need be.
+        let cursor = local.and_then(|l| l.detach_with_cursor(session.id));
+        let moved = self.switch(session, &from, to).await;
+        if moved.is_err() && !session.is_ended() && !self.go_back(session, &from, to, cursor).await
+        {
+            tracing::warn!(
+                session = session.id,
+                "a failed CHANNEL_MOVE could not be undone; session ended"
+            );
+            if let Some(conn) = node.end_session(session).await {
+                conn.close_with(1012, "channel move failed", false);
+            }
         }
-        session.set_channel(Arc::from(to));
-        self.leave_script(session.id, &from).await?;
+        moved
+    }
+
+    async fn switch(&self, session: &Arc<Session>, from: &str, to: &str) -> Result<(), Reject> {
+        self.leave_script(session.id, from).await?;
         let mut c = self.conn();
         let _: () = self.op("session", c.hset(sk(session.id), "ch", to)).await?;
         drop(c);
-        self.join(session, to, Some(&from)).await
+        session.set_channel(Arc::from(to));
+        self.join(session, to, Some(from)).await
+    }
+
+    /// Puts a session whose move to `to` failed back into `from`, at
+    /// `cursor` (where it had been when it left; `None`: the channel had
+    /// no position yet), with what it missed meanwhile read from the log.
+    /// Joining again is harmless where it never left. False when it could
+    /// not be done.
+    async fn go_back(
+        &self,
+        session: &Arc<Session>,
+        from: &str,
+        to: &str,
+        cursor: Option<u64>,
+    ) -> bool {
+        session.set_channel(Arc::from(from));
+        // Its membership in `to` may have been recorded already.
+        let _ = self.leave_script(session.id, to).await;
+        if let Some(local) = self.hub.get(to) {
+            local.detach(session.id);
+        }
+        let local = self.hub.pin(from);
+        let back = async {
+            self.subscribe(channel_topic(from)).await?;
+            let out = self.join_script(session, from, false).await?;
+            local.init_gen(script_int(out.get(2)));
+            let mut c = self.conn();
+            let _: () = self
+                .op("session", c.hset(sk(session.id), "ch", from))
+                .await?;
+            drop(c);
+            let at = cursor.unwrap_or_else(|| script_int(out.first()));
+            self.attach_at(&local, &ck(from, "log"), session, at, None)
+                .await
+        };
+        match back.await {
+            Ok(true) => true,
+            _ => {
+                local.unpin();
+                false
+            }
+        }
     }
 
     pub async fn ban(&self, user_id: &str, ban: &Ban) -> Result<(), Reject> {
