@@ -421,7 +421,26 @@ impl Node {
                 }
                 true
             }
-            _ => false,
+            Ok(false) => false,
+            Err(e) => {
+                self.parking_failed(&session, conn, &e).await;
+                false
+            }
+        }
+    }
+
+    /// A session that stopped here but could not be parked in Redis is
+    /// lost: it is ended for good (it leaves its channel), and its
+    /// connection closed with 1012, so that the client's resume answers
+    /// `resumed: false` instead of the connection staying open and silent.
+    async fn parking_failed(&self, session: &Arc<Session>, conn: Option<Arc<Conn>>, e: &Reject) {
+        tracing::warn!(session = session.id, error = %e.message, "parking failed; session ended");
+        self.sessions.lock().remove(&session.id);
+        if let Err(e) = self.broker.end_session(session).await {
+            tracing::warn!(session = session.id, error = %e.message, "ending the session in the backend failed");
+        }
+        if let Some(conn) = conn {
+            conn.close_with(1012, "session could not be handed over; it ended", false);
         }
     }
 
@@ -450,11 +469,18 @@ impl Node {
 
     /// Parks one session of the drain; true when it was.
     async fn park_one(&self, session: Arc<Session>) -> bool {
-        let parked = matches!(self.broker.park(&session).await, Ok(true));
-        if parked {
-            self.sessions.lock().remove(&session.id);
+        let conn = session.conn();
+        match self.broker.park(&session).await {
+            Ok(true) => {
+                self.sessions.lock().remove(&session.id);
+                true
+            }
+            Ok(false) => false,
+            Err(e) => {
+                self.parking_failed(&session, conn, &e).await;
+                false
+            }
         }
-        parked
     }
 
     /// Ends every session of `user_id` on this node with 4015.

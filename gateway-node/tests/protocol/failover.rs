@@ -445,6 +445,50 @@ async fn a_channel_move_refused_part_way_leaves_the_session_where_it_was() {
     assert_eq!(alice.dispatch(Event::MessageCreate).await.cnf, sent);
 }
 
+/// A node asked to hand a session over that cannot park it in Redis (its
+/// session keys are read-only here) ends it for good: the old connection
+/// is closed with 1012 and the resume answers `resumed: false`. Before, the
+/// old connection stayed open, answering heartbeats and receiving nothing.
+#[tokio::test]
+async fn a_session_that_cannot_be_parked_ends_visibly() {
+    let store = Store::one();
+    let node = |store: &Store| {
+        let url = store.url();
+        TestNode::with(move |c| c.redis_url = Some(url))
+    };
+    let (a, b) = (node(&store).await, node(&store).await);
+    let alice = Peer::join(&a, "alice").await;
+    let mut old = alice.client;
+    only_keys(
+        &store,
+        Some(&[
+            "%R~gw:{s:*",
+            "~gw:{g}*",
+            "~gw:{c:*",
+            "~gw:sid",
+            "~gw:ban:*",
+            "~gw:node*",
+        ]),
+    );
+    let (mut client, _) = gateway_shared::Client::connect_hello(&b.url())
+        .await
+        .unwrap();
+    let resume = Some((alice.ready.session_id, Some(alice.last_s)));
+    // Not resumed; and the new session it falls back to needs those keys
+    // too (4018).
+    match client.present(&alice.token, resume).await {
+        Err(gateway_shared::ClientError::Gateway(e)) => assert_eq!(e.c, 4018),
+        Ok(ready) => assert!(!ready.resumed),
+        Err(e) => panic!("{e}"),
+    }
+    only_keys(&store, None);
+    assert_eq!(old.closed().await.unwrap(), Some(1012));
+    let (mut client, _) = gateway_shared::Client::connect_hello(&b.url())
+        .await
+        .unwrap();
+    assert!(!client.present(&alice.token, resume).await.unwrap().resumed);
+}
+
 #[tokio::test]
 async fn sessions_further_behind_than_the_log_holds_end_with_1012() {
     a_log_that_lost_events_ends_its_sessions(|store, room| trim_past_what_was_read(store, room, 5))

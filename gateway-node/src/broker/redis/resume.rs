@@ -116,8 +116,13 @@ impl RedisBroker {
                 .ignore();
         }
         let mut c = self.conn();
+        // An error here leaves the session ended on this node and not
+        // parked in Redis: the caller ends it for good and says so.
         self.op("park", pipe.query_async::<()>(&mut c)).await?;
-        self.touch_presence(session.id, &channel).await?;
+        // Parked: a presence entry not refreshed now only expires sooner.
+        if let Err(e) = self.touch_presence(session.id, &channel).await {
+            debug!(session = session.id, error = %e.message, "presence of a parked session not refreshed");
+        }
         debug!(session = session.id, seq, ccur, gcur, "parked");
         Ok(true)
     }
