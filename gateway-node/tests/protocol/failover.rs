@@ -489,6 +489,68 @@ async fn a_session_that_cannot_be_parked_ends_visibly() {
     assert!(!client.present(&alice.token, resume).await.unwrap().resumed);
 }
 
+/// Polls `check` until it holds, for at most `WAIT`.
+async fn until_true(what: &str, mut check: impl FnMut() -> bool) {
+    tokio::time::timeout(WAIT, async {
+        while !check() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{what}"));
+}
+
+/// How many times the ACL log of the Redis on `port` says a subscription
+/// to `topic` was refused (Redis groups such entries, with a count).
+fn refusals(port: u16, topic: &str) -> u64 {
+    let log = redis_cli(port, &["ACL", "LOG"]);
+    let lines: Vec<&str> = log.lines().map(str::trim).collect();
+    let mut total = 0;
+    for entry in lines.split(|l| *l == "count").skip(1) {
+        let count: u64 = entry.first().and_then(|c| c.parse().ok()).unwrap_or(0);
+        if entry.windows(2).any(|w| w[0] == "object" && w[1] == topic) {
+            total += count;
+        }
+    }
+    total
+}
+
+/// On one Redis, a channel's topic that cannot be subscribed again after
+/// a reconnect (refused by an ACL here, as a Redis that answers errors for
+/// a while would) is tried again every second until it takes, and the
+/// channel's messages flow again. Before, only the client library's own
+/// resubscription and one attempt by the node were made, and the channel
+/// stayed silent on that node for good, with `/readyz` green.
+#[tokio::test]
+async fn a_topic_refused_after_a_reconnect_is_subscribed_again_later() {
+    let store = Store::one();
+    let url = store.url();
+    let node = TestNode::with(move |c| c.redis_url = Some(url)).await;
+    let room = fresh_channel("resub");
+    let topic = format!("gw:{{c:{room}}}");
+    let mut bob = Peer::join(&node, "bob").await;
+    bob.create_and_move(&room).await;
+    bob.say("before").await;
+    // Redis disconnects the clients subscribed to a channel an ACL no
+    // longer allows; subscribing to it is refused until it does again.
+    let port = store.ports()[0];
+    redis_cli(port, &["ACL", "LOG", "RESET"]);
+    let mut args = vec!["ACL", "SETUSER", "default", "resetchannels"];
+    args.extend(["&gw:{g}*", "&gw:{n:*", "&gw:{c:general}"]);
+    assert_eq!(redis_cli(port, &args), "OK");
+    // Asked again and refused: by the client library on its reconnect,
+    // by the node for the renewed connection, and then by the node again
+    // a second later (before, nothing asked after the first two).
+    until_true("the node keeps asking", || refusals(port, &topic) >= 3).await;
+    assert_eq!(store.subscribers(&topic), 0);
+    assert_eq!(
+        redis_cli(port, &["ACL", "SETUSER", "default", "allchannels"]),
+        "OK"
+    );
+    // Its own message comes back to bob through the node's subscription.
+    bob.say("after").await;
+}
+
 #[tokio::test]
 async fn sessions_further_behind_than_the_log_holds_end_with_1012() {
     a_log_that_lost_events_ends_its_sessions(|store, room| trim_past_what_was_read(store, room, 5))

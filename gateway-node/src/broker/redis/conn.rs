@@ -244,24 +244,25 @@ impl PubSub {
 
     /// Subscribes to every one of `topics` at once (a topic whose shard
     /// does not answer does not hold the others up); how many failed.
-    pub async fn subscribe_all<'a>(&self, topics: impl Iterator<Item = &'a String>) -> usize {
+    pub async fn subscribe_all<'a>(&self, topics: impl Iterator<Item = &'a String>) -> Vec<String> {
         let runs = topics.map(|topic| {
             let mut handle = match self {
                 Self::Single(c) => Self::Single(c.clone()),
                 Self::Cluster(c) => Self::Cluster(Arc::clone(c)),
             };
             async move {
-                matches!(
+                let ok = matches!(
                     tokio::time::timeout(OP_TIMEOUT, handle.subscribe(topic)).await,
                     Ok(Ok(()))
-                )
+                );
+                (!ok).then(|| topic.clone())
             }
         });
         futures_util::future::join_all(runs)
             .await
             .into_iter()
-            .filter(|ok| !ok)
-            .count()
+            .flatten()
+            .collect()
     }
 }
 

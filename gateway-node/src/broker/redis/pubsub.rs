@@ -436,6 +436,10 @@ pub(super) async fn subscription_task(
     let mut failed_probes = 0;
     // The id of this node's connection on each master (`renewed`).
     let mut connections = HashMap::new();
+    // Topics a subscribe failed for (a refused or lost reply): tried again
+    // every tick until one takes. Nothing else would: the client library
+    // renews its subscriptions only when it reconnects.
+    let mut unconfirmed: HashSet<String> = HashSet::new();
     loop {
         tokio::select! {
             request = requests.recv() => match request {
@@ -460,8 +464,9 @@ pub(super) async fn subscription_task(
                     // Its confirmation has the stream checked for what it
                     // missed meanwhile (`check_subscribed`).
                     if pubsub.subscribe(&topic).await.is_err() {
-                        // Retried with every subscription on the next tick.
+                        // Tried again on the next tick.
                         r.healthy.store(false, Ordering::Relaxed);
+                        unconfirmed.insert(topic);
                     }
                 }
             },
@@ -479,7 +484,7 @@ pub(super) async fn subscription_task(
                     r.healthy.store(false, Ordering::Relaxed);
                     if failed_probes >= WEDGED_PROBES {
                         failed_probes = 0;
-                        r.replace_connection(&node, &mut pubsub, &subscribed).await;
+                        unconfirmed = r.replace_connection(&node, &mut pubsub, &subscribed).await;
                         connections.clear();
                     }
                     continue;
@@ -513,17 +518,30 @@ pub(super) async fn subscription_task(
                 // can be every second: not all of a node's channels each
                 // time). The confirmations have the streams read from
                 // their logs.
-                let failed = if back && (cluster || lost) {
-                    pubsub.subscribe_all(subscribed.iter()).await
+                let tried: Vec<&String> = if back && (cluster || lost) {
+                    subscribed.iter().collect()
                 } else if !renewed.is_empty() {
                     let mut own = Vec::new();
                     for master in &renewed {
                         own.push(pubsub.own_slots(master).await);
                     }
-                    pubsub.subscribe_all(on_renewed(&subscribed, &renewed, &own).into_iter()).await
+                    on_renewed(&subscribed, &renewed, &own)
                 } else {
-                    0
+                    Vec::new()
                 };
+                // And those that failed before, not among them.
+                let tried_set: HashSet<&String> = tried.iter().copied().collect();
+                let again = unconfirmed
+                    .iter()
+                    .filter(|t| subscribed.contains(*t) && !tried_set.contains(t));
+                let topics: Vec<&String> = tried.iter().copied().chain(again).collect();
+                let failed_topics = if topics.is_empty() {
+                    Vec::new()
+                } else {
+                    pubsub.subscribe_all(topics.into_iter()).await
+                };
+                let failed = failed_topics.len();
+                unconfirmed = failed_topics.into_iter().collect();
                 if back {
                     r.spawn_resync(&node, failed);
                 } else if failed > 0 {
@@ -586,19 +604,21 @@ impl RedisBroker {
         node: &Arc<Node>,
         pubsub: &mut PubSub,
         subscribed: &HashSet<String>,
-    ) {
+    ) -> HashSet<String> {
         warn!("the redis cluster connection stopped answering; replacing it");
         self.metrics.broker_errors.inc();
         if let Err(e) = pubsub.replace().await {
             warn!(error = %e, "replacing the redis cluster connection failed; trying again");
-            return;
+            return HashSet::new();
         }
         let failed = pubsub.subscribe_all(subscribed.iter()).await;
         info!(
             topics = subscribed.len(),
-            failed, "redis cluster connection replaced; subscribed again"
+            failed = failed.len(),
+            "redis cluster connection replaced; subscribed again"
         );
-        self.spawn_resync(node, failed);
+        self.spawn_resync(node, failed.len());
+        failed.into_iter().collect()
     }
 
     /// Checks every stream against its log in the background, one such
