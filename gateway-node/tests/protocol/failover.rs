@@ -551,6 +551,51 @@ async fn a_topic_refused_after_a_reconnect_is_subscribed_again_later() {
     bob.say("after").await;
 }
 
+/// A gap a node finds when it checks a quiet channel's log (after losing
+/// its subscription) is filled even when reading the log fails at first
+/// (`XRANGE` refused by an ACL here; the check itself does not use it):
+/// the node checks again once Redis answers. Before, the failed read
+/// ended the fill, the check counted as done, and the event stayed
+/// undelivered until the channel's next one.
+#[tokio::test]
+async fn a_gap_whose_log_read_fails_is_filled_later() {
+    let store = Store::one();
+    let url = store.url();
+    // No presence events: the node holds no event of the channel, so its
+    // check of the log needs no `XRANGE`.
+    let node = TestNode::with(move |c| {
+        c.redis_url = Some(url);
+        c.presence_threshold = 0;
+    })
+    .await;
+    // The default channel, so that nothing is dispatched on the global
+    // stream either (whose check would otherwise fail and retry it all).
+    let room = "general";
+    let mut bob = Peer::join(&node, "bob").await;
+    let port = store.ports()[0];
+    redis_cli(port, &["ACL", "LOG", "RESET"]);
+    assert_eq!(
+        redis_cli(port, &["ACL", "SETUSER", "default", "-xrange"]),
+        "OK"
+    );
+    let log = format!("gw:{{c:{room}}}:log");
+    let unheard = ghost_message(room, 99_999_999_999_999_999, "unheard");
+    store.cli(&log, &["XADD", &log, "0-*", "d", &unheard]);
+    store.cli(&log, &["CLIENT", "KILL", "TYPE", "pubsub"]);
+    // The fill tries five times, then every stream is checked again and
+    // it tries again; before, it gave up after its check's few attempts.
+    until_true("the node keeps trying to read the gap", || {
+        refusals(port, "xrange") >= 6
+    })
+    .await;
+    assert_eq!(
+        redis_cli(port, &["ACL", "SETUSER", "default", "+xrange"]),
+        "OK"
+    );
+    let got = bob.dispatch(Event::MessageCreate).await;
+    assert_eq!(got.cnf["content"], "unheard");
+}
+
 #[tokio::test]
 async fn sessions_further_behind_than_the_log_holds_end_with_1012() {
     a_log_that_lost_events_ends_its_sessions(|store, room| trim_past_what_was_read(store, room, 5))

@@ -81,12 +81,16 @@ impl RedisBroker {
     }
 
     /// Fills a gap of `channel` (`None`: the global stream) from its log.
-    /// Events gone from the log are a loss: the channel starts over.
-    async fn fill(&self, node: &Node, channel: Option<&str>, from: u64, to: u64) {
+    /// Events gone from the log are a loss: the channel starts over. False
+    /// when the log could not be read: then every stream is checked again
+    /// once Redis answers (`healthy` false has the next tick resync), as
+    /// nothing else would ask for a gap in a channel gone quiet.
+    async fn fill(&self, node: &Node, channel: Option<&str>, from: u64, to: u64) -> bool {
         let Some((local, _, log, _)) = self.stream(channel) else {
-            return;
+            return true;
         };
         let mut range = Some((from, to));
+        let mut failures = 0;
         while let Some((from, to)) = range.take() {
             match self.read_log(&log, from - 1).await {
                 Ok(Some(events)) if events.iter().any(|e| e.0 >= to) => {
@@ -98,16 +102,25 @@ impl RedisBroker {
                     warn!(channel = ?channel, from, to, "events gone from the log");
                     local.fill_done();
                     self.lost_events(node, channel).await;
-                    return;
+                    return true;
                 }
                 Err(_) => {
+                    failures += 1;
+                    if failures == FILL_TRIES {
+                        local.fill_done();
+                        self.healthy.store(false, Ordering::Relaxed);
+                        return false;
+                    }
                     tokio::time::sleep(Duration::from_millis(200)).await;
+                    range = Some((from, to));
+                    continue;
                 }
             }
             if let Gap::Missing { from, to } = local.fill_done() {
                 range = Some((from, to));
             }
         }
+        true
     }
 
     /// Events this node's sessions in `channel` should have had are gone:
@@ -171,8 +184,8 @@ impl RedisBroker {
             .await?;
         if status == "reset" {
             self.restart_stream(node, name, n, gen).await;
-        } else if n > pos {
-            self.fill(node, name, pos + 1, n).await;
+        } else if n > pos && !self.fill(node, name, pos + 1, n).await {
+            return Err(self.unavailable("verify", "the log could not be read"));
         }
         Ok(())
     }
@@ -405,6 +418,10 @@ fn stream_of(topic: &str) -> Option<Option<&str>> {
         .and_then(|t| t.strip_suffix('}'))
         .map(Some)
 }
+
+/// Reads of a gap's events from the log, 200 ms apart, before the fill
+/// gives up and leaves it to the next check of every stream.
+const FILL_TRIES: u32 = 5;
 
 /// Attempts at checking a stream after a subscription confirmation
 /// (`RedisBroker::check_subscribed`), each up to `OP_TIMEOUT`, half a second
