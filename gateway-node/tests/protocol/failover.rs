@@ -351,6 +351,46 @@ async fn a_log_whose_numbers_were_reused_ends_its_sessions() {
     a_log_that_lost_events_ends_its_sessions(|store, room| set_back(store, room, 2, true)).await;
 }
 
+/// A log whose generation went back (a failover lost the write of a
+/// reset, and with it maybe the events after it) is as lost as one whose
+/// counter went back: its sessions end with 1012 on every node, and the
+/// channel goes on in a generation past both. Before, the nodes ignored a
+/// generation lower than theirs and went on with the log as it was.
+#[tokio::test]
+async fn a_log_whose_generation_went_back_ends_its_sessions() {
+    let store = Store::one();
+    let node = |store: &Store| {
+        let url = store.url();
+        TestNode::with(move |c| c.redis_url = Some(url))
+    };
+    let (a, b) = (node(&store).await, node(&store).await);
+    let room = fresh_channel("genback");
+    let mut admin = Peer::admin(&a, "admin").await;
+    admin.execute("CHANNEL_ADD", json!({ "name": room })).await;
+    admin.dispatch(Event::ChannelAdd).await;
+    let meta = format!("gw:{{c:{room}}}:meta");
+    store.cli(&meta, &["HSET", &meta, "gen", "2"]);
+    let mut alice = Peer::join(&a, "alice").await;
+    alice.move_to(&room).await;
+    let mut bob = Peer::join(&b, "bob").await;
+    bob.move_to(&room).await;
+    let sent = alice.say("m0").await;
+    assert_eq!(bob.dispatch(Event::MessageCreate).await.cnf, sent);
+    store.cli(&meta, &["HSET", &meta, "gen", "1"]);
+    store.cli(&meta, &["CLIENT", "KILL", "TYPE", "pubsub"]);
+    for (peer, node) in [(&mut alice, &a), (&mut bob, &b)] {
+        assert_eq!(peer.closed().await, Some(1012));
+        assert!(!peer.resume_at(&node.url()).await.1.resumed);
+    }
+    assert_eq!(store.cli(&meta, &["HGET", &meta, "gen"]), "3");
+    let mut alice = Peer::join(&a, "alice2").await;
+    alice.move_to(&room).await;
+    let mut bob = Peer::join(&b, "bob2").await;
+    bob.move_to(&room).await;
+    let sent = alice.say("after").await;
+    assert_eq!(bob.dispatch(Event::MessageCreate).await.cnf, sent);
+}
+
 /// A session resumed on a node that did not hold its channel brings the
 /// log's generation with it: when that node checks the log after losing
 /// its connection, it fills in what it missed instead of taking the
