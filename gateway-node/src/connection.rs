@@ -116,6 +116,14 @@ pub struct Conn {
     session_version: AtomicU64,
     /// Milliseconds after `started` of the last heartbeat.
     last_beat_ms: AtomicU64,
+    /// Milliseconds after `started` when the request the reader is on (a
+    /// PRESENT or an execute, which may wait for the backend) began;
+    /// `IDLE` between requests. Frames behind it wait unread meanwhile.
+    busy_from_ms: AtomicU64,
+    /// Time the reader spent on requests since the last heartbeat (before
+    /// PRESENT: since connecting), added to the deadline: a heartbeat
+    /// that waited unread behind a slow request was not late.
+    grace_ms: AtomicU64,
     presented: AtomicBool,
     started: Instant,
     inner: Mutex<ConnInner>,
@@ -135,6 +143,9 @@ pub struct Conn {
     /// The rest of a frame the fan-out wrote in part, for the writer.
     handoff: Mutex<Option<Bytes>>,
 }
+
+/// `Conn::busy_from_ms` between requests.
+const IDLE: u64 = u64::MAX;
 
 /// What became of a dispatch offered to [`Conn::write_direct`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -161,6 +172,8 @@ impl Conn {
             closing: AtomicBool::new(false),
             session_version: AtomicU64::new(0),
             last_beat_ms: AtomicU64::new(0),
+            busy_from_ms: AtomicU64::new(IDLE),
+            grace_ms: AtomicU64::new(0),
             presented: AtomicBool::new(false),
             started: Instant::now(),
             inner: Mutex::new(ConnInner {
@@ -351,6 +364,12 @@ impl Conn {
         if deadline > now || self.closing.load(Ordering::Acquire) {
             return;
         }
+        if self.busy_from_ms.load(Ordering::Acquire) != IDLE {
+            // The reader is on a request (bounded by the backend's
+            // timeout): we are slow, not the client. Its time is added to
+            // the deadline when it ends.
+            return;
+        }
         if code == ErrorCode::SessionTimedOut && self.held_back.load(Ordering::Acquire) {
             // We stopped reading, not the client: its heartbeat may be
             // waiting unread behind replies the writer has yet to write.
@@ -371,19 +390,40 @@ impl Conn {
     fn beat(&self) {
         let ms = self.started.elapsed().as_millis() as u64;
         self.last_beat_ms.store(ms, Ordering::Relaxed);
+        if self.presented.load(Ordering::Acquire) {
+            self.grace_ms.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// The reader begins a request that may wait for the backend.
+    fn begin_request(&self) {
+        let ms = self.started.elapsed().as_millis() as u64;
+        self.busy_from_ms.store(ms, Ordering::Release);
+    }
+
+    /// The request ended: its time is added to the deadline.
+    fn end_request(&self) {
+        let from = self.busy_from_ms.swap(IDLE, Ordering::AcqRel);
+        if from != IDLE {
+            let ms = self.started.elapsed().as_millis() as u64;
+            self.grace_ms
+                .fetch_add(ms.saturating_sub(from), Ordering::Relaxed);
+        }
     }
 
     /// When the connection times out: `hb_int` after connecting without a
-    /// PRESENT, 1.5 × `hb_int` after the last heartbeat once presented.
+    /// PRESENT, 1.5 × `hb_int` after the last heartbeat once presented;
+    /// later by the time the reader spent on requests meanwhile.
     fn deadline(&self, hb_int: Duration) -> (Instant, ErrorCode) {
+        let grace = Duration::from_millis(self.grace_ms.load(Ordering::Relaxed));
         if self.presented.load(Ordering::Acquire) {
             let last = Duration::from_millis(self.last_beat_ms.load(Ordering::Relaxed));
             (
-                self.started + last + hb_int * 3 / 2,
+                self.started + last + hb_int * 3 / 2 + grace,
                 ErrorCode::SessionTimedOut,
             )
         } else {
-            (self.started + hb_int, ErrorCode::NotPresented)
+            (self.started + hb_int + grace, ErrorCode::NotPresented)
         }
     }
 }
@@ -1090,11 +1130,21 @@ impl Handler {
             }
             // Boxed: PRESENT and executes await the backend, whose futures
             // are large; unboxed they would size every idle reader task.
-            FunctionCode::Present => match Box::pin(self.present(&env)).await {
-                Ok(()) => ControlFlow::Continue(()),
-                Err(reject) => self.reply_error(&reject, None, None),
-            },
-            FunctionCode::Dispatch => self.execute(&env).await,
+            FunctionCode::Present => {
+                self.conn.begin_request();
+                let presented = Box::pin(self.present(&env)).await;
+                self.conn.end_request();
+                match presented {
+                    Ok(()) => ControlFlow::Continue(()),
+                    Err(reject) => self.reply_error(&reject, None, None),
+                }
+            }
+            FunctionCode::Dispatch => {
+                self.conn.begin_request();
+                let flow = self.execute(&env).await;
+                self.conn.end_request();
+                flow
+            }
             _ => self.reply_error(
                 &Reject::new(ErrorCode::UnknownFunction, "unknown function code"),
                 None,
@@ -1248,6 +1298,47 @@ mod tests {
             Some(4003),
             "closed once, as first asked"
         );
+    }
+
+    /// While the reader is on a request (waiting for the backend), frames
+    /// behind it wait unread: no deadline closes the connection then, and
+    /// the request's time is added to the deadline after it.
+    #[test]
+    fn a_request_in_flight_moves_the_deadlines() {
+        let metrics = crate::metrics::Metrics::new("test");
+        let hb_int = Duration::from_secs(10);
+        let deadlines = Deadlines::default();
+        let unpresented = Arc::new(Conn::new(5, false));
+        let presented = Arc::new(Conn::new(6, false));
+        presented.presented.store(true, Ordering::Release);
+        presented.beat();
+        let _guards: Vec<_> = [&unpresented, &presented]
+            .into_iter()
+            .map(|c| deadlines.watch(c))
+            .collect();
+        for conn in [&unpresented, &presented] {
+            conn.busy_from_ms.store(0, Ordering::Release);
+        }
+        let late = presented.started + hb_int * 3;
+        deadlines.expire(late, hb_int, &metrics);
+        assert_eq!(close_code(&unpresented), None, "busy: not closed");
+        assert_eq!(close_code(&presented), None, "busy: not closed");
+        // The requests took 20 s: each deadline moves by that much.
+        for conn in [&unpresented, &presented] {
+            conn.busy_from_ms.store(IDLE, Ordering::Release);
+            conn.grace_ms.store(20_000, Ordering::Relaxed);
+        }
+        deadlines.expire(late - Duration::from_secs(6), hb_int, &metrics);
+        assert_eq!(close_code(&unpresented), None, "before 10 + 20 s");
+        assert_eq!(close_code(&presented), None, "before 15 + 20 s");
+        deadlines.expire(late + Duration::from_secs(1), hb_int, &metrics);
+        assert_eq!(close_code(&unpresented), Some(4003));
+        assert_eq!(close_code(&presented), None, "before 15 + 20 s");
+        // A heartbeat starts the presented one's count again, with no grace.
+        presented.beat();
+        let beat = Duration::from_millis(presented.last_beat_ms.load(Ordering::Relaxed));
+        deadlines.expire(presented.started + beat + hb_int * 2, hb_int, &metrics);
+        assert_eq!(close_code(&presented), Some(4009));
     }
 
     /// A client that reads a few bytes at a time through a pipe smaller

@@ -351,6 +351,45 @@ async fn a_log_whose_numbers_were_reused_ends_its_sessions() {
     a_log_that_lost_events_ends_its_sessions(|store, room| set_back(store, room, 2, true)).await;
 }
 
+/// Requests that wait for a stalled Redis (writes paused) hold up the
+/// heartbeat sent behind them past the heartbeat timeout: the node was
+/// slow, not the client, so it gets its answers (4018) and the heartbeat
+/// answered, not 4009. Before, the heartbeat timeout ran on meanwhile.
+#[tokio::test]
+async fn a_heartbeat_behind_requests_to_a_stalled_redis_is_not_late() {
+    let store = Store::one();
+    let url = store.url();
+    // Heartbeat timeout 1.5 s; each request waits up to 2 s for Redis.
+    let node = TestNode::with(move |c| {
+        c.redis_url = Some(url);
+        c.hb_int_ms = 1000;
+    })
+    .await;
+    let mut alice = Peer::join(&node, "alice").await;
+    alice.client.heartbeat().await.unwrap();
+    alice
+        .wait_for(|m| m.f == FunctionCode::Heartbeat.code())
+        .await;
+    let port = store.ports()[0];
+    assert_eq!(redis_cli(port, &["CLIENT", "PAUSE", "5000", "WRITE"]), "OK");
+    for i in 0..2 {
+        alice
+            .execute(
+                "MESSAGE_CREATE",
+                json!({ "content": format!("stalled {i}") }),
+            )
+            .await;
+    }
+    alice.client.heartbeat().await.unwrap();
+    for _ in 0..2 {
+        assert_eq!(alice.error().await.c, 4018);
+    }
+    alice
+        .wait_for(|m| m.f == FunctionCode::Heartbeat.code())
+        .await;
+    redis_cli(port, &["CLIENT", "UNPAUSE"]);
+}
+
 /// A log whose generation went back (a failover lost the write of a
 /// reset, and with it maybe the events after it) is as lost as one whose
 /// counter went back: its sessions end with 1012 on every node, and the
