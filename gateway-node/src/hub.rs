@@ -224,6 +224,11 @@ impl LocalChannel {
         first: Option<&Arc<Dispatch>>,
     ) -> Result<(), AttachError> {
         let mut inner = self.inner.lock();
+        if session.is_ended() {
+            // Ended meanwhile (a ban, a reset of the log): no ghost member.
+            inner.pins = inner.pins.saturating_sub(1);
+            return Ok(());
+        }
         let delivered = match inner.delivered {
             Some(d) => d,
             None => {

@@ -163,6 +163,18 @@ impl Node {
         self.sessions.lock().get(&id).cloned()
     }
 
+    /// Holds a session being taken over from the backend, before it enters
+    /// its streams: whatever ends the sessions of a stream meanwhile (a
+    /// reset of its log) sees it too.
+    pub(crate) fn hold(&self, session: &Arc<Session>) {
+        self.sessions.lock().insert(session.id, Arc::clone(session));
+    }
+
+    /// Forgets a session whose take-over failed.
+    pub(crate) fn forget(&self, id: u64) {
+        self.sessions.lock().remove(&id);
+    }
+
     /// How many sessions this node holds (connected or resumable).
     pub fn session_count(&self) -> u64 {
         self.sessions.lock().len() as u64

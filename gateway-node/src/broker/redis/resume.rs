@@ -235,22 +235,26 @@ impl RedisBroker {
         );
         // Subscribe first, then read the logs: whatever is published after
         // the read arrives live and the hub drops what the read covered.
+        node.hold(&session);
         let local = self.hub.pin(&stored.channel);
         let caught_up = self.catch_up(&session, &local, &stored).await;
         match caught_up {
-            Ok(true) => {
-                self.touch_presence(id, &stored.channel).await?;
+            Ok(true) if !session.is_ended() => {
+                // Refreshed by the upkeep from now on if this fails.
+                if let Err(e) = self.touch_presence(id, &stored.channel).await {
+                    debug!(session = id, error = %e.message, "presence of a resumed session not refreshed");
+                }
                 Ok(Some((session, how)))
             }
-            Ok(false) => {
+            // Ended meanwhile (its channel's log was reset).
+            Ok(true) => Ok(None),
+            caught_up => {
+                // Events it missed are gone, or Redis failed part-way: the
+                // session ends here, out of every stream it entered.
                 local.unpin();
-                // Events it missed are gone: the session ends here.
+                node.forget(id);
                 let _ = self.end_session(&session).await;
-                Ok(None)
-            }
-            Err(e) => {
-                local.unpin();
-                Err(e)
+                caught_up.map(|_| None)
             }
         }
     }
