@@ -226,8 +226,14 @@ impl RedisBroker {
             PushKind::Unsubscribe | PushKind::SUnsubscribe => {
                 // Ours, or Redis dropping a slot's subscriptions (it moved
                 // or failed over): the subscription task tells them apart.
+                // Never waited for: this task fans out every channel, and
+                // the subscription task can be seconds behind after a slot
+                // move dropped thousands of topics. When its queue is full,
+                // the next tick subscribes and checks every stream instead.
                 if let Some(topic) = push_topic(&info) {
-                    let _ = self.subs.send(SubRequest::Dropped(topic)).await;
+                    if self.subs.try_send(SubRequest::Dropped(topic)).is_err() {
+                        self.lost_pushes.store(true, Ordering::Relaxed);
+                    }
                 }
                 return;
             }
