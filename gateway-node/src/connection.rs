@@ -980,7 +980,8 @@ async fn read_frame<R: AsyncRead + Unpin>(
     reader: &mut FrameReader<R>,
     partial: &mut Option<(u8, BytesMut)>,
 ) -> Result<Option<Incoming>, Reject> {
-    let frame = match reader.next().await {
+    let room = MAX_PAYLOAD - partial.as_ref().map_or(0, |(_, buf)| buf.len());
+    let frame = match reader.next_within(room).await {
         Ok(frame) => frame,
         Err(ReadError::TooLarge) => return Err(too_large()),
         Err(ReadError::Closed) => return Ok(Some(Incoming::Close(None))),

@@ -113,6 +113,13 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     }
 
     pub async fn next(&mut self) -> Result<Frame, ReadError> {
+        self.next_within(self.max_payload).await
+    }
+
+    /// [`next`](Self::next), where a continuation frame may carry at most
+    /// `room` bytes (what the message's earlier fragments left of the
+    /// limit): nothing of one that would take it over is read.
+    pub async fn next_within(&mut self, room: usize) -> Result<Frame, ReadError> {
         // Every frame in the buffer was handed out: let go of it (the
         // frames handed out keep their part alive while they need it). An
         // empty view still holds the allocation it was split from.
@@ -151,7 +158,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             return Err(ReadError::Protocol("invalid control frame"));
         }
         // Checked on the header: nothing of a frame over the limit is read.
-        if len > self.max_payload as u64 {
+        if len > self.max_payload as u64 || (opcode == OP_CONTINUATION && len > room as u64) {
             return Err(ReadError::TooLarge);
         }
         let len = len as usize;
@@ -232,6 +239,27 @@ mod tests {
 
     /// Between frames an idle connection holds no read buffer; a burst
     /// read at once is handed out frame by frame from one buffer.
+    /// A continuation frame that would take its message over the limit is
+    /// refused on its header: its payload is never read (here it is never
+    /// sent, so reading it would wait for ever). A control frame in the
+    /// middle of the message is not held to the room left.
+    #[tokio::test]
+    async fn a_fragment_past_the_room_left_is_refused_on_its_header() {
+        let (mut tx, rx) = tokio::io::duplex(8192);
+        let mut reader = FrameReader::new(rx, 4096);
+        let whole = masked(0x00, &[b'x'; 3000]);
+        let header = whole[..8].to_vec(); // 2 + 2 (length) + 4 (mask)
+        tx.write_all(&masked(0x89, b"ping")).await.unwrap();
+        tx.write_all(&header).await.unwrap();
+        let ping = reader.next_within(2).await.unwrap();
+        assert_eq!(ping.opcode, OP_PING);
+        let refused =
+            tokio::time::timeout(std::time::Duration::from_secs(5), reader.next_within(2000))
+                .await
+                .expect("decided on the header");
+        assert!(matches!(refused, Err(ReadError::TooLarge)));
+    }
+
     #[tokio::test]
     async fn an_idle_reader_holds_no_buffer() {
         let (mut tx, rx) = tokio::io::duplex(8192);
