@@ -74,6 +74,9 @@ const WRITE_BATCH: usize = 64 * 1024;
 const MIN_BATCH: usize = 4 * 1024;
 /// How long the writer may take to flush its last frames at close.
 const CLOSE_FLUSH: Duration = Duration::from_secs(5);
+/// After that, how long it has to write the close frame alone, the
+/// dispatches still unsent left for a resume.
+const CLOSE_LAST: Duration = Duration::from_secs(1);
 
 /// How the connection is to end.
 #[derive(Debug, Clone)]
@@ -326,6 +329,14 @@ impl Conn {
         });
     }
 
+    /// The close asked for goes out without the dispatches still unsent.
+    fn stop_flushing(&self) {
+        if let Some(close) = self.inner.lock().close.as_mut() {
+            close.flush = false;
+        }
+        self.wake();
+    }
+
     /// The peer is gone: stop without writing anything.
     fn close_quiet(&self) {
         self.request_close(CloseRequest {
@@ -509,14 +520,10 @@ where
     }
     // The reader ended on its own without asking to close: the peer is gone.
     conn.close_quiet();
-    let mut writer = writer;
-    match tokio::time::timeout(CLOSE_FLUSH, &mut writer).await {
-        Ok(Ok(WriterEnd::Stalled)) => {
-            node.metrics.slow_consumers.inc();
-            debug!("socket took nothing for hb_int; closed as a slow consumer");
-        }
-        Ok(_) => {}
-        Err(_) => writer.abort(),
+    // Boxed: only a closing connection needs room for these timers.
+    if let Some(WriterEnd::Stalled) = Box::pin(writer_end(&conn, writer)).await {
+        node.metrics.slow_consumers.inc();
+        debug!("socket took nothing for hb_int; closed as a slow consumer");
     }
 
     if let Some(session) = conn.session() {
@@ -532,6 +539,28 @@ where
     // The fan-out writes no more to this socket.
     *conn.io.lock() = None;
     node.metrics.connections.dec();
+}
+
+/// Waits for the writer to write its last frames; `None` if it had to be
+/// stopped.
+async fn writer_end(
+    conn: &Conn,
+    mut writer: tokio::task::JoinHandle<WriterEnd>,
+) -> Option<WriterEnd> {
+    if let Ok(ended) = tokio::time::timeout(CLOSE_FLUSH, &mut writer).await {
+        return ended.ok();
+    }
+    // A reader too slow for the backlog still gets the close frame (1012
+    // on a drain: reconnect at once), not a cut connection; what is unsent
+    // stays held for its resume.
+    conn.stop_flushing();
+    match tokio::time::timeout(CLOSE_LAST, &mut writer).await {
+        Ok(ended) => ended.ok(),
+        Err(_) => {
+            writer.abort();
+            None
+        }
+    }
 }
 
 /// Shards of [`Deadlines`]: connections come and go on every worker thread.
