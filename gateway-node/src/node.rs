@@ -485,6 +485,11 @@ impl Node {
         match self.broker.park(&session).await {
             Ok(true) => {
                 self.sessions.lock().remove(&session.id);
+                // Closed already by the drain's announcement, unless it
+                // presented after that: then it learns here to resume.
+                if let Some(conn) = conn {
+                    conn.close_with(1012, "service restart", false);
+                }
                 true
             }
             Ok(false) => false,
