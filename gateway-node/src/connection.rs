@@ -1271,6 +1271,56 @@ mod tests {
         Some(u16::from_be_bytes([frames[at + 2], frames[at + 3]]))
     }
 
+    /// A slow consumer (4016) resumes with its whole backlog, and what the
+    /// resume replays does not count towards the outbound limit: only
+    /// what comes after the attach does. A resume further behind than a
+    /// session can hold is refused. (Replay buffer and outbound limit 100.)
+    #[test]
+    fn a_slow_consumer_resumes_with_its_backlog_owed_not_late() {
+        use gateway_shared::protocol::Event;
+        let session = Session::for_test(1);
+        let deliver = |n: usize| {
+            for i in 0..n {
+                session.deliver(&crate::wire::Dispatch::from_body(
+                    Event::MessageCreate,
+                    i.to_string().as_bytes(),
+                ));
+            }
+        };
+        let slow = Arc::new(Conn::new(1, false));
+        session.attach(&slow, 0, |_| {}).expect("attaches");
+        deliver(100);
+        assert_eq!(close_code(&slow), None);
+        deliver(1);
+        assert_eq!(close_code(&slow), Some(4016), "101 unsent");
+        // 50 more while it is away; it resumes from what it read (all that
+        // was written: nothing), 151 behind.
+        deliver(50);
+        let again = Arc::new(Conn::new(2, false));
+        session
+            .attach(&again, 0, |_| {})
+            .expect("the backlog is held");
+        deliver(100);
+        assert_eq!(close_code(&again), None, "owed: only 100 came after");
+        deliver(1);
+        assert_eq!(close_code(&again), Some(4016), "101 after the attach");
+        // A resume replays at most 100 + 101 dispatches: from 0 (252
+        // behind) it is refused, from 51 everything after is held.
+        let third = Arc::new(Conn::new(3, false));
+        assert_eq!(
+            session.attach(&third, 0, |_| {}).err(),
+            Some(crate::session::AttachError::Gap)
+        );
+        session.attach(&third, 51, |_| {}).expect("201 behind");
+        let mut buf = bytes::BytesMut::new();
+        let (from, count) = session.encode_unsent(3, &mut buf, usize::MAX);
+        assert_eq!((from, count), (52, 201));
+        let frames = String::from_utf8_lossy(&buf);
+        assert!(frames.contains(r#"{"f":130,"s":52,"#));
+        assert!(frames.contains(r#"{"f":130,"s":252,"#));
+        assert!(!frames.contains(r#"{"f":130,"s":51,"#));
+    }
+
     /// A connection is watched while its guard lives, and its slot is
     /// used again after it.
     #[test]

@@ -10,7 +10,11 @@
 //! unsent ones and every unsent one up to one past the outbound limit
 //! ([`Limits::held`]): a client closed with 4016, or dropped with a backlog,
 //! still finds everything after what it read, and `replay` more may arrive
-//! before it resumes.
+//! before it resumes. What a resume replays is owed, not late: the
+//! slow-consumer rule counts only what came after the attach
+//! (`seq - max(sent, attach_seq)`), and the ring keeps the owed part on top.
+//! A resume more than `replay + outbound_limit + 1` behind is refused, which
+//! bounds the ring at twice that.
 //!
 //! Locking: channel fan-out takes a channel lock and then each member's
 //! session lock, never the other way round. Under a session lock only the
@@ -48,15 +52,17 @@ pub struct Limits {
 
 impl Limits {
     /// How many dispatches a session holds when `unsent` of them have not
-    /// been written: `replay` before those, and the unsent ones up to one
-    /// past the outbound limit (a slow consumer's whole backlog).
-    pub fn held(&self, unsent: u64) -> usize {
-        self.replay + unsent.min(self.outbound_limit as u64 + 1) as usize
+    /// been written, `owed` of those replayed by a resume: `replay` before
+    /// them, and the unsent ones up to one past the outbound limit (a slow
+    /// consumer's whole backlog) beyond what is owed.
+    pub fn held(&self, unsent: u64, owed: u64) -> usize {
+        self.replay + unsent.min(self.outbound_limit as u64 + 1 + owed) as usize
     }
 
-    /// The most a session ever holds.
+    /// The most a resume may replay, and what a session keeps of its
+    /// dispatches when it moves to another node.
     pub fn max_held(&self) -> usize {
-        self.held(u64::MAX)
+        self.held(u64::MAX, 0)
     }
 }
 
@@ -132,6 +138,9 @@ struct State {
     /// Highest sequence number handed to `conn`'s writer; while detached,
     /// what the last connection was handed (what came after is unsent).
     sent: u64,
+    /// `seq` when the connection attached: what it replays up to there is
+    /// owed to it, and does not count towards the slow-consumer rule.
+    attach_seq: u64,
     /// The channel the session is in.
     channel: Arc<str>,
     /// When the connection went away, while detached.
@@ -140,6 +149,13 @@ struct State {
     ended: bool,
     bucket: TokenBucket,
     last_typing: Option<Instant>,
+}
+
+impl State {
+    /// What the attached connection replays and has not written yet.
+    fn owed(&self) -> u64 {
+        self.attach_seq.saturating_sub(self.sent)
+    }
 }
 
 pub struct Session {
@@ -190,6 +206,7 @@ impl Session {
                 ring: Ring::default(),
                 conn: None,
                 sent: 0,
+                attach_seq: 0,
                 channel,
                 detached_at: Some(now),
                 ended: false,
@@ -229,13 +246,13 @@ impl Session {
         // Room first, then the new entry: pushing first would take the ring
         // one past its limit and double its allocation for good. (The
         // writer trims what it has sent past `replay`, in `commit`.)
-        let held = self.limits.held(seq - st.sent);
+        let held = self.limits.held(seq - st.sent, st.owed());
         while st.ring.len() >= held {
             st.ring.pop_front();
         }
         push(&mut st.ring);
         let Some(conn) = &st.conn else { return };
-        if seq - st.sent > self.limits.outbound_limit as u64 {
+        if seq - st.sent.max(st.attach_seq) > self.limits.outbound_limit as u64 {
             let conn = st.conn.take().expect("checked above");
             st.detached_at = Some(Instant::now());
             drop(st);
@@ -283,13 +300,17 @@ impl Session {
             return Err(AttachError::Ended);
         }
         let first_held = st.seq + 1 - st.ring.len() as u64;
-        if from_seq > st.seq || from_seq + 1 < first_held {
+        if from_seq > st.seq
+            || from_seq + 1 < first_held
+            || st.seq - from_seq > self.limits.max_held() as u64
+        {
             return Err(AttachError::Gap);
         }
         on_attach(&st.channel);
         let old = st.conn.replace(Arc::clone(conn));
         let was_live = old.is_some();
         st.sent = from_seq;
+        st.attach_seq = st.seq;
         st.detached_at = None;
         drop(st);
         self.metrics.session_state(Some(was_live), Some(true));
@@ -499,7 +520,7 @@ impl Session {
         }
         st.sent += count as u64;
         // What was held for a backlog now written goes back to `replay`.
-        let held = self.limits.held(st.seq - st.sent);
+        let held = self.limits.held(st.seq - st.sent, st.owed());
         while st.ring.len() > held {
             st.ring.pop_front();
         }
