@@ -147,6 +147,9 @@ struct State {
     detached_at: Option<Instant>,
     /// Ended sessions take no dispatches and cannot be resumed.
     ended: bool,
+    /// A CHANNEL_MOVE (or a park, which never gives it back) is changing
+    /// the session's channel: one at a time.
+    moving: bool,
     bucket: TokenBucket,
     last_typing: Option<Instant>,
 }
@@ -210,6 +213,7 @@ impl Session {
                 channel,
                 detached_at: Some(now),
                 ended: false,
+                moving: false,
                 bucket: TokenBucket::full(limits.rate_burst, now),
                 last_typing: None,
             }),
@@ -427,6 +431,25 @@ impl Session {
         self.state.lock().ended
     }
 
+    /// Takes the session's channel for a move (or a park): `Err(true)` if
+    /// the session ended, `Err(false)` if another move has it.
+    pub fn begin_move(&self) -> Result<(), bool> {
+        let mut st = self.state.lock();
+        if st.ended {
+            return Err(true);
+        }
+        if st.moving {
+            return Err(false);
+        }
+        st.moving = true;
+        Ok(())
+    }
+
+    /// Gives the channel back after a move.
+    pub fn end_move(&self) {
+        self.state.lock().moving = false;
+    }
+
     /// Whether the session has been detached for longer than `window`.
     pub fn expired(&self, now: Instant, window: Duration) -> bool {
         let st = self.state.lock();
@@ -615,6 +638,20 @@ mod tests {
         assert_eq!(restored(8, &[5, 6, 7], 100), bodies(&[]));
         assert_eq!(restored(7, &[], 100), bodies(&[]));
         assert_eq!(restored(2, &[0, 1, 2], 100), bodies(&[0, 1, 2]));
+    }
+
+    /// One move of a session's channel at a time; none once it ended (a
+    /// park takes the channel for good).
+    #[test]
+    fn a_sessions_channel_is_moved_by_one_at_a_time() {
+        let session = Session::for_test(1);
+        assert_eq!(session.begin_move(), Ok(()));
+        assert_eq!(session.begin_move(), Err(false), "a move is running");
+        session.end_move();
+        assert_eq!(session.begin_move(), Ok(()));
+        session.end_move();
+        session.end();
+        assert_eq!(session.begin_move(), Err(true), "ended");
     }
 
     #[test]

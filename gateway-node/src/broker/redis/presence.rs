@@ -250,12 +250,14 @@ impl RedisBroker {
             match local.attach(session, from, first.as_ref()) {
                 Ok(()) => return Ok(true),
                 Err(crate::hub::AttachError::TooFarBehind) => {
-                    if let Some(first) = first.take() {
-                        session.deliver(&first);
-                    }
+                    // Read first: a move whose read fails goes back to its
+                    // old channel, and must not have sent its snapshot.
                     let Some(events) = self.read_log(log, from).await? else {
                         return Ok(false);
                     };
+                    if let Some(first) = first.take() {
+                        session.deliver(&first);
+                    }
                     for (n, d) in events {
                         session.deliver(&d);
                         from = n;
@@ -327,6 +329,28 @@ impl RedisBroker {
         session: &Arc<Session>,
         to: &str,
     ) -> Result<(), Reject> {
+        match session.begin_move() {
+            Ok(()) => {}
+            Err(true) => return Err(Reject::new(ErrorCode::Unavailable, "session ended")),
+            Err(false) => {
+                return Err(Reject::new(
+                    ErrorCode::Unavailable,
+                    "a channel move is in progress; retry",
+                ))
+            }
+        }
+        let moved = self.move_taken(node, session, to).await;
+        session.end_move();
+        moved
+    }
+
+    /// [`move_to`](Self::move_to), the session's channel taken.
+    async fn move_taken(
+        &self,
+        node: &Node,
+        session: &Arc<Session>,
+        to: &str,
+    ) -> Result<(), Reject> {
         if !self.channel_exists(to).await? {
             return Err(Reject::new(ErrorCode::NotFound, "unknown channel"));
         }
@@ -357,11 +381,23 @@ impl RedisBroker {
 
     async fn switch(&self, session: &Arc<Session>, from: &str, to: &str) -> Result<(), Reject> {
         self.leave_script(session.id, from).await?;
-        let mut c = self.conn();
-        let _: () = self.op("session", c.hset(sk(session.id), "ch", to)).await?;
-        drop(c);
+        self.record_channel(session, to).await?;
         session.set_channel(Arc::from(to));
         self.join(session, to, Some(from)).await
+    }
+
+    /// Records the session's channel. With its expiry: a session ended
+    /// meanwhile had its keys deleted, and this must not make one again
+    /// that never expires.
+    async fn record_channel(&self, session: &Session, channel: &str) -> Result<(), Reject> {
+        let key = sk(session.id);
+        let mut pipe = redis::pipe();
+        pipe.hset(&key, "ch", channel)
+            .ignore()
+            .pexpire(&key, self.window_ms() as i64)
+            .ignore();
+        let mut c = self.conn();
+        self.op("session", pipe.query_async::<()>(&mut c)).await
     }
 
     /// Puts a session whose move to `to` failed back into `from`, at
@@ -387,11 +423,7 @@ impl RedisBroker {
             self.subscribe(channel_topic(from)).await?;
             let out = self.join_script(session, from, false).await?;
             local.init_gen(script_int(out.get(2)));
-            let mut c = self.conn();
-            let _: () = self
-                .op("session", c.hset(sk(session.id), "ch", from))
-                .await?;
-            drop(c);
+            self.record_channel(session, from).await?;
             let at = cursor.unwrap_or_else(|| script_int(out.first()));
             self.attach_at(&local, &ck(from, "log"), session, at, None)
                 .await

@@ -65,10 +65,27 @@ impl StoredSession {
     }
 }
 
+/// How long a park waits for a CHANNEL_MOVE of its session to end.
+const MOVE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 impl RedisBroker {
     /// Parks a local session for another node: its held dispatches and
     /// log cursors go to Redis. The caller closes its connection.
     pub async fn park(&self, session: &Arc<Session>) -> Result<bool, Reject> {
+        // A move in progress changes the channel and where the session is
+        // in it: wait for it to end (a few round trips), and keep the
+        // channel, so that no move starts after.
+        let waited = tokio::time::Instant::now();
+        loop {
+            match session.begin_move() {
+                Ok(()) => break,
+                Err(true) => return Ok(false),
+                Err(false) if waited.elapsed() < MOVE_WAIT => {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+                Err(false) => return Ok(false),
+            }
+        }
         let channel = session.channel();
         let local = self.hub.get(&channel);
         let cgen = local.as_ref().map_or(0, |c| c.gen());
