@@ -371,14 +371,18 @@ impl Conn {
     /// Closes the connection if its deadline has passed (see
     /// [`watch_deadlines`]).
     fn expire(&self, now: Instant, hb_int: Duration, metrics: &crate::metrics::Metrics) {
+        // Busy first: a request that ends meanwhile adds its time to the
+        // grace before it says so (`end_request`).
+        let busy = self.busy_from_ms.load(Ordering::Acquire) != IDLE;
         let (deadline, code) = self.deadline(hb_int);
         if deadline > now || self.closing.load(Ordering::Acquire) {
             return;
         }
-        if self.busy_from_ms.load(Ordering::Acquire) != IDLE {
+        if busy && (code == ErrorCode::SessionTimedOut || now < self.started + hb_int * 2) {
             // The reader is on a request (bounded by the backend's
             // timeout): we are slow, not the client. Its time is added to
-            // the deadline when it ends.
+            // the deadline when it ends. Before PRESENT, never past twice
+            // the PRESENT deadline: PRESENTs are not rate limited.
             return;
         }
         if code == ErrorCode::SessionTimedOut && self.held_back.load(Ordering::Acquire) {
@@ -414,12 +418,14 @@ impl Conn {
 
     /// The request ended: its time is added to the deadline.
     fn end_request(&self) {
-        let from = self.busy_from_ms.swap(IDLE, Ordering::AcqRel);
+        let from = self.busy_from_ms.load(Ordering::Acquire);
         if from != IDLE {
             let ms = self.started.elapsed().as_millis() as u64;
             self.grace_ms
                 .fetch_add(ms.saturating_sub(from), Ordering::Relaxed);
         }
+        // After the grace: the watcher that sees it idle sees the grace.
+        self.busy_from_ms.store(IDLE, Ordering::Release);
     }
 
     /// When the connection times out: `hb_int` after connecting without a
@@ -434,7 +440,12 @@ impl Conn {
                 ErrorCode::SessionTimedOut,
             )
         } else {
-            (self.started + hb_int + grace, ErrorCode::NotPresented)
+            // At most twice the PRESENT deadline, however many PRESENTs
+            // waited for the backend.
+            (
+                self.started + hb_int + grace.min(hb_int),
+                ErrorCode::NotPresented,
+            )
         }
     }
 }
@@ -1381,43 +1392,53 @@ mod tests {
     }
 
     /// While the reader is on a request (waiting for the backend), frames
-    /// behind it wait unread: no deadline closes the connection then, and
-    /// the request's time is added to the deadline after it.
+    /// behind it wait unread: no deadline closes the connection then (before
+    /// PRESENT, not past twice the PRESENT deadline), and the request's
+    /// time is added to the deadline after it (before PRESENT, at most
+    /// `hb_int`).
     #[test]
     fn a_request_in_flight_moves_the_deadlines() {
         let metrics = crate::metrics::Metrics::new("test");
         let hb_int = Duration::from_secs(10);
+        let s = Duration::from_secs;
         let deadlines = Deadlines::default();
         let unpresented = Arc::new(Conn::new(5, false));
         let presented = Arc::new(Conn::new(6, false));
+        let greedy = Arc::new(Conn::new(7, false));
         presented.presented.store(true, Ordering::Release);
         presented.beat();
-        let _guards: Vec<_> = [&unpresented, &presented]
+        let _guards: Vec<_> = [&unpresented, &presented, &greedy]
             .into_iter()
             .map(|c| deadlines.watch(c))
             .collect();
-        for conn in [&unpresented, &presented] {
+        for conn in [&unpresented, &presented, &greedy] {
             conn.busy_from_ms.store(0, Ordering::Release);
         }
-        let late = presented.started + hb_int * 3;
-        deadlines.expire(late, hb_int, &metrics);
+        let t0 = greedy.started;
+        deadlines.expire(t0 + s(15), hb_int, &metrics);
         assert_eq!(close_code(&unpresented), None, "busy: not closed");
-        assert_eq!(close_code(&presented), None, "busy: not closed");
-        // The requests took 20 s: each deadline moves by that much.
-        for conn in [&unpresented, &presented] {
-            conn.busy_from_ms.store(IDLE, Ordering::Release);
-            conn.grace_ms.store(20_000, Ordering::Relaxed);
-        }
-        deadlines.expire(late - Duration::from_secs(6), hb_int, &metrics);
-        assert_eq!(close_code(&unpresented), None, "before 10 + 20 s");
-        assert_eq!(close_code(&presented), None, "before 15 + 20 s");
-        deadlines.expire(late + Duration::from_secs(1), hb_int, &metrics);
+        assert_eq!(close_code(&greedy), None, "busy: not closed");
+        // Its PRESENT took 20 s: its deadline moves by hb_int at most.
+        unpresented.busy_from_ms.store(IDLE, Ordering::Release);
+        unpresented.grace_ms.store(20_000, Ordering::Relaxed);
+        let t0 = unpresented.started;
+        deadlines.expire(t0 + s(19), hb_int, &metrics);
+        assert_eq!(close_code(&unpresented), None, "before 10 + 10 s");
+        deadlines.expire(t0 + s(21), hb_int, &metrics);
         assert_eq!(close_code(&unpresented), Some(4003));
+        let t1 = presented.started;
+        deadlines.expire(t1 + s(30), hb_int, &metrics);
+        assert_eq!(close_code(&presented), None, "busy: not closed");
+        assert_eq!(close_code(&greedy), Some(4003), "busy, but past 2 × hb_int");
+        // Its requests took 20 s: the heartbeat timeout moves by that much.
+        presented.busy_from_ms.store(IDLE, Ordering::Release);
+        presented.grace_ms.store(20_000, Ordering::Relaxed);
+        deadlines.expire(t1 + s(34), hb_int, &metrics);
         assert_eq!(close_code(&presented), None, "before 15 + 20 s");
         // A heartbeat starts the presented one's count again, with no grace.
         presented.beat();
         let beat = Duration::from_millis(presented.last_beat_ms.load(Ordering::Relaxed));
-        deadlines.expire(presented.started + beat + hb_int * 2, hb_int, &metrics);
+        deadlines.expire(t1 + beat + hb_int * 2, hb_int, &metrics);
         assert_eq!(close_code(&presented), Some(4009));
     }
 

@@ -249,13 +249,9 @@ impl Node {
     ) -> Result<Option<Arc<Session>>, Reject> {
         let (session, how) = match self.session(session_id) {
             Some(session) => (session, ResumeResult::Local),
+            // The take-over holds the session in `sessions` itself.
             None => match self.broker.take_over(self, identity, session_id).await? {
-                Some((session, how)) => {
-                    self.sessions
-                        .lock()
-                        .insert(session.id, Arc::clone(&session));
-                    (session, how)
-                }
+                Some((session, how)) => (session, how),
                 None => {
                     self.metrics.resume(ResumeResult::Failed);
                     return Ok(None);
@@ -448,9 +444,10 @@ impl Node {
     async fn parking_failed(&self, session: &Arc<Session>, conn: Option<Arc<Conn>>, e: &Reject) {
         tracing::warn!(session = session.id, error = %e.message, "parking failed; session ended");
         self.sessions.lock().remove(&session.id);
-        if let Err(e) = self.broker.end_session(session).await {
-            tracing::warn!(session = session.id, error = %e.message, "ending the session in the backend failed");
-        }
+        // Its records in Redis are left alone: a write that timed out may
+        // have landed, and then the claiming node takes the session over.
+        // If not, its keys expire with the resume window and the presence
+        // sweep removes it from its channel (this node refreshes it no more).
         if let Some(conn) = conn {
             conn.close_with(1012, "session could not be handed over; it ended", false);
         }

@@ -252,9 +252,13 @@ impl RedisBroker {
         );
         // Subscribe first, then read the logs: whatever is published after
         // the read arrives live and the hub drops what the read covered.
+        // Held by the node (a reset of a log meanwhile ends it too) and its
+        // channel taken (a park waits until it is in its streams).
         node.hold(&session);
+        let _ = session.begin_move();
         let local = self.hub.pin(&stored.channel);
         let caught_up = self.catch_up(&session, &local, &stored).await;
+        session.end_move();
         match caught_up {
             Ok(true) if !session.is_ended() => {
                 // Refreshed by the upkeep from now on if this fails.
@@ -270,6 +274,10 @@ impl RedisBroker {
                 // session ends here, out of every stream it entered.
                 local.unpin();
                 node.forget(id);
+                // A connection that resumed it here meanwhile learns it.
+                if let Some(conn) = session.end().flatten() {
+                    conn.close_with(1012, "session could not be resumed", false);
+                }
                 let _ = self.end_session(&session).await;
                 caught_up.map(|_| None)
             }
