@@ -270,6 +270,12 @@ expect_failure "server API on with an ingress path /a (ImplementationSpecific: a
 expect_failure "server API on with an ingress regex path /(.*) (ImplementationSpecific)" "would expose the server API" \
   --set api.keysSecret=k --set ingress.enabled=true --set 'ingress.hosts[0].host=g' \
   --set 'ingress.hosts[0].paths[0].path=/(.*)' --set 'ingress.hosts[0].paths[0].pathType=ImplementationSpecific'
+for path in '/(api|x)/v1/users' '/API/v1/' '/ap.'; do
+  expect_failure "server API on with an ingress path $path (ImplementationSpecific, as a regex)" \
+    "would expose the server API" \
+    --set api.keysSecret=k --set ingress.enabled=true --set 'ingress.hosts[0].host=g' \
+    --set "ingress.hosts[0].paths[0].path=$path" --set 'ingress.hosts[0].paths[0].pathType=ImplementationSpecific'
+done
 expect_failure "server API on with an ingress regex path /API/v1/.+ (case-insensitive to ingress-nginx)" \
   "would expose the server API" \
   --set api.keysSecret=k --set ingress.enabled=true --set 'ingress.hosts[0].host=g' \
@@ -305,7 +311,7 @@ fi
 # The API check lets through what does not reach /api/: /gateway as a
 # Prefix, a regex for /gateway, /apiary as a Prefix (whole path elements).
 api_ok=1
-for path_type in "/gateway Prefix" "/gateway(/|$)(.*) ImplementationSpecific" "/apiary Prefix" "/ Exact"; do
+for path_type in "/gateway Prefix" "/gateway(/|$)(.*) ImplementationSpecific" "/gateway ImplementationSpecific" "/apiary Prefix" "/ Exact"; do
   if ! out="$(helm template gw "$CHART" --namespace gateway --set api.keysSecret=k --set ingress.enabled=true \
     --set 'ingress.hosts[0].host=g' --set "ingress.hosts[0].paths[0].path=${path_type% *}" \
     --set "ingress.hosts[0].paths[0].pathType=${path_type##* }" 2>&1)"; then

@@ -150,12 +150,16 @@ every template that renders, so a bad combination fails the whole render.
 {{- $exposes = or (eq $p "") (eq $p "/api") (eq $p "/api/v1") (hasPrefix "/api/" $p) -}}
 {{- else -}}
 {{- /* ImplementationSpecific is up to the controller: ingress-nginx takes
-  it as a string prefix (/a reaches /api/v1/…) or, with use-regex, as an
-  unanchored, case-insensitive regular expression. Refuse either reading
-  that reaches an API path. */ -}}
-{{- $exposes = or (hasPrefix .path "/api/v1/channels") (hasPrefix "/api/" .path) -}}
-{{- if regexMatch "[\\[\\](){}^$*+?|\\\\]" .path -}}
-{{- $exposes = or $exposes (regexMatch (printf "(?i)%s" .path) "/api/v1/channels/c/messages") -}}
+  it as a string prefix (/a reaches /api/v1/…) or, with use-regex on the
+  ingress, every path of it as an unanchored, case-insensitive regular
+  expression (/API/v1/, /ap. and /(.*) too). Refuse either reading that
+  reaches one of the API's routes. */ -}}
+{{- $path := .path -}}
+{{- $exposes = hasPrefix "/api/" $path -}}
+{{- range $route := list "/api/v1/openapi.json" "/api/v1/cluster" "/api/v1/channels/c/presence" "/api/v1/channels/c/messages/1" "/api/v1/bans/u" "/api/v1/users/u/disconnect" -}}
+{{- if or (hasPrefix $path $route) (regexMatch (printf "(?i)%s" $path) $route) -}}
+{{- $exposes = true -}}
+{{- end -}}
 {{- end -}}
 {{- end -}}
 {{- if $exposes -}}
