@@ -299,15 +299,21 @@ fn ghost_message(room: &str, id: u64, content: &str) -> String {
     )
 }
 
-/// `harm` does something to the room's log that loses events the nodes'
-/// sessions should have had.
-async fn a_log_that_lost_events_ends_its_sessions(harm: impl FnOnce(&Store, &str)) {
+/// A Redis of its own and two nodes on it.
+async fn two_nodes_on_one_redis() -> (Store, TestNode, TestNode) {
     let store = Store::one();
     let node = |store: &Store| {
         let url = store.url();
         TestNode::with(move |c| c.redis_url = Some(url))
     };
     let (a, b) = (node(&store).await, node(&store).await);
+    (store, a, b)
+}
+
+/// `harm` does something to the room's log that loses events the nodes'
+/// sessions should have had.
+async fn a_log_that_lost_events_ends_its_sessions(harm: impl FnOnce(&Store, &str)) {
+    let (store, a, b) = two_nodes_on_one_redis().await;
     let room = fresh_channel("back");
     let mut alice = Peer::join(&a, "alice").await;
     alice.create_and_move(&room).await;
@@ -397,12 +403,7 @@ async fn a_heartbeat_behind_requests_to_a_stalled_redis_is_not_late() {
 /// generation lower than theirs and went on with the log as it was.
 #[tokio::test]
 async fn a_log_whose_generation_went_back_ends_its_sessions() {
-    let store = Store::one();
-    let node = |store: &Store| {
-        let url = store.url();
-        TestNode::with(move |c| c.redis_url = Some(url))
-    };
-    let (a, b) = (node(&store).await, node(&store).await);
+    let (store, a, b) = two_nodes_on_one_redis().await;
     let room = fresh_channel("genback");
     let mut admin = Peer::admin(&a, "admin").await;
     admin.execute("CHANNEL_ADD", json!({ "name": room })).await;
@@ -436,12 +437,7 @@ async fn a_log_whose_generation_went_back_ends_its_sessions() {
 /// channel for one that was reset (which ended its sessions with 1012).
 #[tokio::test]
 async fn a_session_resumed_elsewhere_keeps_its_channels_generation() {
-    let store = Store::one();
-    let node = |store: &Store| {
-        let url = store.url();
-        TestNode::with(move |c| c.redis_url = Some(url))
-    };
-    let (a, b) = (node(&store).await, node(&store).await);
+    let (store, a, b) = two_nodes_on_one_redis().await;
     let room = fresh_channel("gen");
     let mut admin = Peer::admin(&a, "admin").await;
     admin.execute("CHANNEL_ADD", json!({ "name": room })).await;
@@ -530,12 +526,7 @@ async fn a_channel_move_refused_part_way_leaves_the_session_where_it_was() {
 /// old connection stayed open, answering heartbeats and receiving nothing.
 #[tokio::test]
 async fn a_session_that_cannot_be_parked_ends_visibly() {
-    let store = Store::one();
-    let node = |store: &Store| {
-        let url = store.url();
-        TestNode::with(move |c| c.redis_url = Some(url))
-    };
-    let (a, b) = (node(&store).await, node(&store).await);
+    let (store, a, b) = two_nodes_on_one_redis().await;
     let alice = Peer::join(&a, "alice").await;
     let mut old = alice.client;
     only_keys(
