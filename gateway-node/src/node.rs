@@ -213,7 +213,7 @@ impl Node {
     /// PRESENT: authenticates, then resumes the asked-for session or starts
     /// a new one, and sends READY (and the replay) on `conn`.
     pub async fn present(
-        &self,
+        self: &Arc<Self>,
         conn: &Arc<Conn>,
         request: PresentRequest,
     ) -> Result<Arc<Session>, Reject> {
@@ -241,7 +241,7 @@ impl Node {
     }
 
     async fn try_resume(
-        &self,
+        self: &Arc<Self>,
         conn: &Arc<Conn>,
         identity: &Identity,
         session_id: u64,
@@ -249,8 +249,7 @@ impl Node {
     ) -> Result<Option<Arc<Session>>, Reject> {
         let (session, how) = match self.session(session_id) {
             Some(session) => (session, ResumeResult::Local),
-            // The take-over holds the session in `sessions` itself.
-            None => match self.broker.take_over(self, identity, session_id).await? {
+            None => match self.take_over(identity, session_id).await? {
                 Some((session, how)) => (session, how),
                 None => {
                     self.metrics.resume(ResumeResult::Failed);
@@ -299,6 +298,21 @@ impl Node {
                 Ok(None)
             }
         }
+    }
+
+    /// A resume of a session this node does not hold. The take-over holds
+    /// the session in `sessions` itself, and runs in a task of its own: a
+    /// connection closing meanwhile must not stop it half-way (the session
+    /// held, its channel taken, in none of its streams).
+    async fn take_over(
+        self: &Arc<Self>,
+        identity: &Identity,
+        session_id: u64,
+    ) -> Result<Option<(Arc<Session>, ResumeResult)>, Reject> {
+        let (node, identity) = (Arc::clone(self), identity.clone());
+        tokio::spawn(async move { node.broker.take_over(&node, &identity, session_id).await })
+            .await
+            .unwrap_or_else(|_| Err(Reject::new(ErrorCode::UnknownError, "resume failed")))
     }
 
     async fn new_session(
@@ -446,8 +460,9 @@ impl Node {
         self.sessions.lock().remove(&session.id);
         // Its records in Redis are left alone: a write that timed out may
         // have landed, and then the claiming node takes the session over.
-        // If not, its keys expire with the resume window and the presence
-        // sweep removes it from its channel (this node refreshes it no more).
+        // If not, its keys expire with the resume window, and its presence
+        // entry, no longer refreshed, with it: the sweep then removes it from
+        // its channel (ROOM_USER_REMOVE), up to a window late.
         if let Some(conn) = conn {
             conn.close_with(1012, "session could not be handed over; it ended", false);
         }

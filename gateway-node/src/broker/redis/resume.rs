@@ -65,8 +65,9 @@ impl StoredSession {
     }
 }
 
-/// How long a park waits for a CHANNEL_MOVE of its session to end.
-const MOVE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+/// How long a park waits for a CHANNEL_MOVE (or a take-over) of its session
+/// to end: with the park's own write, within the claimer's `CLAIM_TIMEOUT`.
+const MOVE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl RedisBroker {
     /// Parks a local session for another node: its held dispatches and
@@ -254,8 +255,9 @@ impl RedisBroker {
         // the read arrives live and the hub drops what the read covered.
         // Held by the node (a reset of a log meanwhile ends it too) and its
         // channel taken (a park waits until it is in its streams).
-        node.hold(&session);
+        // Its channel first: once held, a park may find it.
         let _ = session.begin_move();
+        node.hold(&session);
         let local = self.hub.pin(&stored.channel);
         let caught_up = self.catch_up(&session, &local, &stored).await;
         session.end_move();
