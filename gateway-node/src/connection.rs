@@ -1040,10 +1040,8 @@ async fn read_frame<R: AsyncRead + Unpin>(
             let Some((_, buf)) = partial.as_mut() else {
                 return Err(decode("continuation without a start"));
             };
-            // Checked before appending: never buffer past the limit.
-            if buf.len() + payload.len() > MAX_PAYLOAD {
-                return Err(too_large());
-            }
+            // The reader refused a fragment past the room left (`room`).
+            debug_assert!(buf.len() + payload.len() <= MAX_PAYLOAD);
             buf.extend_from_slice(&payload);
             if !frame.fin {
                 return Ok(None);

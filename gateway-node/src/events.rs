@@ -105,15 +105,11 @@ pub async fn execute(
                 .str("channel", "channel must be a string")?
                 .ok_or_else(|| invalid("channel is missing"))?
                 .to_owned();
-            // In a task of its own: a connection that closes meanwhile
-            // drops its reader, and a move stopped half-way would leave the
-            // session out of every channel.
             let (node, session) = (Arc::clone(node), Arc::clone(session));
-            tokio::spawn(async move { node.broker.move_to(&node, &session, &channel).await })
-                .await
-                .unwrap_or_else(|_| {
-                    Err(Reject::new(ErrorCode::UnknownError, "channel move failed"))
-                })
+            crate::node::to_the_end(
+                async move { node.broker.move_to(&node, &session, &channel).await },
+            )
+            .await
         }
         Event::SystemBanAdd => ban_add(node, session, &fields).await,
         Event::SystemBanRemove => ban_remove(node, session, &fields).await,

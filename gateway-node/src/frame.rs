@@ -237,8 +237,6 @@ mod tests {
         assert_eq!(got.len(), 4);
     }
 
-    /// Between frames an idle connection holds no read buffer; a burst
-    /// read at once is handed out frame by frame from one buffer.
     /// A continuation frame that would take its message over the limit is
     /// refused on its header: its payload is never read (here it is never
     /// sent, so reading it would wait for ever). A control frame in the
@@ -260,6 +258,8 @@ mod tests {
         assert!(matches!(refused, Err(ReadError::TooLarge)));
     }
 
+    /// Between frames an idle connection holds no read buffer; a burst
+    /// read at once is handed out frame by frame from one buffer.
     #[tokio::test]
     async fn an_idle_reader_holds_no_buffer() {
         let (mut tx, rx) = tokio::io::duplex(8192);

@@ -25,6 +25,18 @@ use tracing::info;
 /// Largest session id: ids stay exact in JavaScript.
 pub const MAX_SESSION_ID: u64 = (1 << 53) - 1;
 
+/// Runs `work` to its end in a task of its own, even if the caller (a
+/// connection's reader, dropped when the connection closes) stops waiting:
+/// a CHANNEL_MOVE or a take-over stopped half-way would leave a session in
+/// none of its streams.
+pub(crate) async fn to_the_end<T: Send + 'static>(
+    work: impl std::future::Future<Output = Result<T, Reject>> + Send + 'static,
+) -> Result<T, Reject> {
+    tokio::spawn(work)
+        .await
+        .unwrap_or_else(|_| Err(Reject::new(ErrorCode::UnknownError, "request failed")))
+}
+
 /// Sessions a draining node parks at once (each a pipeline and a presence
 /// refresh at Redis).
 const PARK_IN_FLIGHT: usize = 64;
@@ -163,14 +175,14 @@ impl Node {
         self.sessions.lock().get(&id).cloned()
     }
 
-    /// Holds a session being taken over from the backend, before it enters
-    /// its streams: whatever ends the sessions of a stream meanwhile (a
-    /// reset of its log) sees it too.
+    /// Holds a session: a new one, or one being taken over from the
+    /// backend before it enters its streams (whatever ends the sessions of
+    /// a stream meanwhile, a reset of its log, sees it too).
     pub(crate) fn hold(&self, session: &Arc<Session>) {
         self.sessions.lock().insert(session.id, Arc::clone(session));
     }
 
-    /// Forgets a session whose take-over failed.
+    /// Forgets a session: ended, parked, or whose take-over failed.
     pub(crate) fn forget(&self, id: u64) {
         self.sessions.lock().remove(&id);
     }
@@ -310,9 +322,7 @@ impl Node {
         session_id: u64,
     ) -> Result<Option<(Arc<Session>, ResumeResult)>, Reject> {
         let (node, identity) = (Arc::clone(self), identity.clone());
-        tokio::spawn(async move { node.broker.take_over(&node, &identity, session_id).await })
-            .await
-            .unwrap_or_else(|_| Err(Reject::new(ErrorCode::UnknownError, "resume failed")))
+        to_the_end(async move { node.broker.take_over(&node, &identity, session_id).await }).await
     }
 
     async fn new_session(
@@ -330,7 +340,7 @@ impl Node {
             self.limits,
             Arc::clone(&self.metrics),
         );
-        self.sessions.lock().insert(id, Arc::clone(&session));
+        self.hold(&session);
         // The session enters its streams before READY is sent: whatever a
         // client does once it saw our READY reaches the new session.
         // Dispatches that arrive meanwhile wait in its ring.
@@ -382,7 +392,7 @@ impl Node {
     }
 
     async fn ended(&self, session: &Arc<Session>, conn: Option<Arc<Conn>>) -> Option<Arc<Conn>> {
-        self.sessions.lock().remove(&session.id);
+        self.forget(session.id);
         if let Err(e) = self.broker.end_session(session).await {
             tracing::warn!(session = session.id, error = %e.message, "ending the session in the backend failed");
         }
@@ -429,17 +439,26 @@ impl Node {
         let Some(session) = self.session(id) else {
             return false;
         };
+        self.park_closing(session, |conn| {
+            self.metrics.error_sent(ErrorCode::SessionReplaced);
+            conn.close_fatal(
+                ErrorCode::SessionReplaced,
+                "session resumed on another node",
+                false,
+            );
+        })
+        .await
+    }
+
+    /// Parks `session`; true when it was, and then its connection, if any,
+    /// is closed by `close`. One that could not be parked ends here.
+    async fn park_closing(&self, session: Arc<Session>, close: impl FnOnce(&Conn)) -> bool {
         let conn = session.conn();
         match self.broker.park(&session).await {
             Ok(true) => {
-                self.sessions.lock().remove(&id);
+                self.forget(session.id);
                 if let Some(conn) = conn {
-                    self.metrics.error_sent(ErrorCode::SessionReplaced);
-                    conn.close_fatal(
-                        ErrorCode::SessionReplaced,
-                        "session resumed on another node",
-                        false,
-                    );
+                    close(&conn);
                 }
                 true
             }
@@ -457,7 +476,7 @@ impl Node {
     /// `resumed: false` instead of the connection staying open and silent.
     async fn parking_failed(&self, session: &Arc<Session>, conn: Option<Arc<Conn>>, e: &Reject) {
         tracing::warn!(session = session.id, error = %e.message, "parking failed; session ended");
-        self.sessions.lock().remove(&session.id);
+        self.forget(session.id);
         // Its records in Redis are left alone: a write that timed out may
         // have landed, and then the claiming node takes the session over.
         // If not, its keys expire with the resume window, and its presence
@@ -491,25 +510,14 @@ impl Node {
         }
     }
 
-    /// Parks one session of the drain; true when it was.
+    /// Parks one session of the drain; true when it was. Its connection
+    /// was closed already by the drain's announcement, unless it presented
+    /// after that: then it learns here to resume.
     async fn park_one(&self, session: Arc<Session>) -> bool {
-        let conn = session.conn();
-        match self.broker.park(&session).await {
-            Ok(true) => {
-                self.sessions.lock().remove(&session.id);
-                // Closed already by the drain's announcement, unless it
-                // presented after that: then it learns here to resume.
-                if let Some(conn) = conn {
-                    conn.close_with(1012, "service restart", false);
-                }
-                true
-            }
-            Ok(false) => false,
-            Err(e) => {
-                self.parking_failed(&session, conn, &e).await;
-                false
-            }
-        }
+        self.park_closing(session, |conn| {
+            conn.close_with(1012, "service restart", false)
+        })
+        .await
     }
 
     /// Ends every session of `user_id` on this node with 4015.

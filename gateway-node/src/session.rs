@@ -117,6 +117,14 @@ pub enum Writes {
     Queued,
 }
 
+/// Why a session's channel cannot be taken ([`Session::begin_move`]).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Unmovable {
+    Ended,
+    /// Another move (or a take-over) has it.
+    Moving,
+}
+
 /// Why a connection cannot attach.
 #[derive(Debug, PartialEq, Eq)]
 pub enum AttachError {
@@ -431,15 +439,14 @@ impl Session {
         self.state.lock().ended
     }
 
-    /// Takes the session's channel for a move (or a park): `Err(true)` if
-    /// the session ended, `Err(false)` if another move has it.
-    pub fn begin_move(&self) -> Result<(), bool> {
+    /// Takes the session's channel for a move (or a park).
+    pub fn begin_move(&self) -> Result<(), Unmovable> {
         let mut st = self.state.lock();
         if st.ended {
-            return Err(true);
+            return Err(Unmovable::Ended);
         }
         if st.moving {
-            return Err(false);
+            return Err(Unmovable::Moving);
         }
         st.moving = true;
         Ok(())
@@ -646,12 +653,16 @@ mod tests {
     fn a_sessions_channel_is_moved_by_one_at_a_time() {
         let session = Session::for_test(1);
         assert_eq!(session.begin_move(), Ok(()));
-        assert_eq!(session.begin_move(), Err(false), "a move is running");
+        assert_eq!(
+            session.begin_move(),
+            Err(Unmovable::Moving),
+            "a move is running"
+        );
         session.end_move();
         assert_eq!(session.begin_move(), Ok(()));
         session.end_move();
         session.end();
-        assert_eq!(session.begin_move(), Err(true), "ended");
+        assert_eq!(session.begin_move(), Err(Unmovable::Ended), "ended");
     }
 
     #[test]

@@ -552,10 +552,8 @@ async fn seed_history(plan: &Plan) -> Result<()> {
 
 /// Go: publishers send; then waits until every worker stopped, works out
 /// the expected deliveries and drains until they arrived or the drain time
-/// is over. Returns the seconds from Go to the end of the drain.
-/// Publishes and waits for the deliveries; returns when publishing began
-/// (µs on the wall clock, which the workers' delivery times share) and
-/// how long the driver waited.
+/// is over. Returns when publishing began (µs on the wall clock, which the
+/// workers' delivery times share) and how long the driver waited.
 async fn publish_and_drain(
     fleet: &mut Fleet,
     plan: &Plan,

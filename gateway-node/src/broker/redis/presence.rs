@@ -9,7 +9,7 @@ use crate::broker::memory::unix_ms;
 use crate::broker::{move_body, Ban, ChannelInfo, Member, PresencePage};
 use crate::hub::LocalChannel;
 use crate::node::Node;
-use crate::session::Session;
+use crate::session::{Session, Unmovable};
 use crate::wire::{Dispatch, Reject};
 use gateway_shared::protocol::{ErrorCode, Event, User};
 use redis::{AsyncCommands, RedisResult, Script};
@@ -331,8 +331,10 @@ impl RedisBroker {
     ) -> Result<(), Reject> {
         match session.begin_move() {
             Ok(()) => {}
-            Err(true) => return Err(Reject::new(ErrorCode::Unavailable, "session ended")),
-            Err(false) => {
+            Err(Unmovable::Ended) => {
+                return Err(Reject::new(ErrorCode::Unavailable, "session ended"))
+            }
+            Err(Unmovable::Moving) => {
                 return Err(Reject::new(
                     ErrorCode::Unavailable,
                     "a channel move is in progress; retry",

@@ -552,17 +552,10 @@ pub(super) async fn subscription_task(
                 } else {
                     Vec::new()
                 };
-                // And those that failed before, not among them.
-                let tried_set: HashSet<&String> = tried.iter().copied().collect();
-                let again = unconfirmed
-                    .iter()
-                    .filter(|t| subscribed.contains(*t) && !tried_set.contains(t));
-                let topics: Vec<&String> = tried.iter().copied().chain(again).collect();
-                let failed_topics = if topics.is_empty() {
-                    Vec::new()
-                } else {
-                    pubsub.subscribe_all(topics.into_iter()).await
-                };
+                // And those that failed before.
+                let mut topics: HashSet<&String> = tried.into_iter().collect();
+                topics.extend(unconfirmed.iter().filter(|t| subscribed.contains(*t)));
+                let failed_topics = pubsub.subscribe_all(topics.into_iter()).await;
                 let failed = failed_topics.len();
                 unconfirmed = failed_topics.into_iter().collect();
                 if back {

@@ -10,7 +10,7 @@ use crate::auth::Identity;
 use crate::hub::LocalChannel;
 use crate::metrics::ResumeResult;
 use crate::node::Node;
-use crate::session::Session;
+use crate::session::{Session, Unmovable};
 use crate::wire::{Dispatch, Reject};
 use gateway_shared::protocol::ErrorCode;
 use redis::AsyncCommands;
@@ -80,11 +80,10 @@ impl RedisBroker {
         loop {
             match session.begin_move() {
                 Ok(()) => break,
-                Err(true) => return Ok(false),
-                Err(false) if waited.elapsed() < MOVE_WAIT => {
+                Err(Unmovable::Moving) if waited.elapsed() < MOVE_WAIT => {
                     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
                 }
-                Err(false) => return Ok(false),
+                Err(_) => return Ok(false),
             }
         }
         let channel = session.channel();
@@ -251,11 +250,11 @@ impl RedisBroker {
             node.limits,
             Arc::clone(&node.metrics),
         );
-        // Subscribe first, then read the logs: whatever is published after
-        // the read arrives live and the hub drops what the read covered.
-        // Held by the node (a reset of a log meanwhile ends it too) and its
-        // channel taken (a park waits until it is in its streams).
-        // Its channel first: once held, a park may find it.
+        // Its channel taken first (a park that finds it waits until it is in
+        // its streams), then held by the node (a reset of a log meanwhile
+        // ends it too). Subscribe first, then read the logs: whatever is
+        // published after the read arrives live and the hub drops what the
+        // read covered.
         let _ = session.begin_move();
         node.hold(&session);
         let local = self.hub.pin(&stored.channel);
